@@ -1,0 +1,228 @@
+"""RestClient: management of training runs, checkpoints, samplers and sessions.
+
+Role: thin wrappers over the REST routes (no session, no polling). As in
+tinker, each sync method returns an :class:`APIFuture` and each ``_async``
+twin returns the value.
+
+Routes: ``GET /api/v1/training_runs[/{id}]``, ``GET
+/api/v1/training_runs/{id}/checkpoints``, ``GET /api/v1/checkpoints``,
+``DELETE /api/v1/training_runs/{id}/checkpoints/{kind}/{name}``,
+``PUT …/ttl``, ``POST``/``DELETE …/publish``, ``GET …/archive`` (302 or JSON),
+``POST /api/v1/weights_info``, ``GET /api/v1/samplers/{id}``,
+``GET /api/v1/sessions[/{id}]``. Checkpoint ids keep their kind segment
+(``weights/<name>``), put into URLs unescaped as tinker does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Literal, TypeVar
+
+from . import types
+from .futures import APIFuture
+from .http import HttpClient
+
+T = TypeVar("T")
+AccessScope = Literal["owned", "accessible"]
+
+
+def _http_date(value: str | None) -> datetime | None:
+    """Parse an HTTP ``Expires`` date; ``None`` if absent or malformed."""
+    if not value:
+        return None
+    try:
+        return parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class RestClient:
+    """Run/checkpoint management; get one from ``ServiceClient.create_rest_client()``."""
+
+    def __init__(self, http: HttpClient) -> None:
+        self._http = http
+
+    def _future(self, coro: Coroutine[Any, Any, T], name: str) -> APIFuture[T]:
+        return APIFuture(self._http.run(coro), name)
+
+    # ------------------------------------------------------------ coroutines
+    async def _get_run(self, run_id: str, access_scope: AccessScope) -> types.TrainingRun:
+        body = await self._http.get_json(f"/api/v1/training_runs/{run_id}", {"access_scope": access_scope})
+        return types.TrainingRun.model_validate(body)
+
+    async def _list_runs(
+        self, limit: int, offset: int, access_scope: AccessScope, project_id: str | None
+    ) -> types.TrainingRunsResponse:
+        params = {"limit": limit, "offset": offset, "access_scope": access_scope, "project_id": project_id}
+        body = await self._http.get_json("/api/v1/training_runs", params)
+        return types.TrainingRunsResponse.model_validate(body)
+
+    async def _list_checkpoints(self, run_id: str) -> types.CheckpointsListResponse:
+        body = await self._http.get_json(f"/api/v1/training_runs/{run_id}/checkpoints")
+        return types.CheckpointsListResponse.model_validate(body)
+
+    async def _list_user_checkpoints(self, limit: int, offset: int) -> types.CheckpointsListResponse:
+        body = await self._http.get_json("/api/v1/checkpoints", {"limit": limit, "offset": offset})
+        return types.CheckpointsListResponse.model_validate(body)
+
+    async def _delete_checkpoint(self, run_id: str, checkpoint_id: str) -> None:
+        await self._http.request("DELETE", f"/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id}")
+
+    async def _weights_info(self, tinker_path: str) -> types.WeightsInfoResponse:
+        body = await self._http.post_json(
+            "/api/v1/weights_info", types.WeightsInfoRequest(tinker_path=tinker_path).to_wire()
+        )
+        return types.WeightsInfoResponse.model_validate(body)
+
+    async def _set_ttl(self, run_id: str, checkpoint_id: str, ttl_seconds: int | None) -> None:
+        await self._http.request(
+            "PUT", f"/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id}/ttl", json={"ttl_seconds": ttl_seconds}
+        )
+
+    async def _publish(self, run_id: str, checkpoint_id: str, publish: bool) -> None:
+        await self._http.request(
+            "POST" if publish else "DELETE", f"/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id}/publish"
+        )
+
+    async def _archive_url(self, run_id: str, checkpoint_id: str) -> types.CheckpointArchiveUrlResponse:
+        response = await self._http.request(
+            "GET",
+            f"/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id}/archive",
+            ok_statuses=(301, 302, 303, 307),
+        )
+        if response.is_redirect:
+            return types.CheckpointArchiveUrlResponse(
+                url=response.headers["location"], expires=_http_date(response.headers.get("expires"))
+            )
+        return types.CheckpointArchiveUrlResponse.model_validate(response.json())
+
+    async def _get_sampler(self, sampler_id: str) -> types.GetSamplerResponse:
+        return types.GetSamplerResponse.model_validate(await self._http.get_json(f"/api/v1/samplers/{sampler_id}"))
+
+    async def _get_session(self, session_id: str) -> types.GetSessionResponse:
+        return types.GetSessionResponse.model_validate(await self._http.get_json(f"/api/v1/sessions/{session_id}"))
+
+    async def _list_sessions(self, limit: int, offset: int) -> types.ListSessionsResponse:
+        body = await self._http.get_json("/api/v1/sessions", {"limit": limit, "offset": offset})
+        return types.ListSessionsResponse.model_validate(body)
+
+    # ----------------------------------------------------------- public API
+    def get_training_run(
+        self, training_run_id: str, access_scope: AccessScope = "owned"
+    ) -> APIFuture[types.TrainingRun]:
+        return self._future(self._get_run(training_run_id, access_scope), "GetTrainingRun")
+
+    async def get_training_run_async(
+        self, training_run_id: str, access_scope: AccessScope = "owned"
+    ) -> types.TrainingRun:
+        return await self._http.call_async(self._get_run(training_run_id, access_scope))
+
+    def get_training_run_by_tinker_path(self, tinker_path: str) -> APIFuture[types.TrainingRun]:
+        run_id = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path).training_run_id
+        return self.get_training_run(run_id)
+
+    async def get_training_run_by_tinker_path_async(self, tinker_path: str) -> types.TrainingRun:
+        run_id = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path).training_run_id
+        return await self.get_training_run_async(run_id)
+
+    def list_training_runs(
+        self, limit: int = 20, offset: int = 0, access_scope: AccessScope = "owned", project_id: str | None = None
+    ) -> APIFuture[types.TrainingRunsResponse]:
+        return self._future(self._list_runs(limit, offset, access_scope, project_id), "ListTrainingRuns")
+
+    async def list_training_runs_async(
+        self, limit: int = 20, offset: int = 0, access_scope: AccessScope = "owned", project_id: str | None = None
+    ) -> types.TrainingRunsResponse:
+        return await self._http.call_async(self._list_runs(limit, offset, access_scope, project_id))
+
+    def list_checkpoints(self, training_run_id: str) -> APIFuture[types.CheckpointsListResponse]:
+        return self._future(self._list_checkpoints(training_run_id), "ListCheckpoints")
+
+    async def list_checkpoints_async(self, training_run_id: str) -> types.CheckpointsListResponse:
+        return await self._http.call_async(self._list_checkpoints(training_run_id))
+
+    def list_user_checkpoints(self, limit: int = 100, offset: int = 0) -> APIFuture[types.CheckpointsListResponse]:
+        return self._future(self._list_user_checkpoints(limit, offset), "ListUserCheckpoints")
+
+    async def list_user_checkpoints_async(self, limit: int = 100, offset: int = 0) -> types.CheckpointsListResponse:
+        return await self._http.call_async(self._list_user_checkpoints(limit, offset))
+
+    def delete_checkpoint(self, training_run_id: str, checkpoint_id: str) -> APIFuture[None]:
+        """Delete ``checkpoint_id`` (``weights/<name>`` or ``sampler_weights/<name>``)."""
+        return self._future(self._delete_checkpoint(training_run_id, checkpoint_id), "DeleteCheckpoint")
+
+    async def delete_checkpoint_async(self, training_run_id: str, checkpoint_id: str) -> None:
+        await self._http.call_async(self._delete_checkpoint(training_run_id, checkpoint_id))
+
+    def delete_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
+        parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+        return self.delete_checkpoint(parsed.training_run_id, parsed.checkpoint_id)
+
+    async def delete_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
+        parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+        await self.delete_checkpoint_async(parsed.training_run_id, parsed.checkpoint_id)
+
+    def get_weights_info_by_tinker_path(self, tinker_path: str) -> APIFuture[types.WeightsInfoResponse]:
+        return self._future(self._weights_info(tinker_path), "WeightsInfo")
+
+    async def get_weights_info_by_tinker_path_async(self, tinker_path: str) -> types.WeightsInfoResponse:
+        return await self._http.call_async(self._weights_info(tinker_path))
+
+    def set_checkpoint_ttl_from_tinker_path(self, tinker_path: str, ttl_seconds: int | None) -> APIFuture[None]:
+        parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+        return self._future(
+            self._set_ttl(parsed.training_run_id, parsed.checkpoint_id, ttl_seconds), "SetCheckpointTtl"
+        )
+
+    async def set_checkpoint_ttl_from_tinker_path_async(self, tinker_path: str, ttl_seconds: int | None) -> None:
+        parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+        await self._http.call_async(self._set_ttl(parsed.training_run_id, parsed.checkpoint_id, ttl_seconds))
+
+    def publish_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
+        parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+        return self._future(self._publish(parsed.training_run_id, parsed.checkpoint_id, True), "PublishCheckpoint")
+
+    async def publish_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
+        parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+        await self._http.call_async(self._publish(parsed.training_run_id, parsed.checkpoint_id, True))
+
+    def unpublish_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
+        parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+        return self._future(self._publish(parsed.training_run_id, parsed.checkpoint_id, False), "UnpublishCheckpoint")
+
+    async def unpublish_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
+        parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+        await self._http.call_async(self._publish(parsed.training_run_id, parsed.checkpoint_id, False))
+
+    def get_checkpoint_archive_url_from_tinker_path(
+        self, tinker_path: str
+    ) -> APIFuture[types.CheckpointArchiveUrlResponse]:
+        """Signed download URL of the checkpoint's tar archive."""
+        parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+        return self._future(self._archive_url(parsed.training_run_id, parsed.checkpoint_id), "CheckpointArchiveUrl")
+
+    async def get_checkpoint_archive_url_from_tinker_path_async(
+        self, tinker_path: str
+    ) -> types.CheckpointArchiveUrlResponse:
+        parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+        return await self._http.call_async(self._archive_url(parsed.training_run_id, parsed.checkpoint_id))
+
+    def get_sampler(self, sampler_id: str) -> APIFuture[types.GetSamplerResponse]:
+        return self._future(self._get_sampler(sampler_id), "GetSampler")
+
+    async def get_sampler_async(self, sampler_id: str) -> types.GetSamplerResponse:
+        return await self._http.call_async(self._get_sampler(sampler_id))
+
+    def get_session(self, session_id: str) -> APIFuture[types.GetSessionResponse]:
+        return self._future(self._get_session(session_id), "GetSession")
+
+    async def get_session_async(self, session_id: str) -> types.GetSessionResponse:
+        return await self._http.call_async(self._get_session(session_id))
+
+    def list_sessions(self, limit: int = 20, offset: int = 0) -> APIFuture[types.ListSessionsResponse]:
+        return self._future(self._list_sessions(limit, offset), "ListSessions")
+
+    async def list_sessions_async(self, limit: int = 20, offset: int = 0) -> types.ListSessionsResponse:
+        return await self._http.call_async(self._list_sessions(limit, offset))

@@ -1,0 +1,159 @@
+"""Checks a request must pass before any model runs it, given the base model's vocabulary and context size.
+
+One implementation serves three callers: the API (which turns a failure into a 400 at submit time), the worker
+(which re-checks payloads it reads from the queue), and SDK users who want to fail fast locally. Each check
+raises `InvalidRequest` naming the offending field in `param`.
+
+Checked: known loss and loss_fn_config keys; required/unknown `loss_fn_inputs`; token ids inside the vocabulary;
+sequence length within the context; `target_tokens` shape (N,) or (N, K) with N = model_input length (2-D only
+for cross_entropy); every other input shaped like the targets (weights) or (N,); finite values everywhere;
+sampling parameter ranges.
+
+Limits: pure Python over the wire types (no numpy), so very large batches cost a Python loop over their values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .model_input import Datum, EncodedTextChunk, ModelInput
+from .sampling import SampleRequest
+from .tensors import TensorData
+from .training import ForwardBackwardInput
+
+LOSS_REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
+    "cross_entropy": ("target_tokens",),
+    "importance_sampling": ("target_tokens", "logprobs", "advantages"),
+    "ppo": ("target_tokens", "logprobs", "advantages"),
+    "cispo": ("target_tokens", "logprobs", "advantages"),
+    "dro": ("target_tokens", "logprobs", "advantages"),
+}
+LOSS_OPTIONAL_INPUTS = frozenset({"weights", "clip_low_threshold", "clip_high_threshold"})
+LOSS_CONFIG_KEYS: dict[str, frozenset[str]] = {
+    "cross_entropy": frozenset(),
+    "importance_sampling": frozenset(),
+    "ppo": frozenset({"clip_low_threshold", "clip_high_threshold"}),
+    "cispo": frozenset({"clip_low_threshold", "clip_high_threshold"}),
+    "dro": frozenset({"beta"}),
+}
+
+
+class InvalidRequest(ValueError):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def model_input_tokens(model_input: ModelInput, vocab_size: int, max_length: int, param: str) -> list[int]:
+    """The flat token ids of a text-only model input, checked against the vocabulary and context."""
+    tokens: list[int] = []
+    for i, chunk in enumerate(model_input.chunks):
+        if not isinstance(chunk, EncodedTextChunk):
+            raise InvalidRequest(
+                f"chunk type {chunk.type!r} is not supported by this text-only base model", f"{param}.chunks.{i}"
+            )
+        tokens.extend(chunk.tokens)
+    if not tokens:
+        raise InvalidRequest("model_input holds no tokens", param)
+    for t in tokens:
+        if not 0 <= t < vocab_size:
+            raise InvalidRequest(f"token id {t} is outside the vocabulary [0, {vocab_size})", param)
+    if len(tokens) > max_length:
+        raise InvalidRequest(f"{len(tokens)} tokens exceed the model's context of {max_length}", param)
+    return tokens
+
+
+def _shape(tensor: TensorData) -> list[int]:
+    return list(tensor.dense_shape) if tensor.shape is not None else [len(tensor.data)]
+
+
+def _check_finite(values: Sequence[Any], param: str) -> None:
+    for v in values:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise InvalidRequest("contains NaN or infinity", param)
+
+
+def check_datum(datum: Datum, loss_fn: str, vocab_size: int, max_length: int, param: str) -> list[int]:
+    tokens = model_input_tokens(datum.model_input, vocab_size, max_length, f"{param}.model_input")
+    inputs = datum.loss_fn_inputs
+    missing = [k for k in LOSS_REQUIRED_INPUTS[loss_fn] if k not in inputs]
+    if missing:
+        raise InvalidRequest(f"{loss_fn} needs loss_fn_inputs {missing}", f"{param}.loss_fn_inputs")
+    unknown = sorted(set(inputs) - set(LOSS_REQUIRED_INPUTS[loss_fn]) - LOSS_OPTIONAL_INPUTS)
+    if unknown:
+        raise InvalidRequest(f"loss_fn_inputs {unknown} are not used by {loss_fn}", f"{param}.loss_fn_inputs")
+    targets = inputs["target_tokens"]
+    t_shape = _shape(targets)
+    where = f"{param}.loss_fn_inputs.target_tokens"
+    if len(t_shape) not in (1, 2) or t_shape[0] != len(tokens):
+        raise InvalidRequest(
+            f"shape {t_shape} must be [{len(tokens)}] or [{len(tokens)}, K] (model_input length)", where
+        )
+    if len(t_shape) == 2 and loss_fn != "cross_entropy":
+        raise InvalidRequest("2-D target_tokens are only supported by cross_entropy", where)
+    for t in targets.dense_data():
+        if not (float(t).is_integer() and 0 <= t < vocab_size):
+            raise InvalidRequest(f"target token {t} is outside the vocabulary [0, {vocab_size})", where)
+    for key, tensor in inputs.items():
+        if key == "target_tokens":
+            continue
+        expected = t_shape if key == "weights" else [len(tokens)]
+        if _shape(tensor) != expected:
+            raise InvalidRequest(f"shape {_shape(tensor)} does not match {expected}", f"{param}.loss_fn_inputs.{key}")
+        _check_finite(tensor.dense_data(), f"{param}.loss_fn_inputs.{key}")
+    return tokens
+
+
+def check_forward_backward(fb: ForwardBackwardInput, vocab_size: int, max_length: int) -> None:
+    unknown = sorted(set(fb.loss_fn_config or {}) - LOSS_CONFIG_KEYS[fb.loss_fn])
+    if unknown:
+        raise InvalidRequest(f"loss_fn_config keys {unknown} are not valid for {fb.loss_fn}", "loss_fn_config")
+    _check_finite(list((fb.loss_fn_config or {}).values()), "loss_fn_config")
+    if not fb.data:
+        raise InvalidRequest("forward_backward needs at least one datum", "data")
+    for i, datum in enumerate(fb.data):
+        check_datum(datum, fb.loss_fn, vocab_size, max_length, f"data.{i}")
+
+
+def check_sample(request: SampleRequest, vocab_size: int, max_length: int, max_samples: int = 128) -> list[int]:
+    prompt = model_input_tokens(request.prompt, vocab_size, max_length, "prompt")
+    params = request.sampling_params
+    max_tokens = params.max_tokens if params.max_tokens is not None else 16
+    if max_tokens < 1:
+        raise InvalidRequest("max_tokens must be at least 1", "sampling_params.max_tokens")
+    if len(prompt) + max_tokens > max_length:
+        raise InvalidRequest(
+            f"prompt ({len(prompt)}) + max_tokens ({max_tokens}) exceed the context of {max_length}",
+            "sampling_params.max_tokens",
+        )
+    if not math.isfinite(params.temperature) or params.temperature < 0:
+        raise InvalidRequest("temperature must be finite and >= 0", "sampling_params.temperature")
+    if not (0 < params.top_p <= 1):
+        raise InvalidRequest("top_p must be in (0, 1]", "sampling_params.top_p")
+    if params.top_k == 0 or params.top_k < -1:
+        raise InvalidRequest("top_k must be -1 (off) or >= 1", "sampling_params.top_k")
+    if request.num_samples > max_samples:
+        raise InvalidRequest(f"num_samples is capped at {max_samples}", "num_samples")
+    stop = params.stop if isinstance(params.stop, list) else []
+    for s in stop:
+        if isinstance(s, int) and not 0 <= s < vocab_size:
+            raise InvalidRequest(f"stop token {s} is outside the vocabulary", "sampling_params.stop")
+    return prompt
+
+
+def check_adam(params: Mapping[str, float]) -> None:
+    lr, b1, b2, eps = (params.get(k) for k in ("learning_rate", "beta1", "beta2", "eps"))
+    for key, value in params.items():
+        if not math.isfinite(value):
+            raise InvalidRequest("must be finite", f"adam_params.{key}")
+    if lr is not None and lr < 0:
+        raise InvalidRequest("learning_rate must be >= 0", "adam_params.learning_rate")
+    for key, beta in (("beta1", b1), ("beta2", b2)):
+        if beta is not None and not 0 <= beta < 1:
+            raise InvalidRequest(f"{key} must be in [0, 1)", f"adam_params.{key}")
+    if eps is not None and eps <= 0:
+        raise InvalidRequest("eps must be > 0", "adam_params.eps")
+    if params.get("weight_decay", 0) < 0 or params.get("grad_clip_norm", 0) < 0:
+        raise InvalidRequest("weight_decay and grad_clip_norm must be >= 0", "adam_params")
