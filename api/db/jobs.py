@@ -1,0 +1,417 @@
+"""The job store: submit, claim (lease), finish and recover jobs.
+
+Every function works inside the caller's transaction and never commits, so a
+caller can make a job and its related rows atomic; wrap calls in
+``with session_factory.begin() as session:`` and keep those transactions short
+(row locks taken by ``claim_ready_jobs`` are held until commit).
+
+Concurrency. On PostgreSQL, claims lock candidate rows with
+``SELECT ... FOR UPDATE SKIP LOCKED`` so concurrent claimers never lease the
+same job and never wait on each other; finishing a job locks that one row, so a
+stale worker racing a lease expiry loses cleanly. On SQLite every transaction
+takes the write lock at BEGIN (see ``session.py``), so the same code is
+serialized there.
+
+Ordering. Training ops of one run live in the ``"train"`` lane (see
+``models.py``) and must run in seq order: a queued train-lane job with a seq_id
+is ready only as part of the contiguous chain that starts exactly at its run's
+``next_seq_id``. Finishing such a job, successfully or not, advances
+``next_seq_id`` past it, so one failed request never wedges the run's queue. An
+ordered op whose ``TrainingRun`` row does not exist (yet) waits. Jobs in any
+other lane, and jobs without a seq_id, are ready as soon as they are queued.
+
+Fencing. Each lease increments ``fencing_token``; ``complete_job`` and
+``fail_job`` only apply while the job is still leased under the caller's token,
+so a worker that lost its lease cannot overwrite anything.
+"""
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from itertools import groupby
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.db.models import TRAINING_LANE, ErrorCategory, Job, JobKind, JobState, TrainingRun, lane_for
+from api.db.types import utcnow
+
+
+class JobConflict(Exception):
+    """A submission reuses a seq_id or idempotency key of a different request."""
+
+    def __init__(self, existing_job_id: str, message: str) -> None:
+        super().__init__(message)
+        self.existing_job_id = existing_job_id
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    """What a worker needs to execute a leased job; detached from any session."""
+
+    id: str
+    kind: str
+    owner: str
+    base_model: str
+    model_id: str | None
+    seq_id: int | None
+    payload: dict[str, Any]
+    fencing_token: int
+
+
+def _job_id(lane: str, model_id: str | None, seq_id: int | None) -> str:
+    if lane == TRAINING_LANE and model_id is not None and seq_id is not None:
+        return f"{model_id}:{seq_id}"
+    return str(uuid.uuid4())
+
+
+# ---------------------------------------------------------------------------
+# Submission
+
+
+def submit_job(
+    session: Session,
+    *,
+    owner: str,
+    kind: JobKind | str,
+    base_model: str,
+    model_id: str | None,
+    seq_id: int | None,
+    payload: dict[str, Any],
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Queue a job, or return the one already submitted for the same request.
+
+    A request is identified by its (model_id, lane, seq_id) or its
+    (owner, idempotency_key). Replaying an identical request returns the existing
+    job with ``created=False``; reusing either key for a different request
+    raises ``JobConflict``. Raises ``ValueError`` for an unknown kind, or for a
+    training op without the model_id its ordering depends on.
+    """
+    job_kind = JobKind(kind)
+    lane = lane_for(job_kind)
+    if lane == TRAINING_LANE and model_id is None:
+        raise ValueError(f"{job_kind.value} needs the model_id of its training run")
+    # Compare payloads as the database will return them (tuples become lists, ...).
+    payload = json.loads(json.dumps(payload))
+    request = {
+        "owner": owner,
+        "kind": job_kind.value,
+        "base_model": base_model,
+        "model_id": model_id,
+        "seq_id": seq_id,
+        "payload": payload,
+    }
+    existing = _find_existing(session, owner, lane, model_id, seq_id, idempotency_key)
+    if existing is None:
+        job = Job(id=_job_id(lane, model_id, seq_id), lane=lane, idempotency_key=idempotency_key, **request)
+        try:
+            with session.begin_nested():
+                session.add(job)
+            return job, True
+        except IntegrityError:
+            # A concurrent submission of the same request won the insert.
+            existing = _find_existing(session, owner, lane, model_id, seq_id, idempotency_key)
+            if existing is None:
+                raise
+    _check_same_request(existing, request)
+    return existing, False
+
+
+def _find_existing(
+    session: Session,
+    owner: str,
+    lane: str,
+    model_id: str | None,
+    seq_id: int | None,
+    idempotency_key: str | None,
+) -> Job | None:
+    matches = []
+    if model_id is not None and seq_id is not None:
+        matches.append(and_(Job.model_id == model_id, Job.lane == lane, Job.seq_id == seq_id))
+    if idempotency_key is not None:
+        matches.append(and_(Job.owner == owner, Job.idempotency_key == idempotency_key))
+    if not matches:
+        return None
+    found = session.scalars(select(Job).where(or_(*matches))).all()
+    if len(found) > 1:
+        raise JobConflict(found[0].id, "seq_id and idempotency key belong to different earlier requests")
+    return found[0] if found else None
+
+
+def _check_same_request(existing: Job, request: dict[str, Any]) -> None:
+    differing = sorted(field for field, value in request.items() if getattr(existing, field) != value)
+    if differing:
+        raise JobConflict(
+            existing.id,
+            f"request {existing.id} was already submitted with different {', '.join(differing)}",
+        )
+
+
+# ---------------------------------------------------------------------------
+# Claiming
+
+
+def claim_ready_jobs(
+    session: Session,
+    *,
+    base_models: Sequence[str],
+    worker_id: str,
+    lease_seconds: float,
+    limit: int,
+    training: bool = True,
+    sampling: bool = True,
+    sticky: bool = False,
+) -> list[ClaimedJob]:
+    """Lease up to ``limit`` ready jobs for the given base models to ``worker_id``.
+
+    Returns units in order of their first job's ``created_at``: single unordered
+    jobs, and for each training run the contiguous chain of queued ops starting
+    at its ``next_seq_id`` in seq order (cut short if ``limit`` runs out). The
+    worker must execute each run's chain in the order given.
+
+    ``training`` / ``sampling`` pick which jobs this worker takes (sample jobs, or
+    everything else). With ``sticky``, a run's chain is taken only by the worker
+    the run is placed on (``TrainingRun.worker_id``), and at most one unplaced run
+    per call becomes placed on the claimer (a conditional update, so two claimers
+    cannot both win it).
+    """
+    if limit <= 0 or not base_models:
+        return []
+    units: list[list[Job]] = []
+    if training:
+        new_placements = 1  # take on one new run per claim, so idle workers get a share of a burst of runs
+        for chain, placed_on in _ready_chains(session, base_models, limit, worker_id if sticky else None):
+            if not sticky or placed_on == worker_id:
+                units.append(chain)
+            elif new_placements and _place(session, chain[0].model_id, worker_id):
+                units.append(chain)
+                new_placements -= 1
+    units += [[job] for job in _ready_unordered(session, base_models, limit, training, sampling)]
+    units.sort(key=lambda unit: (unit[0].created_at, unit[0].id))
+    picked: list[Job] = []
+    for unit in units:
+        picked.extend(unit[: limit - len(picked)])
+        if len(picked) == limit:
+            break
+    now = utcnow()
+    for job in picked:
+        job.state = JobState.LEASED.value
+        job.lease_owner = worker_id
+        job.lease_expires_at = now + timedelta(seconds=lease_seconds)
+        job.attempt += 1
+        job.fencing_token += 1
+        job.started_at = now
+    session.flush()
+    return [claimed(job) for job in picked]
+
+
+def claimed(job: Job) -> ClaimedJob:
+    """The detached view of a job row a worker executes."""
+    return ClaimedJob(
+        id=job.id,
+        kind=job.kind,
+        owner=job.owner,
+        base_model=job.base_model,
+        model_id=job.model_id,
+        seq_id=job.seq_id,
+        payload=job.payload,
+        fencing_token=job.fencing_token,
+    )
+
+
+def _place(session: Session, model_id: str, worker_id: str) -> bool:
+    """Pin an unplaced run to ``worker_id``; True if it is (now or already) placed there."""
+    placed = session.execute(
+        update(TrainingRun)
+        .where(TrainingRun.id == model_id, or_(TrainingRun.worker_id.is_(None), TrainingRun.worker_id == worker_id))
+        .values(worker_id=worker_id)
+    )
+    return placed.rowcount == 1
+
+
+def _ready_chains(
+    session: Session, base_models: Sequence[str], limit: int, placed_on: str | None
+) -> list[tuple[list[Job], str | None]]:
+    """Per run, the queued train-lane jobs next_seq_id, next_seq_id+1, ... without gaps, and the run's worker.
+
+    With ``placed_on``, only runs that are unplaced or placed on that worker."""
+    query = (
+        select(Job, TrainingRun.next_seq_id, TrainingRun.worker_id)
+        .join(TrainingRun, TrainingRun.id == Job.model_id)
+        .where(
+            Job.state == JobState.QUEUED.value,
+            Job.lane == TRAINING_LANE,
+            Job.base_model.in_(base_models),
+            Job.seq_id >= TrainingRun.next_seq_id,
+            Job.seq_id < TrainingRun.next_seq_id + limit,
+        )
+        .order_by(Job.model_id, Job.seq_id)
+        .with_for_update(skip_locked=True, of=Job)
+    )
+    if placed_on is not None:
+        query = query.where(or_(TrainingRun.worker_id.is_(None), TrainingRun.worker_id == placed_on))
+    rows = session.execute(query).all()
+    chains = []
+    for _, run_rows in groupby(rows, key=lambda row: row[0].model_id):
+        run_rows = list(run_rows)
+        chain = []
+        for expected_seq, (job, next_seq_id, _) in enumerate(run_rows):
+            if job.seq_id != next_seq_id + expected_seq:
+                break
+            chain.append(job)
+        if chain:
+            chains.append((chain, run_rows[0][2]))
+    return chains
+
+
+def _ready_unordered(
+    session: Session, base_models: Sequence[str], limit: int, training: bool, sampling: bool
+) -> Sequence[Job]:
+    if not (training or sampling):
+        return []
+    query = (
+        select(Job)
+        .where(
+            Job.state == JobState.QUEUED.value,
+            Job.base_model.in_(base_models),
+            or_(Job.lane != TRAINING_LANE, Job.seq_id.is_(None)),
+        )
+        .order_by(Job.created_at, Job.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    if not training:
+        query = query.where(Job.kind == JobKind.SAMPLE.value)
+    elif not sampling:
+        query = query.where(Job.kind != JobKind.SAMPLE.value)
+    return session.scalars(query).all()
+
+
+# ---------------------------------------------------------------------------
+# Finishing and recovery
+
+
+def complete_job(session: Session, job_id: str, fencing_token: int, result: dict[str, Any]) -> bool:
+    """Record a leased job's result; False (and no change) if the lease is no longer ours."""
+    job = _leased_job(session, job_id, fencing_token)
+    if job is None:
+        return False
+    job.result = result
+    _finish(session, job, JobState.DONE)
+    return True
+
+
+def fail_job(session: Session, job_id: str, fencing_token: int, error: str, category: ErrorCategory | str) -> bool:
+    """Record a leased job's failure; False (and no change) if the lease is no longer ours.
+
+    ``category`` is "user" (bad request), "server" or "unknown"; a failed job is
+    final and, like a completed one, lets its run's next op proceed.
+    """
+    error_category = ErrorCategory(category)
+    job = _leased_job(session, job_id, fencing_token)
+    if job is None:
+        return False
+    _record_failure(session, job, error, error_category)
+    return True
+
+
+def renew_leases(session: Session, worker_id: str, lease_seconds: float) -> int:
+    """Extend every lease ``worker_id`` holds to ``lease_seconds`` from now (a live worker's heartbeat)."""
+    return session.execute(
+        update(Job)
+        .where(Job.lease_owner == worker_id, Job.state == JobState.LEASED.value)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+    ).rowcount
+
+
+def release_expired_leases(session: Session, now: datetime, *, max_attempts: int = 3) -> int:
+    """Requeue jobs whose lease expired before ``now``; fail those that used ``max_attempts``.
+
+    Returns how many jobs were requeued or failed. The attempt count is kept, and
+    the fencing token makes the lost worker's late writes no-ops.
+    """
+    return requeue_leased(session, Job.lease_expires_at < now, max_attempts=max_attempts)
+
+
+def requeue_leased(session: Session, condition: Any, *, max_attempts: int = 3) -> int:
+    """Requeue leased jobs matching ``condition`` (fail those that used ``max_attempts``); returns how many."""
+    expired = session.scalars(
+        select(Job)
+        .where(Job.state == JobState.LEASED.value, condition)
+        # One lock order for the run rows _finish may update, so recoverers cannot deadlock.
+        .order_by(Job.model_id, Job.seq_id, Job.id)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for job in expired:
+        if job.attempt >= max_attempts:
+            _record_failure(
+                session,
+                job,
+                f"gave up after the worker running this request was lost {job.attempt} times "
+                "(crashed, killed or timed out); it is not retried again so it cannot take down more workers",
+                ErrorCategory.SERVER,
+            )
+        else:
+            job.state = JobState.QUEUED.value
+            job.lease_owner = None
+            job.lease_expires_at = None
+    session.flush()
+    return len(expired)
+
+
+def _leased_job(session: Session, job_id: str, fencing_token: int) -> Job | None:
+    return session.scalar(
+        select(Job)
+        .where(Job.id == job_id, Job.state == JobState.LEASED.value, Job.fencing_token == fencing_token)
+        .with_for_update()
+    )
+
+
+def _record_failure(session: Session, job: Job, error: str, category: ErrorCategory) -> None:
+    job.error = error
+    job.error_category = category.value
+    _finish(session, job, JobState.FAILED)
+
+
+def _finish(session: Session, job: Job, state: JobState) -> None:
+    """Make ``job`` final and, for an ordered training op, let its run move past it."""
+    job.state = state.value
+    job.finished_at = utcnow()
+    job.lease_expires_at = None
+    if job.lane == TRAINING_LANE and job.seq_id is not None:
+        session.execute(
+            update(TrainingRun)
+            .where(TrainingRun.id == job.model_id, TrainingRun.next_seq_id <= job.seq_id)
+            .values(next_seq_id=job.seq_id + 1)
+        )
+    session.flush()
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+def get_job(session: Session, job_id: str, owner: str) -> Job | None:
+    """The job if it exists and belongs to ``owner``; another tenant's job is None."""
+    return session.scalar(select(Job).where(Job.id == job_id, Job.owner == owner))
+
+
+def queue_position(session: Session, job: Job) -> int:
+    """How many queued jobs for the same base model were submitted before ``job`` (0 unless queued)."""
+    if job.state != JobState.QUEUED.value:
+        return 0
+    ahead = or_(
+        Job.created_at < job.created_at,
+        and_(Job.created_at == job.created_at, Job.id < job.id),
+    )
+    count = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.state == JobState.QUEUED.value, Job.base_model == job.base_model, ahead)
+    )
+    return count or 0

@@ -1,0 +1,48 @@
+"""API keys: issue, authenticate and revoke.
+
+A key's plaintext (``tml-`` + 43 URL-safe characters, 256 random bits) is shown
+to its owner once; the database keeps only its SHA-256 hex digest and a
+12-character display prefix. Authentication looks the digest up, so no
+constant-time comparison is needed. Like the job store, these functions work in
+the caller's transaction and never commit.
+"""
+
+import hashlib
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.db.models import ApiKey
+from api.db.types import utcnow
+
+KEY_PREFIX = "tml-"
+DISPLAY_PREFIX_LENGTH = 12
+
+
+def hash_api_key(plaintext: str) -> str:
+    return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+def create_api_key(session: Session, owner: str, name: str) -> tuple[ApiKey, str]:
+    """Issue a key for ``owner``; returns the row and the plaintext, which is not stored."""
+    plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(owner=owner, name=name, key_hash=hash_api_key(plaintext), prefix=plaintext[:DISPLAY_PREFIX_LENGTH])
+    session.add(key)
+    session.flush()
+    return key, plaintext
+
+
+def authenticate(session: Session, plaintext: str) -> ApiKey | None:
+    """The live key with this plaintext, or None if unknown or revoked."""
+    return session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_api_key(plaintext), ApiKey.revoked_at.is_(None)))
+
+
+def revoke_api_key(session: Session, key_id: str, owner: str) -> bool:
+    """Revoke ``owner``'s key ``key_id``; False if no such live key belongs to ``owner``."""
+    key = session.scalar(select(ApiKey).where(ApiKey.id == key_id, ApiKey.owner == owner, ApiKey.revoked_at.is_(None)))
+    if key is None:
+        return False
+    key.revoked_at = utcnow()
+    session.flush()
+    return True

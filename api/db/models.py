@@ -1,0 +1,294 @@
+"""SQLAlchemy models: the tables Loom's control plane and workers share.
+
+Declarations only: behaviour lives in the stores (``jobs.py``, ``keys.py``), and
+the schema itself is created by the Alembic migrations, never ``create_all``.
+Closed vocabularies (job states, error categories, ...) are ``StrEnum``s whose
+values are what the string columns hold; a CHECK constraint guards each column
+whose values the stores branch on.
+
+Job lanes
+---------
+A job's ``seq_id`` is only meaningful inside a sequence space, which we call its
+*lane*. All ordered training ops of one training run (create_model at seq 0,
+forward_backward, forward, optim_step, save/load weights, unload) share the lane ``"train"``, so their
+seq_ids form a single per-run order the worker must follow (``TrainingRun.
+next_seq_id``). Every other kind is its own lane named after the kind, so a
+sampling session's ``sample`` seq_ids never collide with anything else. The lane
+is stored (``Job.lane``, derived from ``kind`` by ``lane_for``) so that "one job
+per (model_id, lane, seq_id)" is a plain, portable UNIQUE constraint; rows with a
+NULL model_id or seq_id are not constrained (SQL NULLs are distinct).
+"""
+
+import secrets
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    MetaData,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from api.db.types import UTCDateTime, utcnow
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSON(),
+        list[str]: JSON(),
+    }
+
+
+class JobKind(StrEnum):
+    CREATE_MODEL = "create_model"
+    FORWARD_BACKWARD = "forward_backward"
+    FORWARD = "forward"
+    OPTIM_STEP = "optim_step"
+    SAVE_WEIGHTS = "save_weights"
+    SAVE_WEIGHTS_FOR_SAMPLER = "save_weights_for_sampler"
+    LOAD_WEIGHTS = "load_weights"
+    SAMPLE = "sample"
+    UNLOAD_MODEL = "unload_model"
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    LEASED = "leased"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ErrorCategory(StrEnum):
+    USER = "user"
+    SERVER = "server"
+    UNKNOWN = "unknown"
+
+
+class RunStatus(StrEnum):
+    ACTIVE = "active"
+    UNLOADED = "unloaded"
+
+
+class CheckpointKind(StrEnum):
+    TRAINING = "training"
+    SAMPLER = "sampler"
+
+
+TRAINING_LANE = "train"
+TRAINING_OPS = frozenset(
+    {
+        JobKind.CREATE_MODEL,
+        JobKind.FORWARD_BACKWARD,
+        JobKind.FORWARD,
+        JobKind.OPTIM_STEP,
+        JobKind.SAVE_WEIGHTS,
+        JobKind.SAVE_WEIGHTS_FOR_SAMPLER,
+        JobKind.LOAD_WEIGHTS,
+        JobKind.UNLOAD_MODEL,
+    }
+)
+
+
+def lane_for(kind: JobKind) -> str:
+    """The sequence space a job of this kind draws its seq_id from (see module docstring)."""
+    return TRAINING_LANE if kind in TRAINING_OPS else kind.value
+
+
+def _one_of(column: str, values: type[StrEnum]) -> str:
+    """CHECK expression: ``column`` holds one of the enum's values (NULL passes)."""
+    return f"{column} IN ({', '.join(repr(member.value) for member in values)})"
+
+
+def _short_id() -> str:
+    return secrets.token_hex(8)
+
+
+def _uuid() -> str:
+    return str(uuid.uuid4())
+
+
+class ApiKey(Base):
+    """A tenant's API key; only the SHA-256 of the plaintext is kept."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(primary_key=True, default=_short_id)
+    owner: Mapped[str] = mapped_column(index=True)
+    name: Mapped[str]
+    key_hash: Mapped[str] = mapped_column(unique=True)
+    prefix: Mapped[str]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+
+class ClientSession(Base):
+    """A client SDK session (Tinker ``create_session``), kept alive by heartbeats."""
+
+    __tablename__ = "sessions"
+
+    id: Mapped[str] = mapped_column(primary_key=True, default=_uuid)
+    owner: Mapped[str] = mapped_column(index=True)
+    tags: Mapped[list[str]] = mapped_column(default=list)
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    sdk_version: Mapped[str | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TrainingRun(Base):
+    """A LoRA training run; ``id`` is Tinker's model_id ``<session_id>:train:<model_seq_id>``.
+
+    ``next_seq_id`` is the seq_id of the next training op the worker may execute;
+    the job store advances it as each op finishes.
+    """
+
+    __tablename__ = "training_runs"
+    __table_args__ = (CheckConstraint(_one_of("status", RunStatus), name="status"),)
+
+    id: Mapped[str] = mapped_column(primary_key=True)
+    owner: Mapped[str] = mapped_column(index=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id"))
+    model_seq_id: Mapped[int]
+    base_model: Mapped[str]
+    lora_rank: Mapped[int]
+    train_attn: Mapped[bool]
+    train_mlp: Mapped[bool]
+    train_unembed: Mapped[bool]
+    seed: Mapped[int | None]
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_request_time: Mapped[datetime] = mapped_column(default=utcnow)
+    next_seq_id: Mapped[int] = mapped_column(default=1)
+    status: Mapped[str] = mapped_column(default=RunStatus.ACTIVE.value)
+    worker_id: Mapped[str | None] = mapped_column(index=True)
+    """The worker holding this run's adapter and optimizer (sticky placement); NULL until a worker claims it
+    or after its worker was declared dead."""
+
+
+class Job(Base):
+    """One client request (a Tinker future): queued, leased by a worker, then done or failed.
+
+    ``id`` is the request_id the client polls. ``fencing_token`` grows on every
+    lease, so a worker whose lease was taken away cannot write a result.
+    """
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("model_id", "lane", "seq_id"),
+        UniqueConstraint("owner", "idempotency_key"),
+        Index("ix_jobs_claim", "state", "base_model", "created_at"),
+        CheckConstraint(_one_of("state", JobState), name="state"),
+        CheckConstraint(_one_of("error_category", ErrorCategory), name="error_category"),
+    )
+
+    id: Mapped[str] = mapped_column(primary_key=True)
+    owner: Mapped[str]
+    kind: Mapped[str]
+    lane: Mapped[str]
+    base_model: Mapped[str]
+    model_id: Mapped[str | None]
+    seq_id: Mapped[int | None]
+    payload: Mapped[dict[str, Any]]
+    state: Mapped[str] = mapped_column(default=JobState.QUEUED.value)
+    result: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    error_category: Mapped[str | None]
+    attempt: Mapped[int] = mapped_column(default=0)
+    lease_owner: Mapped[str | None]
+    lease_expires_at: Mapped[datetime | None]
+    fencing_token: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    idempotency_key: Mapped[str | None]
+
+
+class Checkpoint(Base):
+    """Saved LoRA weights of a run, addressed as ``tinker://<run_id>/<checkpoint_id>``.
+
+    ``committed`` turns true only once the files at ``storage_uri`` are complete.
+    """
+
+    __tablename__ = "checkpoints"
+    __table_args__ = (
+        UniqueConstraint("run_id", "checkpoint_id"),
+        CheckConstraint(_one_of("kind", CheckpointKind), name="kind"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("training_runs.id"))
+    owner: Mapped[str] = mapped_column(index=True)
+    checkpoint_id: Mapped[str]
+    kind: Mapped[str]
+    tinker_path: Mapped[str] = mapped_column(unique=True)
+    storage_uri: Mapped[str]
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None]
+    public: Mapped[bool] = mapped_column(default=False)
+    committed: Mapped[bool] = mapped_column(default=False)
+    ephemeral: Mapped[bool] = mapped_column(default=False)
+
+
+class SamplingSession(Base):
+    """A sampler bound to a base model, optionally with LoRA weights from ``model_path``."""
+
+    __tablename__ = "sampling_sessions"
+
+    id: Mapped[str] = mapped_column(primary_key=True)
+    owner: Mapped[str] = mapped_column(index=True)
+    session_id: Mapped[str | None] = mapped_column(ForeignKey("sessions.id"))
+    base_model: Mapped[str]
+    model_path: Mapped[str | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelAlias(Base):
+    """A tenant's name for a checkpoint path (``tinker://...``), usable as the OpenAI ``model``."""
+
+    __tablename__ = "model_aliases"
+    __table_args__ = (UniqueConstraint("owner", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    owner: Mapped[str]
+    name: Mapped[str]
+    tinker_path: Mapped[str]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Worker(Base):
+    """A live worker process: what it serves, the queue that reaches it alone, and when it last said so.
+
+    ``role`` is ``train`` (runs training ops, holds runs' adapters), ``sample`` (sampling only) or ``all``.
+    A worker whose ``heartbeat_at`` is older than the dead-after interval is reaped by the reconciler: its
+    row is deleted, its leases are released and its runs are unpinned so another worker can claim them.
+    """
+
+    __tablename__ = "workers"
+    __table_args__ = (CheckConstraint("role IN ('train', 'sample', 'all')", name="role"),)
+
+    id: Mapped[str] = mapped_column(primary_key=True)
+    role: Mapped[str]
+    base_models: Mapped[list[str]]
+    queue: Mapped[str]
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)

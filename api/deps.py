@@ -1,0 +1,128 @@
+"""What every router needs: the app state, the caller's tenant, short database transactions, and enqueueing.
+
+`Tenant` resolves the `X-API-Key` header (the official SDK's header; `Authorization: Bearer` is accepted too)
+to the owner of that key; every lookup below filters by that owner, so another tenant's ids answer 404 exactly
+like ids that do not exist.
+
+Limits: handlers that touch the database are plain `def` functions (FastAPI runs them in its thread pool), and
+must keep each `transaction()` short: on SQLite a transaction holds the write lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.db.jobs import JobConflict, submit_job
+from api.db.keys import authenticate
+from api.db.models import ClientSession, JobKind, TrainingRun
+from api.errors import APIError, ErrorCode, not_found
+from api.queue import ModelInfo, PollingQueue
+from api.settings import Settings
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    queue: PollingQueue
+    readers: sessionmaker[Session] | None = None
+    """Sessions for read-only paths (never take SQLite's write lock); defaults to `sessions`."""
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        with self.sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        with (self.readers or self.sessions)() as session:
+            yield session
+
+    def model(self, base_model: str | None) -> ModelInfo:
+        info = self.queue.resolve(base_model or "")
+        if info is None:
+            raise APIError(
+                400,
+                ErrorCode.UNKNOWN_MODEL,
+                f"unknown base_model {base_model!r}; this server serves {sorted(self.queue.models)}",
+                "base_model",
+            )
+        return info
+
+
+def app_state(request: Request) -> AppState:
+    return request.app.state.loom
+
+
+State = Annotated[AppState, Depends(app_state)]
+
+
+def _api_key(request: Request) -> str | None:
+    key = request.headers.get("x-api-key")
+    if key:
+        return key
+    auth = request.headers.get("authorization", "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else None
+
+
+def tenant(request: Request, state: State) -> str:
+    key = _api_key(request)
+    if not key:
+        raise APIError(401, ErrorCode.UNAUTHENTICATED, "missing API key: send it in the X-API-Key header")
+    with state.reading() as session:
+        record = authenticate(session, key)
+    if record is None:
+        raise APIError(401, ErrorCode.UNAUTHENTICATED, "invalid or revoked API key")
+    return record.owner
+
+
+Tenant = Annotated[str, Depends(tenant)]
+
+
+def owned_run(session: Session, owner: str, model_id: str) -> TrainingRun:
+    run = session.scalar(select(TrainingRun).where(TrainingRun.id == model_id, TrainingRun.owner == owner))
+    if run is None:
+        raise not_found(f"training run {model_id!r} not found")
+    return run
+
+
+def owned_session(session: Session, owner: str, session_id: str) -> ClientSession:
+    found = session.scalar(select(ClientSession).where(ClientSession.id == session_id, ClientSession.owner == owner))
+    if found is None:
+        raise not_found(f"session {session_id!r} not found")
+    return found
+
+
+def enqueue(
+    session: Session,
+    request: Request,
+    *,
+    owner: str,
+    kind: JobKind,
+    base_model: str,
+    model_id: str | None,
+    seq_id: int | None,
+    payload: dict[str, Any],
+) -> str:
+    """Queue a job (or find the identical one already queued) and return its request id."""
+    try:
+        job, _ = submit_job(
+            session,
+            owner=owner,
+            kind=kind,
+            base_model=base_model,
+            model_id=model_id,
+            seq_id=seq_id,
+            payload=payload,
+            idempotency_key=request.headers.get("x-idempotency-key"),
+        )
+    except JobConflict as exc:
+        raise APIError(409, ErrorCode.CONFLICT, str(exc), "seq_id") from exc
+    return job.id

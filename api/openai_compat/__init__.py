@@ -1,0 +1,1 @@
+"""OpenAI-compatible API: protocol (shapes), service (model resolution, payloads, responses), router (HTTP)."""

@@ -1,0 +1,174 @@
+"""HTTP layer of the OpenAI-compatible API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+
+Authentication is the Loom API key as a Bearer token (what the `openai` client sends). Each completion becomes one
+`sample` job for the base model's worker; the request waits for it, or with `stream: true` answers with
+server-sent events carrying text deltas as the worker produces them (embedded workers; with separate worker
+processes each choice arrives as one chunk), ending with `data: [DONE]`.
+
+Limits: `LOOM_MAX_STREAMS_PER_KEY` concurrent streams per tenant (429 beyond); a non-streaming request waits at
+most 10 minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.db.models import JobKind, JobState
+from api.deps import AppState, State, Tenant, enqueue
+from api.errors import APIError, ErrorCode, error_body
+from api.job_results import wait_final
+from api.openai_compat import service
+from api.openai_compat.protocol import ChatCompletionRequest, CompletionRequest
+
+router = APIRouter(prefix="/v1")
+
+RESULT_TIMEOUT = 600.0
+
+
+class StreamLimiter:
+    """Counts open streams per tenant."""
+
+    def __init__(self) -> None:
+        self._open: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def acquire(self, owner: str, limit: int) -> None:
+        with self._lock:
+            if self._open[owner] >= limit:
+                raise APIError(429, ErrorCode.RATE_LIMITED, f"at most {limit} concurrent streams per API key", "stream")
+            self._open[owner] += 1
+
+    def release(self, owner: str) -> None:
+        with self._lock:
+            self._open[owner] -= 1
+
+
+STREAMS = StreamLimiter()
+
+
+def _submit(
+    state: AppState, request: Request, owner: str, body: ChatCompletionRequest | CompletionRequest
+) -> tuple[str, str]:
+    with state.transaction() as session:
+        model = service.resolve_model(state, session, owner, body.model)
+        job_id = enqueue(
+            session,
+            request,
+            owner=owner,
+            kind=JobKind.SAMPLE,
+            base_model=model.base_model,
+            model_id=None,
+            seq_id=None,
+            payload=service.sample_payload(body, model),
+        )
+    return job_id, model.base_model
+
+
+def _failure(job: dict[str, Any]) -> APIError:
+    if job["category"] == "user":
+        return APIError(400, ErrorCode.INVALID_REQUEST, job["error"] or "invalid request")
+    return APIError(500, ErrorCode.INTERNAL, job["error"] or "the worker failed")
+
+
+async def _complete(body: ChatCompletionRequest | CompletionRequest, request: Request, state: AppState, owner: str):
+    if body.stream:
+        STREAMS.acquire(owner, state.settings.max_streams_per_key)
+    try:
+        job_id, base_model = await run_in_threadpool(_submit, state, request, owner, body)
+        await run_in_threadpool(state.queue.submitted, base_model, None, True)
+    except BaseException:
+        if body.stream:
+            STREAMS.release(owner)
+        raise
+    chat = isinstance(body, ChatCompletionRequest)
+    response_id = service.new_id("chatcmpl" if chat else "cmpl")
+    if body.stream:
+        return StreamingResponse(_events(body, state, owner, job_id, response_id), media_type="text/event-stream")
+    job = await wait_final(state, owner, job_id, RESULT_TIMEOUT)
+    if job["state"] == JobState.FAILED.value:
+        raise _failure(job)
+    if job["state"] != JobState.DONE.value:
+        raise APIError(504, ErrorCode.INTERNAL, "the model did not answer in time")
+    shape = service.chat_response if chat else service.completion_response
+    return shape(body, job["result"], response_id)
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, allow_nan=True)}\n\n"
+
+
+async def _events(body, state: AppState, owner: str, job_id: str, response_id: str) -> AsyncIterator[str]:
+    chat = isinstance(body, ChatCompletionRequest)
+    chunk = service.chunk
+    try:
+        if chat:
+            yield _sse(
+                chunk(
+                    body,
+                    response_id,
+                    [
+                        {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                        for i in range(body.n)
+                    ],
+                )
+            )
+        streamed = False
+        if state.queue.streams is not None:
+            async for events in state.queue.streams.subscribe(job_id):
+                streamed = True
+                yield _sse(chunk(body, response_id, service.stream_choices(body, events)))
+        job = await wait_final(state, owner, job_id, RESULT_TIMEOUT)
+        if job["state"] != JobState.DONE.value:
+            error = (
+                _failure(job)
+                if job["state"] == JobState.FAILED.value
+                else APIError(504, ErrorCode.INTERNAL, "timed out")
+            )
+            yield _sse(error_body(error.code, error.message, error.param, error.status))
+            return
+        result = job["result"]
+        if not streamed:  # no token stream reached this process: send each choice whole
+            events = [
+                {"index": i, "text": c["text"], "token_str": "", "logprob": None, "finish_reason": c["finish_reason"]}
+                for i, c in enumerate(result["choices"])
+            ]
+            yield _sse(chunk(body, response_id, service.stream_choices(body, events)))
+        if body.stream_options is not None and body.stream_options.include_usage:
+            yield _sse(chunk(body, response_id, [], service.usage(result)))
+        yield "data: [DONE]\n\n"
+    finally:
+        STREAMS.release(owner)
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: State, owner: Tenant):
+    return await _complete(body, request, state, owner)
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request, state: State, owner: Tenant):
+    return await _complete(body, request, state, owner)
+
+
+@router.get("/models")
+def models(state: State, owner: Tenant) -> dict[str, Any]:
+    with state.reading() as session:
+        cards = service.list_models(state, session, owner)
+    return {"object": "list", "data": [c.model_dump() for c in cards]}
+
+
+@router.get("/models/{model_id:path}")
+def model(model_id: str, state: State, owner: Tenant) -> dict[str, Any]:
+    with state.reading() as session:
+        for card in service.list_models(state, session, owner):
+            if card.id == model_id:
+                return card.model_dump()
+    raise service.model_not_found(model_id)

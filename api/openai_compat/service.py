@@ -1,0 +1,237 @@
+"""What the OpenAI endpoint does between the HTTP layer and the workers.
+
+`resolve_model` turns `model` into (base model, checkpoint storage) for the caller: a `tinker://` sampler or
+training checkpoint path they may read, one of their aliases, or a base model id. Anything else — including
+another tenant's checkpoint or alias — is the same 404 `model_not_found`, so ids cannot be probed.
+
+`sample_payload` builds the worker job (kind `sample`, payload `openai`); `chat_response` / `completion_response`
+and the `*_chunk` helpers shape the worker's result into OpenAI JSON.
+
+Limits: `n` choices share one prompt; a choice's logprobs cover its own tokens only.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.db.models import Checkpoint, ModelAlias, TrainingRun
+from api.deps import AppState
+from api.errors import APIError, ErrorCode
+from api.openai_compat.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, Usage
+from api.paths import parse_tinker_path, readable_checkpoint
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str
+    base_model: str
+    storage_uri: str | None
+
+
+def model_not_found(name: str) -> APIError:
+    return APIError(
+        404, ErrorCode.MODEL_NOT_FOUND, f"The model `{name}` does not exist or you do not have access to it.", "model"
+    )
+
+
+def resolve_model(state: AppState, session: Session, owner: str, name: str) -> ResolvedModel:
+    path = name
+    alias = session.scalar(select(ModelAlias).where(ModelAlias.owner == owner, ModelAlias.name == name))
+    if alias is not None:
+        path = alias.tinker_path
+    if path.startswith("tinker://"):
+        try:
+            checkpoint = readable_checkpoint(session, owner, parse_tinker_path(path, "model"))
+        except APIError as exc:
+            raise model_not_found(name) from exc
+        run = session.get(TrainingRun, checkpoint.run_id)
+        return ResolvedModel(name, run.base_model, checkpoint.storage_uri)
+    info = state.queue.resolve(name)
+    if info is None:
+        raise model_not_found(name)
+    return ResolvedModel(name, info.name, None)
+
+
+def sample_payload(request: ChatCompletionRequest | CompletionRequest, model: ResolvedModel) -> dict[str, Any]:
+    if isinstance(request, ChatCompletionRequest):
+        top = (request.top_logprobs or 1) if request.logprobs else 0
+        spec = {
+            "kind": "chat",
+            "messages": [m.model_dump(exclude_none=True) for m in request.messages],
+            "tools": request.tools,
+        }
+    else:
+        top = request.logprobs or 0
+        spec = {"kind": "completion", "prompt": request.prompt}
+    spec |= {"top_logprobs": top, "stream": request.stream}
+    params = {
+        "max_tokens": request.token_limit,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "seed": request.seed,
+        "stop": request.stop,
+    }
+    return {
+        "openai": spec,
+        "base_model": model.base_model,
+        "num_samples": request.n,
+        "sampling_params": {k: v for k, v in params.items() if v is not None},
+        "resolved": {"storage_uri": model.storage_uri},
+    }
+
+
+def usage(result: dict[str, Any]) -> Usage:
+    completion = sum(len(c["tokens"]) for c in result["choices"])
+    return Usage(
+        prompt_tokens=result["prompt_tokens"],
+        completion_tokens=completion,
+        total_tokens=result["prompt_tokens"] + completion,
+    )
+
+
+def _chat_logprobs(c: dict[str, Any], top_n: int | None) -> dict[str, Any]:
+    content = []
+    for i, (piece, lp) in enumerate(zip(c["token_strs"], c["logprobs"])):
+        alternatives = (c["top_logprobs"] or [[]] * len(c["tokens"]))[i][: top_n or 0]
+        content.append(
+            {
+                "token": piece,
+                "logprob": lp,
+                "bytes": list(piece.encode()),
+                "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in alternatives],
+            }
+        )
+    return {"content": content}
+
+
+def _completion_logprobs(c: dict[str, Any]) -> dict[str, Any]:
+    offsets, at = [], 0
+    for piece in c["token_strs"]:
+        offsets.append(at)
+        at += len(piece)
+    return {
+        "tokens": c["token_strs"],
+        "token_logprobs": c["logprobs"],
+        "top_logprobs": [dict(row) for row in c["top_logprobs"]] if c["top_logprobs"] else None,
+        "text_offset": offsets,
+    }
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def chat_response(request: ChatCompletionRequest, result: dict[str, Any], response_id: str) -> dict[str, Any]:
+    choices = []
+    for i, c in enumerate(result["choices"]):
+        choices.append(
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c["text"]},
+                "finish_reason": c["finish_reason"],
+                "logprobs": _chat_logprobs(c, request.top_logprobs) if request.logprobs else None,
+            }
+        )
+    return {
+        "id": response_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": request.model,
+        "choices": choices,
+        "usage": usage(result).model_dump(),
+    }
+
+
+def completion_response(request: CompletionRequest, result: dict[str, Any], response_id: str) -> dict[str, Any]:
+    choices = [
+        {
+            "index": i,
+            "text": c["text"],
+            "finish_reason": c["finish_reason"],
+            "logprobs": _completion_logprobs(c) if request.logprobs is not None else None,
+        }
+        for i, c in enumerate(result["choices"])
+    ]
+    return {
+        "id": response_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": request.model,
+        "choices": choices,
+        "usage": usage(result).model_dump(),
+    }
+
+
+def chunk(
+    request: ChatCompletionRequest | CompletionRequest,
+    response_id: str,
+    choices: list[dict[str, Any]],
+    usage_: Usage | None = None,
+) -> dict[str, Any]:
+    """One streamed chunk (`chat.completion.chunk` or `text_completion`), with usage on the final one if asked."""
+    kind = "chat.completion.chunk" if isinstance(request, ChatCompletionRequest) else "text_completion"
+    return {
+        "id": response_id,
+        "object": kind,
+        "created": int(time.time()),
+        "model": request.model,
+        "choices": choices,
+        **({"usage": usage_.model_dump()} if usage_ is not None else {}),
+    }
+
+
+def stream_choices(request: ChatCompletionRequest | CompletionRequest, events: list[dict[str, Any]]) -> list[dict]:
+    """The choices of one streamed chunk from the token events that arrived since the last one.
+
+    Several decode steps can arrive together; OpenAI clients read one entry per choice index per chunk, so the
+    events of each index are merged (text and logprobs concatenated, the last finish reason kept).
+    """
+    merged: dict[int, dict[str, Any]] = {}
+    chat = isinstance(request, ChatCompletionRequest)
+    for event in events:
+        entry = merged.setdefault(event["index"], {"text": "", "logprobs": [], "finish_reason": None})
+        entry["text"] += event["text"]
+        if event["finish_reason"] is not None:
+            entry["finish_reason"] = event["finish_reason"]
+        if chat and request.logprobs and event["logprob"] is not None:
+            piece = event["token_str"]
+            entry["logprobs"].append(
+                {"token": piece, "logprob": event["logprob"], "bytes": list(piece.encode()), "top_logprobs": []}
+            )
+    choices = []
+    for index in sorted(merged):
+        entry = merged[index]
+        if chat:
+            logprobs = {"content": entry["logprobs"]} if request.logprobs else None
+            choices.append(
+                {
+                    "index": index,
+                    "delta": {"content": entry["text"]},
+                    "finish_reason": entry["finish_reason"],
+                    "logprobs": logprobs,
+                }
+            )
+        else:
+            choices.append(
+                {"index": index, "text": entry["text"], "finish_reason": entry["finish_reason"], "logprobs": None}
+            )
+    return choices
+
+
+def list_models(state: AppState, session: Session, owner: str) -> list[ModelCard]:
+    cards = [ModelCard(id=name, created=0, owned_by="loom") for name in state.queue.models]
+    checkpoints = session.scalars(
+        select(Checkpoint)
+        .where(Checkpoint.owner == owner, Checkpoint.committed.is_(True), Checkpoint.ephemeral.is_(False))
+        .order_by(Checkpoint.created_at)
+    )
+    cards += [ModelCard(id=c.tinker_path, created=int(c.created_at.timestamp()), owned_by=owner) for c in checkpoints]
+    aliases = session.scalars(select(ModelAlias).where(ModelAlias.owner == owner).order_by(ModelAlias.name))
+    cards += [ModelCard(id=a.name, created=int(a.created_at.timestamp()), owned_by=owner) for a in aliases]
+    return cards

@@ -1,0 +1,120 @@
+"""Tinker sampling endpoints: create_sampling_session, asample, samplers/{id}.
+
+A sampling session binds a base model and optionally LoRA weights (`model_path`); `asample` resolves the session
+to the checkpoint's storage location at submit time, so the worker never needs the database to find weights.
+The submit answer carries one `sample_sequence_ids` entry per sequence the result will hold, as SDK 0.38 expects.
+
+Limits: `num_samples` is capped (see `loom.types.validation.check_sample`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.db.models import JobKind, SamplingSession
+from api.deps import State, Tenant, enqueue, owned_session
+from api.errors import invalid, not_found
+from api.paths import parse_tinker_path, readable_checkpoint
+from loom.types import (
+    CreateSamplingSessionRequest,
+    CreateSamplingSessionResponse,
+    GetSamplerResponse,
+    SampleRequest,
+    UntypedAPIFuture,
+)
+from loom.types.validation import InvalidRequest, check_sample
+
+router = APIRouter(prefix="/api/v1")
+
+
+def _weights_base_model(session: Session, owner: str, model_path: str) -> tuple[str, str]:
+    """(base model, storage uri) of a readable checkpoint."""
+    from api.db.models import TrainingRun
+
+    checkpoint = readable_checkpoint(session, owner, parse_tinker_path(model_path, "model_path"))
+    run = session.get(TrainingRun, checkpoint.run_id)
+    return run.base_model, checkpoint.storage_uri
+
+
+@router.post("/create_sampling_session")
+def create_sampling_session(body: CreateSamplingSessionRequest, state: State, owner: Tenant) -> dict[str, Any]:
+    sampler_id = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
+    with state.transaction() as session:
+        owned_session(session, owner, body.session_id)
+        if body.model_path is not None:
+            base_model, _ = _weights_base_model(session, owner, body.model_path)
+            if body.base_model is not None and state.model(body.base_model).name != base_model:
+                raise invalid(f"{body.model_path} was trained on {base_model}, not {body.base_model}", "base_model")
+        else:
+            base_model = state.model(body.base_model).name
+        existing = session.get(SamplingSession, sampler_id)
+        if existing is None:
+            session.add(
+                SamplingSession(
+                    id=sampler_id,
+                    owner=owner,
+                    session_id=body.session_id,
+                    base_model=base_model,
+                    model_path=body.model_path,
+                )
+            )
+        elif existing.owner != owner or existing.model_path != body.model_path:
+            raise invalid(f"sampling session {sampler_id} already exists with other weights", "sampling_session_seq_id")
+    return CreateSamplingSessionResponse(sampling_session_id=sampler_id).to_wire()
+
+
+@router.get("/samplers/{sampler_id}")
+def get_sampler(sampler_id: str, state: State, owner: Tenant) -> dict[str, Any]:
+    with state.reading() as session:
+        sampler = session.scalar(
+            select(SamplingSession).where(SamplingSession.id == sampler_id, SamplingSession.owner == owner)
+        )
+    if sampler is None:
+        raise not_found(f"sampler {sampler_id!r} not found")
+    return GetSamplerResponse(
+        sampler_id=sampler.id, base_model=sampler.base_model, model_path=sampler.model_path
+    ).to_wire()
+
+
+@router.post("/asample")
+def asample(body: SampleRequest, request: Request, state: State, owner: Tenant) -> dict[str, Any]:
+    with state.transaction() as session:
+        if body.sampling_session_id is not None:
+            sampler = session.scalar(
+                select(SamplingSession).where(
+                    SamplingSession.id == body.sampling_session_id, SamplingSession.owner == owner
+                )
+            )
+            if sampler is None:
+                raise not_found(f"sampling session {body.sampling_session_id!r} not found")
+            base_model, model_path = sampler.base_model, sampler.model_path
+        else:
+            base_model, model_path = body.base_model, body.model_path
+        storage_uri = None
+        if model_path is not None:
+            base_model, storage_uri = _weights_base_model(session, owner, model_path)
+    info = state.model(base_model)
+    try:
+        check_sample(body, info.vocab_size, info.max_context_length)
+    except InvalidRequest as exc:
+        raise invalid(f"{exc.param}: {exc}", exc.param) from exc
+    payload = body.to_wire() | {"resolved": {"storage_uri": storage_uri}}
+    seq_id = body.seq_id if body.sampling_session_id is not None else None
+    with state.transaction() as session:
+        job_id = enqueue(
+            session,
+            request,
+            owner=owner,
+            kind=JobKind.SAMPLE,
+            base_model=info.name,
+            model_id=body.sampling_session_id,
+            seq_id=seq_id,
+            payload=payload,
+        )
+    state.queue.submitted(info.name, sampling=True)
+    sequence_ids = [f"{job_id}:{i}" for i in range(body.num_samples)]
+    return UntypedAPIFuture(request_id=job_id, sample_sequence_ids=sequence_ids).to_wire()

@@ -1,0 +1,85 @@
+"""Session and discovery endpoints: client/config, client/dynamic_config, create_session, session_heartbeat,
+get_server_capabilities, healthz, telemetry.
+
+`client/config` answers with the feature flags this server implements: protobuf forward_backward (SDK >= 0.25
+always sends it), no zstd request bodies, no batched `retrieve_futures`, no server-side custom losses; every
+flag left at its default keeps the SDK on the basic, well-tested path.
+
+Limits: telemetry is accepted and dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from sqlalchemy import update
+
+from api.db.models import ClientSession
+from api.db.types import utcnow
+from api.deps import State, Tenant, owned_session
+from loom.types import (
+    ClientConfigResponse,
+    ClientDynamicConfigResponse,
+    CreateSessionRequest,
+    CreateSessionResponse,
+    GetServerCapabilitiesResponse,
+    HealthResponse,
+    SessionHeartbeatRequest,
+    SessionHeartbeatResponse,
+    SupportedModel,
+    TelemetryResponse,
+)
+
+router = APIRouter(prefix="/api/v1")
+
+
+@router.post("/client/config")
+def client_config(owner: Tenant) -> dict[str, Any]:
+    return ClientConfigResponse(proto_compress_fwdbwd=False, sample_use_retrieve_futures=False).to_wire()
+
+
+@router.post("/client/dynamic_config")
+def client_dynamic_config(owner: Tenant) -> dict[str, Any]:
+    return ClientDynamicConfigResponse().to_wire()
+
+
+@router.post("/create_session")
+def create_session(body: CreateSessionRequest, state: State, owner: Tenant) -> dict[str, Any]:
+    with state.transaction() as session:
+        record = ClientSession(
+            owner=owner, tags=body.tags, user_metadata=body.user_metadata or {}, sdk_version=body.sdk_version
+        )
+        session.add(record)
+        session.flush()
+        session_id = record.id
+    return CreateSessionResponse(session_id=session_id).to_wire()
+
+
+@router.post("/session_heartbeat")
+def session_heartbeat(body: SessionHeartbeatRequest, state: State, owner: Tenant) -> dict[str, Any]:
+    with state.transaction() as session:
+        owned_session(session, owner, body.session_id)
+        session.execute(
+            update(ClientSession).where(ClientSession.id == body.session_id).values(last_heartbeat_at=utcnow())
+        )
+    return SessionHeartbeatResponse().to_wire()
+
+
+@router.get("/get_server_capabilities")
+def get_server_capabilities(state: State, owner: Tenant) -> dict[str, Any]:
+    models = [
+        SupportedModel(model_name=m.name, max_context_length=m.max_context_length, trainable=True, sampleable=True)
+        for m in state.queue.models.values()
+    ]
+    return GetServerCapabilitiesResponse(supported_models=models).to_wire()
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, Any]:
+    return HealthResponse().to_wire()
+
+
+@router.post("/telemetry")
+def telemetry() -> dict[str, Any]:
+    return TelemetryResponse().to_wire()

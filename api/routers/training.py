@@ -1,0 +1,343 @@
+"""Tinker training endpoints: create_model, get_info, forward_backward (JSON and protobuf), forward, optim_step,
+save_weights, save_weights_for_sampler, load_weights, unload_model.
+
+Each mutating call checks ownership and validates the request against the base model *before* queueing, so bad
+input is a 400 with a machine-readable error instead of a failed future. Accepted requests become jobs in the
+run's ordered "train" lane (seq 0 is the run's creation); the response is a future the client polls.
+
+Limits: checkpoint names are restricted to `[A-Za-z0-9._-]{1,128}`; `ttl_seconds` below 3600 is rejected as
+Tinker does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from api.db.models import Checkpoint, JobKind, RunStatus, SamplingSession, TrainingRun
+from api.deps import State, Tenant, enqueue, owned_run, owned_session
+from api.errors import APIError, ErrorCode, invalid, invalid_from_validation
+from api.paths import parse_tinker_path, readable_checkpoint
+from api.proto.codec import ProtoDecodeError, decode_forward_backward_request
+from loom.types import (
+    CreateModelRequest,
+    ForwardBackwardRequest,
+    ForwardRequest,
+    GetInfoRequest,
+    GetInfoResponse,
+    LoadWeightsRequest,
+    LoraConfig,
+    ModelData,
+    OptimStepRequest,
+    SaveWeightsForSamplerRequest,
+    SaveWeightsRequest,
+    UnloadModelRequest,
+    UntypedAPIFuture,
+)
+from loom.types.validation import InvalidRequest, check_adam, check_forward_backward
+
+router = APIRouter(prefix="/api/v1")
+
+CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+MIN_TTL_SECONDS = 3600
+
+
+def _future(request_id: str, model_id: str | None = None) -> dict[str, Any]:
+    return UntypedAPIFuture(request_id=request_id, model_id=model_id).to_wire()
+
+
+def _parse(model: type[BaseModel], data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_from_validation(exc.errors()) from exc
+
+
+def _seq(seq_id: int | None) -> int:
+    if seq_id is None or seq_id < 1:
+        raise invalid("seq_id is required and must be >= 1 (seq 0 is the run's creation)", "seq_id")
+    return seq_id
+
+
+def _active_run(session: Session, owner: str, model_id: str) -> TrainingRun:
+    run = owned_run(session, owner, model_id)
+    if run.status != RunStatus.ACTIVE.value:
+        raise APIError(409, ErrorCode.CONFLICT, f"training run {model_id} was unloaded", "model_id")
+    return run
+
+
+def _create_run(
+    session: Session, owner: str, session_id: str, model_seq_id: int, base_model: str, lora: LoraConfig, meta: dict
+) -> TrainingRun:
+    owned_session(session, owner, session_id)
+    model_id = f"{session_id}:train:{model_seq_id}"
+    run = session.get(TrainingRun, model_id)
+    if run is not None:
+        return run  # a replayed create: the job store dedupes the seq-0 job itself
+    run = TrainingRun(
+        id=model_id,
+        owner=owner,
+        session_id=session_id,
+        model_seq_id=model_seq_id,
+        base_model=base_model,
+        lora_rank=lora.rank,
+        train_attn=lora.train_attn,
+        train_mlp=lora.train_mlp,
+        train_unembed=lora.train_unembed,
+        seed=lora.seed,
+        user_metadata=meta,
+        next_seq_id=0,
+    )
+    session.add(run)
+    session.flush()
+    return run
+
+
+def _enqueue_op(
+    session: Session, request: Request, run: TrainingRun, kind: JobKind, seq_id: int | None, payload: dict[str, Any]
+) -> str:
+    """Queue an op of `run` in its ordered lane; returns the request id."""
+    return enqueue(
+        session,
+        request,
+        owner=run.owner,
+        kind=kind,
+        base_model=run.base_model,
+        model_id=run.id,
+        seq_id=seq_id,
+        payload=payload,
+    )
+
+
+def _submitted(state: State, run: TrainingRun, request_id: str) -> dict[str, Any]:
+    state.queue.submitted(run.base_model, run.worker_id)
+    return _future(request_id, run.id)
+
+
+@router.post("/create_model")
+def create_model(body: CreateModelRequest, request: Request, state: State, owner: Tenant) -> dict[str, Any]:
+    info = state.model(body.base_model)
+    lora = body.lora_config or LoraConfig(rank=32)
+    if lora.rank > info.max_lora_rank:
+        raise invalid(
+            f"lora_config.rank {lora.rank} exceeds max LoRA rank {info.max_lora_rank} for {info.name}",
+            "lora_config.rank",
+        )
+    if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
+        raise invalid("lora_config trains nothing: enable train_attn, train_mlp or train_unembed", "lora_config")
+    with state.transaction() as session:
+        run = _create_run(session, owner, body.session_id, body.model_seq_id, info.name, lora, body.user_metadata or {})
+        payload = {"lora_config": lora.to_wire()}
+        job_id = _enqueue_op(session, request, run, JobKind.CREATE_MODEL, 0, payload)
+    return _submitted(state, run, job_id)
+
+
+@router.post("/get_info")
+def get_info(body: GetInfoRequest, state: State, owner: Tenant) -> dict[str, Any]:
+    with state.reading() as session:
+        run = owned_run(session, owner, body.model_id)
+    info = state.model(run.base_model)
+    return GetInfoResponse(
+        model_data=ModelData(arch=info.arch, model_name=info.name, tokenizer_id=info.tokenizer_id),
+        model_id=run.id,
+        is_lora=True,
+        lora_rank=run.lora_rank,
+        model_name=info.name,
+    ).to_wire()
+
+
+async def _forward_backward_body(request: Request) -> dict[str, Any]:
+    content_type = request.headers.get("content-type", "")
+    body = await request.body()
+    if "application/x-protobuf" in content_type:
+        try:
+            return decode_forward_backward_request(body, request.headers.get("content-encoding"))
+        except ProtoDecodeError as exc:
+            raise invalid(f"malformed protobuf ForwardBackwardRequest: {exc}") from exc
+    if "json" not in content_type and content_type:
+        raise APIError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, f"unsupported content-type {content_type!r}")
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise invalid(f"body is not valid JSON: {exc}") from exc
+
+
+def _queue_forward_backward(state: State, request: Request, owner: str, fb: ForwardBackwardRequest, kind: JobKind):
+    seq_id = _seq(fb.seq_id)
+    with state.transaction() as session:
+        run = _active_run(session, owner, fb.model_id)
+    info = state.model(run.base_model)
+    try:
+        check_forward_backward(fb.forward_backward_input, info.vocab_size, info.max_context_length)
+    except InvalidRequest as exc:
+        raise invalid(str(exc) if exc.param is None else f"{exc.param}: {exc}", exc.param) from exc
+    payload = {"forward_backward_input": fb.forward_backward_input.to_wire(), "forward_only": fb.is_forward_only}
+    with state.transaction() as session:
+        job_id = _enqueue_op(session, request, run, kind, seq_id, payload)
+    return _submitted(state, run, job_id)
+
+
+@router.post("/forward_backward")
+async def forward_backward(request: Request, state: State, owner: Tenant) -> dict[str, Any]:
+    raw = await _forward_backward_body(request)
+    fb = await run_in_threadpool(_parse, ForwardBackwardRequest, raw)
+    return await run_in_threadpool(_queue_forward_backward, state, request, owner, fb, JobKind.FORWARD_BACKWARD)
+
+
+@router.post("/forward")
+async def forward(request: Request, state: State, owner: Tenant) -> dict[str, Any]:
+    raw = await _forward_backward_body(request)
+    fwd = await run_in_threadpool(_parse, ForwardRequest, raw)
+    fb = fwd.to_forward_backward_request()
+    return await run_in_threadpool(_queue_forward_backward, state, request, owner, fb, JobKind.FORWARD)
+
+
+@router.post("/optim_step")
+def optim_step(body: OptimStepRequest, request: Request, state: State, owner: Tenant) -> dict[str, Any]:
+    seq_id = _seq(body.seq_id)
+    params = body.adam_params.to_wire()
+    try:
+        check_adam(params)
+    except InvalidRequest as exc:
+        raise invalid(f"{exc.param}: {exc}", exc.param) from exc
+    with state.transaction() as session:
+        run = _active_run(session, owner, body.model_id)
+        job_id = _enqueue_op(session, request, run, JobKind.OPTIM_STEP, seq_id, {"adam_params": params})
+    return _submitted(state, run, job_id)
+
+
+def _checkpoint_name(name: str | None, param: str = "path") -> str:
+    if name is None or not CHECKPOINT_NAME.match(name):
+        raise invalid("checkpoint name must match [A-Za-z0-9._-]{1,128}", param)
+    return name
+
+
+def _ttl(ttl_seconds: int | None) -> int | None:
+    if ttl_seconds is not None and ttl_seconds < MIN_TTL_SECONDS:
+        raise invalid(f"ttl_seconds must be at least {MIN_TTL_SECONDS}", "ttl_seconds")
+    return ttl_seconds
+
+
+def _name_taken(session: Session, run_id: str, checkpoint_id: str) -> bool:
+    return (
+        session.scalar(
+            select(Checkpoint.id).where(Checkpoint.run_id == run_id, Checkpoint.checkpoint_id == checkpoint_id)
+        )
+        is not None
+    )
+
+
+@router.post("/save_weights")
+def save_weights(body: SaveWeightsRequest, request: Request, state: State, owner: Tenant) -> dict[str, Any]:
+    seq_id = _seq(body.seq_id)
+    name = _checkpoint_name(body.path)
+    with state.transaction() as session:
+        run = _active_run(session, owner, body.model_id)
+        checkpoint_id = f"weights/{name}"
+        if not body.overwrite and _name_taken(session, run.id, checkpoint_id):
+            raise APIError(
+                409, ErrorCode.CONFLICT, f"checkpoint {checkpoint_id} already exists (pass overwrite=True)", "path"
+            )
+        payload = {
+            "path": name,
+            "overwrite": body.overwrite,
+            "ttl_seconds": _ttl(body.ttl_seconds),
+            "resolved": {"checkpoint_id": checkpoint_id, "tinker_path": f"tinker://{run.id}/{checkpoint_id}"},
+        }
+        job_id = _enqueue_op(session, request, run, JobKind.SAVE_WEIGHTS, seq_id, payload)
+    return _submitted(state, run, job_id)
+
+
+@router.post("/save_weights_for_sampler")
+def save_weights_for_sampler(
+    body: SaveWeightsForSamplerRequest, request: Request, state: State, owner: Tenant
+) -> dict[str, Any]:
+    seq_id = _seq(body.seq_id)
+    with state.transaction() as session:
+        run = _active_run(session, owner, body.model_id)
+        resolved: dict[str, Any] = {}
+        if body.path is not None:
+            name = _checkpoint_name(body.path)
+            if _name_taken(session, run.id, f"sampler_weights/{name}"):
+                raise APIError(409, ErrorCode.CONFLICT, f"sampler checkpoint {name} already exists", "path")
+        elif body.sampling_session_seq_id is not None:
+            name = f"ephemeral-{body.sampling_session_seq_id:06d}-seq{seq_id}"
+            sampler_id = f"{run.session_id}:sample:{body.sampling_session_seq_id}"
+            resolved.update(ephemeral=True, sampling_session_id=sampler_id)
+        else:
+            raise invalid("save_weights_for_sampler needs a path or a sampling_session_seq_id", "path")
+        checkpoint_id = f"sampler_weights/{name}"
+        tinker_path = f"tinker://{run.id}/{checkpoint_id}"
+        resolved.update(checkpoint_id=checkpoint_id, tinker_path=tinker_path)
+        if "sampling_session_id" in resolved and session.get(SamplingSession, resolved["sampling_session_id"]) is None:
+            session.add(
+                SamplingSession(
+                    id=resolved["sampling_session_id"],
+                    owner=owner,
+                    session_id=run.session_id,
+                    base_model=run.base_model,
+                    model_path=tinker_path,
+                )
+            )
+        payload = {"path": body.path, "ttl_seconds": _ttl(body.ttl_seconds), "resolved": resolved}
+        job_id = _enqueue_op(session, request, run, JobKind.SAVE_WEIGHTS_FOR_SAMPLER, seq_id, payload)
+    return _submitted(state, run, job_id)
+
+
+def _training_checkpoint(session: Session, owner: str, path: str) -> Checkpoint:
+    parsed = parse_tinker_path(path)
+    if parsed.kind != "weights":
+        raise invalid(
+            "load_weights needs a tinker://<run>/weights/<name> path (sampler weights hold no optimizer state)", "path"
+        )
+    return readable_checkpoint(session, owner, parsed)
+
+
+@router.post("/load_weights")
+def load_weights(body: LoadWeightsRequest, request: Request, state: State, owner: Tenant) -> dict[str, Any]:
+    with state.transaction() as session:
+        checkpoint = _training_checkpoint(session, owner, body.path)
+        source = session.get(TrainingRun, checkpoint.run_id)
+        if body.model_id is not None:
+            run = _active_run(session, owner, body.model_id)
+            seq_id = _seq(body.seq_id)
+        else:
+            base = state.model(body.base_model or source.base_model)
+            if base.name != source.base_model:
+                raise invalid(f"checkpoint was trained on {source.base_model}, not {base.name}", "base_model")
+            lora = LoraConfig(
+                rank=source.lora_rank,
+                seed=source.seed,
+                train_attn=source.train_attn,
+                train_mlp=source.train_mlp,
+                train_unembed=source.train_unembed,
+            )
+            run = _create_run(
+                session, owner, body.session_id, body.model_seq_id or 0, base.name, lora, body.user_metadata or {}
+            )
+            seq_id = 0
+        if run.base_model != source.base_model or run.lora_rank != source.lora_rank:
+            raise invalid(
+                f"checkpoint ({source.base_model}, rank {source.lora_rank}) does not fit run {run.id} ({run.base_model}, rank {run.lora_rank})",
+                "path",
+            )
+        kind = JobKind.LOAD_WEIGHTS if seq_id else JobKind.CREATE_MODEL
+        payload = {"path": body.path, "optimizer": body.optimizer, "resolved": {"storage_uri": checkpoint.storage_uri}}
+        job_id = _enqueue_op(session, request, run, kind, seq_id, payload)
+    return _submitted(state, run, job_id)
+
+
+@router.post("/unload_model")
+def unload_model(body: UnloadModelRequest, request: Request, state: State, owner: Tenant) -> dict[str, Any]:
+    with state.transaction() as session:
+        run = _active_run(session, owner, body.model_id)
+        run.status = RunStatus.UNLOADED.value
+        job_id = _enqueue_op(session, request, run, JobKind.UNLOAD_MODEL, None, {})
+    return _submitted(state, run, job_id)
