@@ -1,0 +1,148 @@
+"""Where checkpoint folders live: a local directory tree with a create-only commit protocol.
+
+A checkpoint is written into a private staging folder, a `manifest.json` listing every file's size and SHA-256
+is written last, and the folder is renamed into place (atomic on one filesystem); an existing destination is
+never overwritten unless the caller asks for it. Readers verify the manifest before trusting any file, so a
+torn or tampered checkpoint is refused rather than served. URIs are `file://` paths.
+
+`CheckpointStore` is what the engine needs of any backend; `open_checkpoint_store(location)` picks one
+(`s3://bucket/prefix` → `worker.checkpoint_s3.S3CheckpointStore`, anything else → a local root folder) and
+`delete_checkpoint_uri` deletes a checkpoint given either kind of URI.
+
+Limits: this backend is local-filesystem only (S3 lives in `worker/checkpoint_s3.py`, imported only when used).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Protocol
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointCorrupt(RuntimeError):
+    """A stored checkpoint is missing files or a file's checksum does not match its manifest."""
+
+
+class CheckpointExists(RuntimeError):
+    """A checkpoint with this name already exists and overwrite was not requested."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class GcReport:
+    deleted: list[str] = field(default_factory=list)
+    aborted_uploads: list[tuple[str, str]] = field(default_factory=list)  # (key, upload id)
+
+
+class CheckpointStore(Protocol):
+    def write(
+        self, owner: str, run_id: str, checkpoint_id: str, fill: Callable[[Path], None], overwrite: bool = False
+    ) -> tuple[str, int]: ...
+
+    def open(self, uri: str) -> Path: ...
+
+    def gc(self, committed_uris: Iterable[str] | None, older_than: timedelta, now: datetime | None = None) -> GcReport:
+        """Delete stored files no committed checkpoint reaches, once older than `older_than`."""
+        ...
+
+
+class LocalCheckpointStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _folder(self, owner: str, run_id: str, checkpoint_id: str) -> Path:
+        safe_run = run_id.replace(":", "_")
+        return self.root / owner / safe_run / checkpoint_id
+
+    def write(
+        self, owner: str, run_id: str, checkpoint_id: str, fill: Callable[[Path], None], overwrite: bool = False
+    ) -> tuple[str, int]:
+        """Create a checkpoint by calling `fill(staging_dir)`; returns (uri, total bytes)."""
+        final = self._folder(owner, run_id, checkpoint_id)
+        if final.exists() and not overwrite:
+            raise CheckpointExists(f"checkpoint {checkpoint_id} already exists for run {run_id}")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=final.parent))
+        try:
+            fill(staging)
+            files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(staging.iterdir())}
+            (staging / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            staging.rename(final)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return final.as_uri(), sum(f["bytes"] for f in files.values())
+
+    def open(self, uri: str) -> Path:
+        """The verified local folder of a committed checkpoint."""
+        folder = Path(uri.removeprefix("file://"))
+        manifest_path = folder / MANIFEST
+        if not manifest_path.exists():
+            raise CheckpointCorrupt(f"{uri} has no manifest (never committed, or deleted)")
+        manifest = json.loads(manifest_path.read_text())
+        for name, meta in manifest["files"].items():
+            path = folder / name
+            if not path.exists() or path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
+                raise CheckpointCorrupt(f"{uri}: {name} does not match its manifest checksum")
+        return folder
+
+    @staticmethod
+    def delete_uri(uri: str) -> None:
+        shutil.rmtree(Path(uri.removeprefix("file://")), ignore_errors=True)
+
+    def gc(self, committed_uris: Iterable[str] | None, older_than: timedelta, now: datetime | None = None) -> GcReport:
+        """Remove staging folders left by crashed writes and, when `committed_uris` is given, checkpoint folders
+        the database does not know, once their last change is older than `older_than`."""
+        cutoff = ((now or datetime.now(UTC)) - older_than).timestamp()
+        known = None if committed_uris is None else set(committed_uris)
+        report = GcReport()
+        for folder in [p for p in self.root.rglob(".staging-*") if p.is_dir()]:
+            if folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+                report.deleted.append(str(folder))
+        if known is not None:
+            for manifest in list(self.root.rglob(MANIFEST)):
+                folder = manifest.parent
+                if folder.as_uri() not in known and manifest.stat().st_mtime < cutoff:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    report.deleted.append(str(folder))
+        return report
+
+
+def open_checkpoint_store(location: str | Path, cache_dir: Path | None = None) -> CheckpointStore:
+    """`s3://bucket/prefix` → S3 (endpoint and credentials from the AWS environment; `cache_dir` holds verified
+    downloads); a path or `file://` URI → a local root folder."""
+    text = str(location)
+    if text.startswith("s3://"):
+        from worker.checkpoint_s3 import S3CheckpointStore
+
+        return S3CheckpointStore.from_url(text, cache_dir)
+    return LocalCheckpointStore(Path(text.removeprefix("file://")))
+
+
+def delete_checkpoint_uri(uri: str) -> None:
+    """Delete a checkpoint's stored files, wherever its URI points (`file://` or `s3://`)."""
+    if uri.startswith("s3://"):
+        from worker.checkpoint_s3 import delete_s3_uri
+
+        delete_s3_uri(uri)
+    else:
+        LocalCheckpointStore.delete_uri(uri)

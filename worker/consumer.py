@@ -1,0 +1,219 @@
+"""The worker's job loop: lease ready jobs from the database, run them through the engine, record outcomes.
+
+One `Consumer` serves one base model. Each tick claims every ready job (up to `batch_limit`) in one short
+transaction, executes them (outside any transaction), then records all results, checkpoint rows and failures
+in a second transaction guarded by the lease fencing tokens, and finally calls `on_finished` with the ids so
+waiting long-polls wake at once. Leases outlive a tick comfortably; expired leases of a crashed worker are
+requeued by `release_expired_leases` on every idle pass.
+
+The same loop runs in a thread of the embedded server (`loom serve`) and in a standalone `loom worker`
+process; a Celery task can call `tick()` unchanged.
+
+Before executing a run's chain, a run whose state is absent or stale on this worker is rebuilt from the
+database's op log (`worker/run_recovery.py`), so a run can move between workers (or survive a restart).
+
+Placement: with `sticky` (scaled-out deployments), a worker takes a run's ops only if the run is placed on it
+or unplaced (then it becomes placed here); `role` picks training work, sampling work or both.
+
+Limits: without `sticky`, all training runs of a base model must be served by one consumer (one worker per
+base model), or runs would be rebuilt back and forth.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+
+from sqlalchemy import delete
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.db.jobs import ClaimedJob, claim_ready_jobs, complete_job, fail_job, release_expired_leases, requeue_leased
+from api.db.models import Checkpoint, Job
+from api.db.types import utcnow
+from worker.engine import Engine
+from worker.outcomes import CheckpointRecord, Outcome
+from worker.run_recovery import RunNotRestorable, restore_plan
+
+ROLES = ("all", "train", "sample")
+
+log = logging.getLogger(__name__)
+
+
+def _record_checkpoint(session: Session, record: CheckpointRecord) -> None:
+    session.execute(
+        delete(Checkpoint).where(Checkpoint.run_id == record.run_id, Checkpoint.checkpoint_id == record.checkpoint_id)
+    )
+    expires = utcnow() + timedelta(seconds=record.ttl_seconds) if record.ttl_seconds else None
+    session.add(
+        Checkpoint(
+            run_id=record.run_id,
+            owner=record.owner,
+            checkpoint_id=record.checkpoint_id,
+            kind=record.kind,
+            tinker_path=record.tinker_path,
+            storage_uri=record.storage_uri,
+            size_bytes=record.size_bytes,
+            expires_at=expires,
+            committed=True,
+            ephemeral=record.ephemeral,
+        )
+    )
+
+
+def record_outcomes(session: Session, outcomes: Sequence[Outcome]) -> list[str]:
+    """Write results and failures; returns the ids whose write took effect (lease still ours)."""
+    written = []
+    for outcome in outcomes:
+        job = outcome.job
+        if outcome.error is None:
+            if outcome.checkpoint is not None:
+                _record_checkpoint(session, outcome.checkpoint)
+            ok = complete_job(session, job.id, job.fencing_token, outcome.result or {})
+        else:
+            ok = fail_job(session, job.id, job.fencing_token, outcome.error, outcome.category or "unknown")
+        if ok:
+            written.append(job.id)
+        else:
+            log.warning("lease on %s was lost before its result could be written", job.id)
+    return written
+
+
+class Consumer:
+    def __init__(
+        self,
+        engine: Engine,
+        session_factory: sessionmaker[Session],
+        worker_id: str,
+        on_finished: Callable[[list[str]], None] = lambda ids: None,
+        lease_seconds: float = 600.0,
+        batch_limit: int = 256,
+        role: str = "all",
+        sticky: bool = False,
+    ) -> None:
+        if role not in ROLES:
+            raise ValueError(f"worker role must be one of {ROLES}, not {role!r}")
+        self.role = role
+        self.sticky = sticky
+        self.engine = engine
+        self.session_factory = session_factory
+        self.worker_id = worker_id
+        self.on_finished = on_finished
+        self.lease_seconds = lease_seconds
+        self.batch_limit = batch_limit
+        self.wake = threading.Event()
+        self._unsure_claim = False
+
+    @property
+    def base_model(self) -> str:
+        return self.engine.lm.spec.name
+
+    def tick(self) -> int:
+        """Claim, execute and record one batch; returns how many jobs it handled."""
+        if self._unsure_claim:
+            self._requeue_unknown_leases()
+        try:
+            jobs = self._claim()
+        except Exception:
+            self._unsure_claim = True  # its commit may have landed: jobs leased to us that we never saw
+            raise
+        if not jobs and not self.engine.busy:
+            return 0
+        unrestored = self._restore_stale_runs(jobs)
+        if unrestored:  # e.g. the database went away mid-restore: hand these runs' jobs back next tick
+            jobs = [job for job in jobs if job.model_id not in unrestored]
+            self._unsure_claim = True
+        outcomes = self.engine.execute(jobs)
+        self.on_finished(self._record(outcomes))
+        return len(jobs) + int(self.engine.busy)
+
+    def _claim(self) -> list[ClaimedJob]:
+        with self.session_factory.begin() as session:
+            return claim_ready_jobs(
+                session,
+                base_models=[self.base_model],
+                worker_id=self.worker_id,
+                lease_seconds=self.lease_seconds,
+                limit=self.batch_limit,
+                training=self.role != "sample",
+                sampling=self.role != "train",
+                sticky=self.sticky,
+            )
+
+    def _requeue_unknown_leases(self) -> None:
+        """Give back jobs leased to this worker for this model that the engine does not hold (a claim whose
+        commit landed although the database connection failed before it answered)."""
+        with self.session_factory.begin() as session:
+            requeue_leased(
+                session,
+                (Job.lease_owner == self.worker_id)
+                & (Job.base_model == self.base_model)
+                & Job.id.not_in(self.engine.in_flight()),
+            )
+        self._unsure_claim = False
+
+    def _record(self, outcomes: Sequence[Outcome]) -> list[str]:
+        """Write the outcomes, retrying while the database is unavailable: they exist only in this process, and
+        the fencing tokens make a retry after a commit that did apply a no-op."""
+        delay, deadline = 0.5, time.monotonic() + self.lease_seconds
+        while True:
+            try:
+                with self.session_factory.begin() as session:
+                    return record_outcomes(session, outcomes)
+            except Exception:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("recording %d outcome(s) failed; retrying in %.1fs", len(outcomes), delay, exc_info=True)
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
+
+    def _restore_stale_runs(self, jobs: Sequence[ClaimedJob]) -> set[str]:
+        """Rebuild every run whose chain would start on absent or stale state; returns the runs that could not
+        be rebuilt for a reason other than their own history (their jobs must not run now)."""
+        unrestored: set[str] = set()
+        heads: dict[str, ClaimedJob] = {}
+        for job in jobs:
+            if job.model_id is not None and job.seq_id is not None and job.kind != "sample":
+                head = heads.get(job.model_id)
+                if head is None or job.seq_id < head.seq_id:
+                    heads[job.model_id] = job
+        for head in heads.values():
+            if not self.engine.needs_restore(head):
+                continue
+            try:
+                with self.session_factory.begin() as session:
+                    plan = restore_plan(session, head.model_id, head.seq_id)
+                log.info("restoring %s: %s + %d op(s)", head.model_id, plan.checkpoint_uri or "log", len(plan.ops))
+                self.engine.restore(plan)
+            except RunNotRestorable as exc:
+                log.info("%s", exc)
+            except Exception:  # the database or checkpoint store failed: try again on a later tick
+                log.exception("restoring %s failed; its requests wait", head.model_id)
+                self.engine.pool.drop_run(head.model_id)
+                unrestored.add(head.model_id)
+        return unrestored
+
+    def recover(self) -> int:
+        with self.session_factory.begin() as session:
+            return release_expired_leases(session, utcnow())
+
+    def run_forever(self, stop: threading.Event, idle_wait: float = 1.0, recover_every: float = 5.0) -> None:
+        """Tick until `stop` is set; between empty ticks sleep until `wake` is set or `idle_wait` passes. Expired
+        leases are recovered on an idle pass at most every `recover_every` seconds (a write transaction each time,
+        which would otherwise contend with submissions for SQLite's write lock after every job)."""
+        log.info("worker %s serving %s", self.worker_id, self.base_model)
+        next_recovery = 0.0
+        while not stop.is_set():
+            self.wake.clear()
+            try:
+                handled = self.tick()
+                if handled == 0 and time.monotonic() >= next_recovery:
+                    self.recover()
+                    next_recovery = time.monotonic() + recover_every
+            except Exception:  # the database may be briefly unavailable; never let the loop die
+                log.exception("worker tick failed")
+                handled = 0
+            if handled == 0:
+                self.wake.wait(idle_wait)

@@ -1,0 +1,189 @@
+"""Module wrappers that apply per-row LoRA adapters inside a frozen transformers model.
+
+`install_multi_lora(model, targets)` swaps every targeted `nn.Linear` for a `MultiLoraLinear` and every fused
+routed-experts module for a `MultiLoraExperts`, all sharing one `AdapterRouter`. A forward pass run inside
+`router.route(slots_per_row)` gives row i the adapter registered under `slots_per_row[i]` (rows of one adapter
+must be contiguous; slot None means the bare base model). Outside a route the model is the plain base model.
+
+Limits: one route at a time per model (the worker drives each model from one thread); experts modules must
+expose `gate_up_proj` (E, 2I, H), `down_proj` (E, H, I) and `act_fn`, as transformers' DeepseekV3 and
+Qwen3-MoE experts do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gpu_kernels.lora_reference import StackCache, add_grouped_deltas, add_segment_deltas
+from worker.lora.adapter import LoraAdapter, TargetWeight
+from worker.models.registry import LoraTargets
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which adapter each batch row uses, as contiguous segments (slot, row_start, row_end)."""
+
+    segments: tuple[tuple[int, int, int], ...]
+    row_slots: torch.Tensor
+    """(B,) slot id per row, -1 for the base model."""
+
+    @classmethod
+    def from_rows(cls, slots_per_row: Sequence[int | None]) -> Route:
+        segments: list[tuple[int, int, int]] = []
+        seen: set[int] = set()
+        for i, slot in enumerate(slots_per_row):
+            if slot is None:
+                continue
+            if segments and segments[-1][0] == slot and segments[-1][2] == i:
+                segments[-1] = (slot, segments[-1][1], i + 1)
+                continue
+            if slot in seen:
+                raise ValueError("rows of one adapter must be contiguous")
+            seen.add(slot)
+            segments.append((slot, i, i + 1))
+        row_slots = torch.tensor([-1 if s is None else s for s in slots_per_row], dtype=torch.long)
+        return cls(tuple(segments), row_slots)
+
+
+class AdapterRouter:
+    """Registry of resident adapters by slot, and the route of the forward pass in progress."""
+
+    def __init__(self) -> None:
+        self.adapters: dict[int, LoraAdapter] = {}
+        self.current: Route | None = None
+        self.stacks = StackCache()
+        """Factor stacks of the batched decode path, reused across decode steps."""
+
+    @contextmanager
+    def route(self, slots_per_row: Sequence[int | None]) -> Iterator[Route]:
+        if self.current is not None:
+            raise RuntimeError("a forward pass is already routed on this model")
+        self.current = Route.from_rows(slots_per_row)
+        try:
+            yield self.current
+        finally:
+            self.current = None
+
+
+class MultiLoraLinear(nn.Module):
+    def __init__(self, base: nn.Linear, name: str, router: AdapterRouter) -> None:
+        super().__init__()
+        self.base = base
+        self.name = name
+        self.router = router
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        route = self.router.current
+        if route is None:
+            return y
+        segments = []
+        for slot, start, end in route.segments:
+            factors = self.router.adapters[slot].factors(self.name)
+            if factors is not None:
+                segments.append((start, end, factors))
+        return add_segment_deltas(y, x, segments, self.router.stacks, self.name)
+
+
+class MultiLoraExperts(nn.Module):
+    """Routed experts with a LoRA per (adapter, expert) on `gate_up_proj` and `down_proj`."""
+
+    def __init__(self, base: nn.Module, name: str, router: AdapterRouter) -> None:
+        super().__init__()
+        self.base = base
+        self.name = name
+        self.router = router
+        self.num_experts = base.gate_up_proj.shape[0]
+
+    def _expert_factors(self, param: str, expert: int) -> dict[int, object]:
+        route = self.router.current
+        if route is None:
+            return {}
+        out = {}
+        for slot, _, _ in route.segments:
+            f = self.router.adapters[slot].expert_factors(f"{self.name}.{param}", expert)
+            if f is not None:
+                out[slot] = f
+        return out
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        base = self.base
+        route = self.router.current
+        token_slots = None
+        if route is not None:
+            tokens_per_row = hidden_states.shape[0] // route.row_slots.shape[0]
+            token_slots = route.row_slots.repeat_interleave(tokens_per_row)
+        final = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            counts = torch.bincount(top_k_index.flatten(), minlength=self.num_experts)[: self.num_experts]
+            hit = counts.nonzero(as_tuple=True)[0]
+        for expert in hit.tolist():
+            token_idx, top_k_pos = torch.where(top_k_index == expert)
+            x = hidden_states[token_idx]
+            gate_up = nn.functional.linear(x, base.gate_up_proj[expert])
+            slots = token_slots[token_idx] if token_slots is not None else None
+            if slots is not None:
+                gate_up = add_grouped_deltas(gate_up, x, slots, self._expert_factors("gate_up_proj", expert))
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = base.act_fn(gate) * up
+            out = nn.functional.linear(h, base.down_proj[expert])
+            if slots is not None:
+                out = add_grouped_deltas(out, h, slots, self._expert_factors("down_proj", expert))
+            out = out * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, out.to(final.dtype))
+        return final
+
+
+def _group_of(leaf: str, targets: LoraTargets) -> str | None:
+    if leaf in targets.unembed:
+        return "unembed"
+    if leaf in targets.attn:
+        return "attn"
+    if leaf in targets.mlp:
+        return "mlp"
+    return None
+
+
+def _is_experts(module: nn.Module, targets: LoraTargets) -> bool:
+    return (
+        bool(targets.experts)
+        and type(module).__name__.endswith("Experts")
+        and all(
+            isinstance(getattr(module, p, None), nn.Parameter) and getattr(module, p).dim() == 3
+            for p in targets.experts
+        )
+    )
+
+
+def install_multi_lora(model: nn.Module, targets: LoraTargets) -> tuple[AdapterRouter, list[TargetWeight]]:
+    """Wrap the model's targetable modules in place; return the shared router and the list of target weights."""
+    router = AdapterRouter()
+    found: list[TargetWeight] = []
+    replacements: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Linear):
+            group = _group_of(leaf, targets)
+            if group is None:
+                continue
+            found.append(TargetWeight(name, group, module.in_features, module.out_features))
+            replacements.append((name, MultiLoraLinear(module, name, router)))
+        elif _is_experts(module, targets):
+            for param in targets.experts:
+                e, out_f, in_f = getattr(module, param).shape
+                found.append(TargetWeight(f"{name}.{param}", "mlp", in_f, out_f, num_experts=e))
+            replacements.append((name, MultiLoraExperts(module, name, router)))
+    for name, wrapper in replacements:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, wrapper)
+    return router, found

@@ -1,0 +1,37 @@
+"""Loads a base model once, frozen, in float32, with multi-LoRA wrappers installed, plus its tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from worker.lora.adapter import TargetWeight
+from worker.lora.layers import AdapterRouter, install_multi_lora
+from worker.models.registry import BaseModelSpec, model_dir
+
+
+@dataclass
+class LoadedModel:
+    spec: BaseModelSpec
+    path: Path
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    router: AdapterRouter
+    targets: list[TargetWeight]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+
+def load_base_model(spec: BaseModelSpec) -> LoadedModel:
+    path = model_dir(spec)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa")
+    model.eval()
+    model.requires_grad_(False)
+    router, targets = install_multi_lora(model, spec.targets)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return LoadedModel(spec, path, model, tokenizer, router, targets)

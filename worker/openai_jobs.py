@@ -1,0 +1,64 @@
+"""OpenAI-style sample jobs on the worker: render the prompt with the base model's own tokenizer and chat
+template, and turn sampled rows into text choices (stop strings cut off, per-token logprobs with token text).
+
+The API forwards the OpenAI request as `payload["openai"]` (`kind` "chat" with `messages`/`tools`, or
+"completion" with `prompt` text or token ids); sampling parameters travel in the usual `sampling_params`.
+
+Limits: message content must be text (image parts wait for the vision base models); tool calls are rendered
+into the prompt by the model's template but not parsed back out of the completion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from worker.sampler import SampledSequence
+from worker.text_stream import TextStream
+
+
+class PromptError(ValueError):
+    """The messages cannot be rendered for this model (a user error)."""
+
+
+def _text_content(message: Mapping[str, Any]) -> dict[str, Any]:
+    content = message.get("content")
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if part.get("type") != "text":
+                raise PromptError(f"content part type {part.get('type')!r} is not supported by this text-only model")
+            parts.append(part.get("text", ""))
+        content = "".join(parts)
+    return {**message, "content": content if content is not None else ""}
+
+
+def render_prompt(tokenizer, request: Mapping[str, Any]) -> list[int]:
+    if request["kind"] == "completion":
+        prompt = request["prompt"]
+        return list(prompt) if isinstance(prompt, list) else tokenizer.encode(prompt, add_special_tokens=False)
+    if not tokenizer.chat_template:
+        raise PromptError("this base model has no chat template; use /v1/completions")
+    messages = [_text_content(m) for m in request["messages"]]
+    encoded = tokenizer.apply_chat_template(
+        messages, tools=request.get("tools") or None, add_generation_prompt=True, tokenize=True
+    )
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def choice(tokenizer, seq: SampledSequence, stream: TextStream) -> dict[str, Any]:
+    """One finished sequence as an OpenAI-neutral choice record (the API shapes the final JSON)."""
+    stream.finish()
+    finish = "stop" if seq.stop_reason == "stop" or stream.stopped else "length"
+    pieces = [tokenizer.decode([t], skip_special_tokens=False) for t in seq.tokens]
+    top = None
+    if seq.top_logprobs is not None:
+        top = [[(tokenizer.decode([i], skip_special_tokens=False), lp) for i, lp in row] for row in seq.top_logprobs]
+    return {
+        "text": stream.text,
+        "finish_reason": finish,
+        "tokens": seq.tokens,
+        "token_strs": pieces,
+        "logprobs": seq.logprobs,
+        "top_logprobs": top,
+    }

@@ -1,0 +1,349 @@
+"""KV-cache decoding with continuous batching: many sample requests, each row with its own adapter and parameters.
+
+A `DecodeBatch` holds the live rows of every in-flight request in one left-padded KV cache. `admit()` prefills a
+group of new prompts (computing prompt logprobs on the way), replicates each prompt's cache row `num_samples`
+times and merges them into the running batch between decode steps; `step()` picks one token for every live row
+from its last logits (its own temperature / top-k / top-p and seeded generator), retires rows that stopped (stop
+token, stop string, the model's EOS, or `max_tokens`) and runs one forward pass for the rest. Rows stay sorted
+by adapter slot so each LoRA sees a contiguous slice. `run_sampling()` is the static-batch special case.
+
+Returned logprobs are those of the sampled token under the temperature-scaled distribution log_softmax(z / τ)
+(τ = 1 when greedy), before top-k / top-p truncation — the same quantity the trainer computes at τ = 1. A stop
+token or the token completing a stop string is kept in the output. `top_logprobs` > 0 also records, per sampled
+token, the k most likely tokens under that same distribution.
+
+A prompt extending one seen before under the same (tenant, adapter) key reuses its KV states from the
+`PrefixCache` and prefills only the new tokens.
+
+Limits: padding, not paging — a batch's cache is (rows × longest row); `token_budget` bounds rows × length and
+`fits()` tells the caller when a group would exceed it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from worker.models.loader import LoadedModel
+from worker.prefix_cache import PrefixCache
+
+
+@dataclass
+class SampleWork:
+    slot: int | None
+    prompt: list[int]
+    num_samples: int = 1
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    stop_tokens: list[int] = field(default_factory=list)
+    stop_strings: list[str] = field(default_factory=list)
+    seed: int | None = None
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+    top_logprobs: int = 0
+    """Per sampled token, also return this many most likely alternatives."""
+    stop_at_eos: bool = True
+    """False when the request passed `stop=[]` (Tinker: an empty list disables the implicit EOS stop)."""
+    cache_key: Hashable | None = None
+    """(tenant salt, adapter key) under which this prompt's KV may be reused; None disables the prefix cache."""
+
+
+@dataclass
+class SampledSequence:
+    tokens: list[int]
+    logprobs: list[float]
+    stop_reason: str
+    """"stop" or "length"."""
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+@dataclass
+class SampleOutput:
+    sequences: list[SampledSequence]
+    prompt_logprobs: list[float | None] | None = None
+    topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+    cache_hit_tokens: int = 0
+
+
+def _eos_ids(lm: LoadedModel) -> set[int]:
+    eos = lm.model.generation_config.eos_token_id
+    if eos is None:
+        eos = lm.tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, list) else {int(eos)}
+
+
+def _filter_logits(z: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k is not None and 0 < top_k < z.shape[-1]:
+        kth = torch.topk(z, top_k).values[-1]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_z, idx = torch.sort(z, descending=True)
+        probs = torch.softmax(sorted_z, -1)
+        cum = torch.cumsum(probs, -1)
+        drop = cum - probs > top_p
+        z = z.masked_fill(torch.zeros_like(drop).scatter(0, idx, drop), float("-inf"))
+    return z
+
+
+class Row:
+    """One sequence being generated: its request, generator, tokens so far and why it stopped."""
+
+    def __init__(self, work: SampleWork, gen: torch.Generator, eos: set[int], tag: Any, index: int) -> None:
+        self.work, self.gen, self.tag, self.index = work, gen, tag, index
+        implicit_eos = eos if work.stop_at_eos and not work.stop_tokens else set()
+        self.stop_ids = set(work.stop_tokens) | implicit_eos
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.top: list[list[tuple[int, float]]] | None = [] if work.top_logprobs > 0 else None
+        self.stop_reason: str | None = None
+
+    def choose(self, z: torch.Tensor) -> tuple[int, float]:
+        w = self.work
+        scaled = z if w.temperature <= 0 else z / w.temperature
+        logp = torch.log_softmax(scaled, -1)
+        if w.temperature <= 0:
+            token = int(torch.argmax(z))
+        else:
+            probs = torch.softmax(_filter_logits(scaled, w.top_k, w.top_p), -1)
+            token = int(torch.multinomial(probs, 1, generator=self.gen))
+        if self.top is not None:
+            vals, ids = torch.topk(logp, min(w.top_logprobs, logp.shape[-1]))
+            self.top.append(list(zip(ids.tolist(), vals.tolist())))
+        return token, float(logp[token])
+
+    def push(self, token: int, lp: float, tokenizer) -> None:
+        self.tokens.append(token)
+        self.logprobs.append(lp)
+        if token in self.stop_ids:
+            self.stop_reason = "stop"
+        elif self.work.stop_strings and any(
+            s in tokenizer.decode(self.tokens[-64:], skip_special_tokens=False) for s in self.work.stop_strings
+        ):
+            self.stop_reason = "stop"
+        elif len(self.tokens) >= self.work.max_tokens:
+            self.stop_reason = "length"
+
+    def sequence(self) -> SampledSequence:
+        return SampledSequence(self.tokens, self.logprobs, self.stop_reason or "length", self.top)
+
+
+def _prompt_scores(logits: torch.Tensor, prompt: list[int], topk: int, want_lp: bool):
+    """Per prompt position i: log p(prompt[i] | prompt[:i]) and the top-k alternatives there (None at 0)."""
+    logp = torch.log_softmax(logits[:-1].float(), -1)
+    targets = torch.tensor(prompt[1:], dtype=torch.long)
+    lps = [None] + logp.gather(-1, targets[:, None])[:, 0].tolist() if want_lp else None
+    top = None
+    if topk > 0:
+        vals, ids = torch.topk(logp, min(topk, logp.shape[-1]), dim=-1)
+        top = [None] + [list(zip(i.tolist(), v.tolist())) for i, v in zip(ids, vals)]
+    return lps, top
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - (dim % t.dim())) + [missing, 0]
+    return F.pad(t, pad)
+
+
+class DecodeBatch:
+    """The live rows of all in-flight sample requests of one model, sharing one left-padded KV cache."""
+
+    def __init__(self, lm: LoadedModel, token_budget: int = 1 << 18) -> None:
+        self.lm = lm
+        self.token_budget = token_budget
+        self.eos = _eos_ids(lm)
+        self.rows: list[Row] = []
+        self.prefixes = PrefixCache()
+        self.cache: DynamicCache | None = None
+        self.mask = torch.zeros((0, 0), dtype=torch.long)
+        self.next_pos = torch.zeros((0,), dtype=torch.long)
+        self.last = torch.zeros((0, 0))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+    def fits(self, works: Sequence[SampleWork]) -> bool:
+        """Would admitting `works` keep rows × (longest prompt + max_tokens) within the token budget?"""
+        rows = len(self.rows) + sum(w.num_samples for w in works)
+        longest = max(
+            [self.width + max((r.work.max_tokens for r in self.rows), default=0)]
+            + [len(w.prompt) + w.max_tokens for w in works]
+        )
+        return not self.rows or rows * longest <= self.token_budget
+
+    @torch.no_grad()
+    def admit(self, works: Sequence[SampleWork], tags: Sequence[Any]) -> list[SampleOutput]:
+        """Prefill `works` and add their rows; returns each work's (still sequence-less) output with prompt scores.
+
+        Works whose prompt extends a cached prefix (and that need no prompt logprobs) prefill only the rest.
+        """
+        outputs: list[SampleOutput] = [SampleOutput([]) for _ in works]
+        fresh = []
+        for i, w in enumerate(works):
+            hit = None
+            if w.cache_key is not None and not (w.prompt_logprobs or w.topk_prompt_logprobs):
+                hit = self.prefixes.lookup(w.cache_key, w.prompt)
+            if hit is None:
+                fresh.append(i)
+            else:
+                outputs[i].cache_hit_tokens = hit[0]
+                self._admit_extending(w, tags[i], *hit)
+        if fresh:
+            self._admit_fresh([works[i] for i in fresh], [tags[i] for i in fresh], [outputs[i] for i in fresh])
+        return outputs
+
+    def _rows(self, work: SampleWork, tag: Any) -> list[Row]:
+        gen = torch.Generator()
+        gen.manual_seed(work.seed if work.seed is not None else int(torch.randint(0, 2**62, (1,))))
+        return [Row(work, gen, self.eos, tag, k) for k in range(work.num_samples)]
+
+    def _remember(self, work: SampleWork, cache: DynamicCache, row: int, width: int) -> None:
+        if work.cache_key is not None:
+            n = len(work.prompt)
+            states = [
+                (layer.keys[row : row + 1, :, width - n :], layer.values[row : row + 1, :, width - n :])
+                for layer in cache.layers
+            ]
+            self.prefixes.store(work.cache_key, work.prompt, states)
+
+    def _admit_fresh(self, works: list[SampleWork], tags: list[Any], outputs: list[SampleOutput]) -> None:
+        order = sorted(range(len(works)), key=lambda i: -1 if works[i].slot is None else works[i].slot)
+        width = max(len(works[i].prompt) for i in order)
+        ids = torch.zeros((len(order), width), dtype=torch.long)
+        mask = torch.zeros((len(order), width), dtype=torch.long)
+        for r, i in enumerate(order):
+            p = works[i].prompt
+            ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[r, width - len(p) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.lm.model.config)
+        with self.lm.router.route([works[i].slot for i in order]):
+            logits = self.lm.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            ).logits
+        rows: list[Row] = []
+        expand: list[int] = []
+        for r, i in enumerate(order):
+            w = works[i]
+            if w.prompt_logprobs or w.topk_prompt_logprobs:
+                n = len(w.prompt)
+                lps, top = _prompt_scores(logits[r, width - n :], w.prompt, w.topk_prompt_logprobs, w.prompt_logprobs)
+                outputs[i].prompt_logprobs, outputs[i].topk_prompt_logprobs = lps, top
+            self._remember(w, cache, r, width)
+            new = self._rows(w, tags[i])
+            rows += new
+            expand += [r] * len(new)
+        index = torch.tensor(expand, dtype=torch.long)
+        cache.batch_select_indices(index)
+        self._merge(rows, cache, mask[index], positions[index, -1] + 1, logits[index, -1, :].float())
+
+    def _admit_extending(self, work: SampleWork, tag: Any, cached: int, states) -> None:
+        cache = DynamicCache(config=self.lm.model.config)
+        for layer_idx, (k, v) in enumerate(states):
+            cache.update(k.clone(), v.clone(), layer_idx)
+        n = len(work.prompt)
+        with self.lm.router.route([work.slot]):
+            logits = self.lm.model(
+                input_ids=torch.tensor([work.prompt[cached:]], dtype=torch.long),
+                attention_mask=torch.ones((1, n), dtype=torch.long),
+                position_ids=torch.arange(cached, n)[None, :],
+                past_key_values=cache,
+                use_cache=True,
+            ).logits
+        self._remember(work, cache, 0, n)
+        rows = self._rows(work, tag)
+        index = torch.zeros(len(rows), dtype=torch.long)
+        cache.batch_select_indices(index)
+        mask = torch.ones((len(rows), n), dtype=torch.long)
+        self._merge(rows, cache, mask, torch.full((len(rows),), n), logits[index, -1, :].float())
+
+    def _merge(
+        self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor, last: torch.Tensor
+    ) -> None:
+        if self.cache is None or not self.rows:
+            self.rows, self.cache, self.mask, self.next_pos, self.last = rows, cache, mask, next_pos, last
+        else:
+            width = max(self.width, mask.shape[1])
+            for mine, theirs in zip(self.cache.layers, cache.layers):
+                mine.keys = torch.cat([_left_pad(mine.keys, width, -2), _left_pad(theirs.keys, width, -2)])
+                mine.values = torch.cat([_left_pad(mine.values, width, -2), _left_pad(theirs.values, width, -2)])
+            self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
+            self.next_pos = torch.cat([self.next_pos, next_pos])
+            self.last = torch.cat([self.last, last])
+            self.rows = self.rows + rows
+        order = sorted(
+            range(len(self.rows)), key=lambda i: -1 if self.rows[i].work.slot is None else self.rows[i].work.slot
+        )
+        if order != list(range(len(self.rows))):
+            self._select(order)
+
+    def _select(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, dtype=torch.long)
+        self.cache.batch_select_indices(index)
+        self.rows = [self.rows[i] for i in keep]
+        self.mask, self.next_pos, self.last = self.mask[index], self.next_pos[index], self.last[index]
+        lead = int((self.mask.cumsum(1) == 0).all(0).sum()) if len(keep) else 0
+        if lead:  # every row is padded on the left by at least `lead`: drop those columns
+            self.mask = self.mask[:, lead:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+
+    @torch.no_grad()
+    def step(self) -> tuple[list[tuple[Row, int]], list[Row]]:
+        """Sample one token for every live row; returns (row, token) per row and the rows that finished."""
+        emitted = []
+        for row, z in zip(self.rows, self.last):
+            token, lp = row.choose(z)
+            row.push(token, lp, self.lm.tokenizer)
+            emitted.append((row, token))
+        finished = [row for row in self.rows if row.stop_reason is not None]
+        live = [i for i, row in enumerate(self.rows) if row.stop_reason is None]
+        tokens = torch.tensor([token for _, token in emitted], dtype=torch.long)
+        if len(live) < len(self.rows):
+            tokens = tokens[live] if live else tokens[:0]
+            if live:
+                self._select(live)
+            else:
+                self.rows, self.cache = [], None
+                self.mask = torch.zeros((0, 0), dtype=torch.long)
+        if self.rows:
+            self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], dim=1)
+            with self.lm.router.route([row.work.slot for row in self.rows]):
+                out = self.lm.model(
+                    input_ids=tokens[:, None],
+                    attention_mask=self.mask,
+                    position_ids=self.next_pos[:, None],
+                    past_key_values=self.cache,
+                    use_cache=True,
+                )
+            self.last = out.logits[:, -1, :].float()
+            self.next_pos = self.next_pos + 1
+        return emitted, finished
+
+
+def run_sampling(lm: LoadedModel, works: Sequence[SampleWork]) -> list[SampleOutput]:
+    """Sample every work to completion in one batch."""
+    batch = DecodeBatch(lm)
+    outputs = batch.admit(works, list(range(len(works))))
+    done: list[list[Row]] = [[] for _ in works]
+    while len(batch):
+        for row in batch.step()[1]:
+            done[row.tag].append(row)
+    for out, rows in zip(outputs, done):
+        out.sequences = [row.sequence() for row in sorted(rows, key=lambda r: r.index)]
+    return outputs

@@ -1,0 +1,203 @@
+"""Continuous-batching sampling for one base model: sample jobs join the running decode batch between steps.
+
+`submit(job)` validates a Tinker `asample` or OpenAI job and queues it; `advance()` admits queued jobs while the
+KV token budget allows, runs decode steps for about `slice_seconds`, streams per-token text deltas of jobs that
+asked for streaming through `on_stream`, and returns an `Outcome` for every job whose rows have all finished.
+The consumer calls `advance()` on every tick while `busy`, claiming new jobs in between, so a request that
+arrives mid-decode starts on the next step instead of waiting for the batch to drain.
+
+Sampler adapters in use by live rows are pinned in the adapter pool so the LRU never evicts them.
+
+The module-level helpers (`render_job`, `job_work`, `token_event`, `openai_result`) turn jobs into work and rows
+into results; `worker.vllm_sampling.VllmSamplingEngine` uses them too, so both backends give the same shapes.
+
+Limits: one decode batch per model; a job is admitted whole (all its `num_samples` rows at once).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from api.db.jobs import ClaimedJob
+from worker.adapter_pool import AdapterPool
+from worker.checkpoint_store import CheckpointStore
+from worker.job_payloads import UserInputError, sample_result, sample_work
+from worker.models.loader import LoadedModel
+from worker.openai_jobs import PromptError, choice, render_prompt
+from worker.sampler import DecodeBatch, Row, SampleOutput, SampleWork
+from worker.text_stream import TextStream
+
+log = logging.getLogger(__name__)
+
+StreamSink = Callable[[str, list[dict[str, Any]]], None]
+
+
+def render_job(lm: LoadedModel, job: ClaimedJob) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The job's payload with an OpenAI prompt rendered to tokens by the model's template, and its OpenAI spec."""
+    payload = dict(job.payload)
+    openai = payload.get("openai")
+    if openai is not None:
+        try:
+            tokens = render_prompt(lm.tokenizer, openai)
+        except PromptError as exc:
+            raise UserInputError(str(exc)) from exc
+        payload["prompt"] = {"chunks": [{"type": "encoded_text", "tokens": tokens}]}
+    return payload, openai
+
+
+def job_work(lm: LoadedModel, payload: dict[str, Any], openai: dict[str, Any] | None, slot: int | None) -> SampleWork:
+    """The validated `SampleWork` of a rendered payload (raises `UserInputError`)."""
+    work = sample_work(payload, slot, lm.spec.vocab_size, lm.spec.max_context_length)
+    if openai is not None:
+        work.top_logprobs = int(openai.get("top_logprobs") or 0)
+    return work
+
+
+def token_event(
+    tokenizer, text: TextStream, index: int, delta: str, token: int | None, logprob: float | None, stop: str | None
+) -> dict[str, Any]:
+    """One streamed token of an OpenAI job as `on_stream` receives it; `stop` is the row's stop reason, if done."""
+    return {
+        "index": index,
+        "text": delta,
+        "token": token,
+        "token_str": "" if token is None else tokenizer.decode([token], skip_special_tokens=False),
+        "logprob": logprob,
+        "finish_reason": None if stop is None else ("stop" if stop == "stop" or text.stopped else "length"),
+    }
+
+
+def openai_result(tokenizer, work: SampleWork, sequences: list, texts: list[TextStream]) -> dict[str, Any]:
+    """The result of a finished OpenAI job (the API shapes the final JSON from it)."""
+    return {
+        "type": "openai",
+        "prompt_tokens": len(work.prompt),
+        "choices": [choice(tokenizer, seq, text) for seq, text in zip(sequences, texts)],
+    }
+
+
+@dataclass
+class _InFlight:
+    job: ClaimedJob
+    work: SampleWork
+    slot: int | None
+    openai: dict[str, Any] | None
+    output: SampleOutput | None = None
+    done: dict[int, Row] = field(default_factory=dict)
+    texts: list[TextStream] = field(default_factory=list)
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self.openai and self.openai.get("stream"))
+
+
+class SamplingEngine:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        pool: AdapterPool,
+        store: CheckpointStore,
+        on_stream: StreamSink | None = None,
+        token_budget: int = 1 << 18,
+        slice_seconds: float = 0.05,
+    ) -> None:
+        self.lm, self.pool, self.store = lm, pool, store
+        self.on_stream = on_stream
+        self.batch = DecodeBatch(lm, token_budget)
+        self.slice_seconds = slice_seconds
+        self.waiting: deque[_InFlight] = deque()
+        self.running: dict[str, _InFlight] = {}
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def submit(self, job: ClaimedJob) -> None:
+        """Validate and queue a sample job; raises `UserInputError` for input this model cannot run."""
+        payload, openai = render_job(self.lm, job)
+        uri = (payload.get("resolved") or {}).get("storage_uri")
+        slot = None if uri is None else self.pool.sampler_slot(uri, self.store.open)
+        work = job_work(self.lm, payload, openai, slot)
+        work.cache_key = (job.owner, slot)  # slots are never reused, so a slot names exact weights
+        if slot is not None:
+            self.pool.pin(slot)
+        self.waiting.append(_InFlight(job, work, slot, openai))
+
+    def reset(self) -> list[ClaimedJob]:
+        """Drop every queued and running job (after a failed decode step); returns them so they can be failed."""
+        flights = list(self.waiting) + list(self.running.values())
+        self.waiting.clear()
+        self.running.clear()
+        self.batch = DecodeBatch(self.lm, self.batch.token_budget)
+        for flight in flights:
+            if flight.slot is not None:
+                self.pool.unpin(flight.slot)
+        return [flight.job for flight in flights]
+
+    def close(self) -> None:
+        """Nothing to release (the vLLM engine stops its server here)."""
+
+    def _admit(self) -> None:
+        group: list[_InFlight] = []
+        while self.waiting and self.batch.fits([f.work for f in group] + [self.waiting[0].work]):
+            group.append(self.waiting.popleft())
+        if not group and self.waiting and not len(self.batch):
+            group.append(self.waiting.popleft())  # alone it exceeds the budget: run it by itself anyway
+        if not group:
+            return
+        outputs = self.batch.admit([f.work for f in group], [f.job.id for f in group])
+        for flight, output in zip(group, outputs):
+            flight.output = output
+            if flight.openai is not None:
+                flight.texts = [
+                    TextStream(self.lm.tokenizer, flight.work.stop_strings) for _ in range(flight.work.num_samples)
+                ]
+            self.running[flight.job.id] = flight
+
+    def advance(self) -> list[tuple[ClaimedJob, dict[str, Any]]]:
+        """Admit, decode for one time slice, and return (job, result) for every job that finished."""
+        self._admit()
+        finished_jobs = []
+        deadline = time.monotonic() + self.slice_seconds
+        while len(self.batch) and time.monotonic() < deadline:
+            emitted, finished = self.batch.step()
+            self._stream(emitted)
+            for row in finished:
+                flight = self.running[row.tag]
+                flight.done[row.index] = row
+                if len(flight.done) == flight.work.num_samples:
+                    finished_jobs.append((flight.job, self._result(flight)))
+                    del self.running[row.tag]
+                    if flight.slot is not None:
+                        self.pool.unpin(flight.slot)
+        return finished_jobs
+
+    def _stream(self, emitted: list[tuple[Row, int]]) -> None:
+        events: dict[str, list[dict[str, Any]]] = {}
+        for row, token in emitted:
+            flight = self.running[row.tag]
+            if flight.openai is None:
+                continue
+            text = flight.texts[row.index]
+            delta = text.push(token)
+            if row.stop_reason is not None:
+                delta += text.finish()
+            if not flight.streaming:
+                continue
+            events.setdefault(row.tag, []).append(
+                token_event(self.lm.tokenizer, text, row.index, delta, token, row.logprobs[-1], row.stop_reason)
+            )
+        if self.on_stream is not None:
+            for job_id, job_events in events.items():
+                self.on_stream(job_id, job_events)
+
+    def _result(self, flight: _InFlight) -> dict[str, Any]:
+        flight.output.sequences = [flight.done[i].sequence() for i in range(flight.work.num_samples)]
+        if flight.openai is None:
+            return sample_result(flight.output)
+        return openai_result(self.lm.tokenizer, flight.work, flight.output.sequences, flight.texts)
