@@ -1,0 +1,188 @@
+"""Faults in a scaled-out Loom (Celery on a private Redis, PostgreSQL, API + `loom worker` processes), driven by
+the official tinker SDK. Each test's pass criterion: 0 requests lost, 0 applied twice, and the final adapter
+weights equal a fault-free run of the same requests (same seed) within 1e-6.
+
+- A worker SIGKILLed while it holds the lease of a forward_backward: the reaper releases it after
+  `DEAD_AFTER`, the run moves to the other worker, which rebuilds it from the op log and retries the request.
+- A request that kills every worker that runs it (a poison request): after 3 lost workers it fails with a
+  clear server error; the run's later requests and other runs go on.
+- Redis killed with -9 while 100 requests are queued (their wake-up messages are lost), then restarted:
+  every request completes exactly once.
+- A step that outlives the Celery visibility timeout and its own lease period: the heartbeat renews the lease,
+  so the request runs once (attempt 1).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import tinker
+import torch
+from safetensors.torch import load_file
+from sqlalchemy import select
+from tinker import types
+
+from api.db.models import Job
+from tests.integration.scaleout import TINY, Cluster, running_cluster, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ATOL = 1e-6
+ADAM = types.AdamParams(learning_rate=1e-2)
+
+
+def datum(offset: int, length: int = 24) -> types.Datum:
+    tokens = [(offset * 37 + i * 11) % 5000 + 10 for i in range(length + 1)]
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:]}
+    )
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch, request):
+    with running_cluster(tmp_path, postgres_url, **getattr(request, "param", {})) as cluster:
+        monkeypatch.setenv("TINKER_BASE_URL", cluster.api.url)
+        monkeypatch.setenv("TINKER_API_KEY", cluster.api.api_key)
+        yield cluster
+
+
+def training_client(seed: int = 7):
+    return tinker.ServiceClient().create_lora_training_client(base_model=TINY, rank=4, seed=seed).result()
+
+
+def train(client, steps: int, batch: int = 2) -> list[float]:
+    """`steps` pipelined SL steps; returns the losses."""
+    futures = []
+    for step in range(steps):
+        fb = client.forward_backward([datum(step * batch + i) for i in range(batch)], "cross_entropy")
+        futures.append((fb, client.optim_step(ADAM)))
+    losses = [fb.result().metrics["loss:sum"] for fb, _ in futures]
+    for _, optim in futures:
+        optim.result()
+    return losses
+
+
+def saved_factors(cluster: Cluster, client, name: str) -> dict[str, torch.Tensor]:
+    path = client.save_state(name).result().path
+    return load_file(cluster.checkpoint_folder(path) / "adapter_model.safetensors")
+
+
+def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=ATOL, rtol=0, msg=name)
+
+
+def assert_each_applied_once(cluster: Cluster, model_id: str, retried: set[int] = frozenset()) -> None:
+    """Every op done; leased once, or twice if it was leased by a killed worker (its result recorded once)."""
+    for job in cluster.jobs(model_id):
+        assert job.state == "done", f"{job.id}: {job.state} {job.error}"
+        assert job.attempt == (2 if job.seq_id in retried else 1), f"{job.id} ran {job.attempt} times"
+
+
+def leased_job(cluster: Cluster, model_id: str, kind: str, min_seq: int) -> Job | None:
+    with cluster.sessions() as session:
+        return session.scalar(
+            select(Job).where(Job.model_id == model_id, Job.kind == kind, Job.state == "leased", Job.seq_id >= min_seq)
+        )
+
+
+def test_sigkill_mid_step_moves_the_run_and_loses_nothing(cluster: Cluster) -> None:
+    cluster.start_worker()
+    cluster.start_worker()
+    cluster.wait_for_workers(2)
+    client = training_client()
+    model_id = client.model_id
+    outcome: dict = {}
+    trainer = threading.Thread(target=lambda: outcome.update(losses=train(client, steps=6)))
+    trainer.start()
+    wait_until(lambda: leased_job(cluster, model_id, "forward_backward", 5) is not None, 120, "step 3 leased", 0.01)
+    victim = leased_job(cluster, model_id, "forward_backward", 5).lease_owner
+    cluster.process_of(victim).send_signal(signal.SIGKILL)
+    cluster.process_of(victim).wait()
+    retried = {j.seq_id for j in cluster.jobs(model_id) if j.state == "leased" and j.lease_owner == victim}
+    assert 5 in retried  # a worker leases a run's whole ready chain at once
+    trainer.join(180)
+    assert not trainer.is_alive() and "losses" in outcome
+    survivor = cluster.placement(model_id)
+    assert survivor is not None and survivor != victim
+    assert_each_applied_once(cluster, model_id, retried)
+    faulted = saved_factors(cluster, client, "after-fault")
+
+    reference = training_client()  # same seed, same requests, no fault
+    assert outcome["losses"] == pytest.approx(train(reference, steps=6), rel=1e-5)
+    assert_same_weights(faulted, saved_factors(cluster, reference, "fault-free"))
+
+
+def test_a_request_that_kills_its_workers_fails_after_three(cluster: Cluster) -> None:
+    for _ in range(4):
+        cluster.start_worker()
+    cluster.wait_for_workers(4)
+    client = training_client()
+    train(client, steps=1)
+    poison = client.forward_backward([datum(100 + i, length=256) for i in range(2)], "cross_entropy")
+    killed = set()
+    deadline = time.monotonic() + 180
+    while len(killed) < 3 and time.monotonic() < deadline:
+        job = leased_job(cluster, client.model_id, "forward_backward", 3)
+        if job is not None and job.lease_owner not in killed:
+            cluster.process_of(job.lease_owner).send_signal(signal.SIGKILL)
+            killed.add(job.lease_owner)
+        time.sleep(0.01)
+    assert len(killed) == 3
+    with pytest.raises(tinker.TinkerError) as failure:
+        poison.result()
+    assert "lost 3 times" in str(failure.value)
+    (job,) = [j for j in cluster.jobs(client.model_id) if j.seq_id == 3]
+    assert (job.state, job.error_category, job.attempt) == ("failed", "server", 3)
+    assert train(client, steps=1)[0] > 0  # the run goes on, rebuilt on the last worker standing
+    other = training_client(seed=8)
+    train(other, steps=2)
+    assert_each_applied_once(cluster, other.model_id)
+
+
+def test_redis_kill9_with_100_queued_requests_loses_none(cluster: Cluster) -> None:
+    worker = cluster.start_worker()
+    cluster.wait_for_workers(1)
+    client = training_client()
+    train(client, steps=1)
+    worker.send_signal(signal.SIGSTOP)  # keep everything queued while Redis dies
+    futures = []
+    for step in range(50):
+        futures.append(client.forward_backward([datum(step)], "cross_entropy"))
+        futures.append(client.optim_step(ADAM))
+    wait_until(lambda: sum(j.state == "queued" for j in cluster.jobs(client.model_id)) == 100, 60, "100 queued")
+    cluster.redis.kill9()
+    time.sleep(1.0)
+    cluster.redis.start()
+    worker.send_signal(signal.SIGCONT)
+    for future in futures:
+        future.result()
+    assert_each_applied_once(cluster, client.model_id)
+    faulted = saved_factors(cluster, client, "after-redis")
+
+    reference = training_client()
+    train(reference, steps=1)
+    for step in range(50):
+        reference.forward_backward([datum(step)], "cross_entropy")
+        reference.optim_step(ADAM)
+    assert_same_weights(faulted, saved_factors(cluster, reference, "fault-free"))
+
+
+@pytest.mark.parametrize("cluster", [{"LOOM_VISIBILITY_TIMEOUT": "1", "LOOM_LEASE_SECONDS": "1"}], indirect=True)
+def test_a_step_longer_than_visibility_timeout_and_lease_runs_once(cluster: Cluster) -> None:
+    cluster.start_worker()
+    cluster.start_worker()
+    cluster.wait_for_workers(2)
+    client = training_client()
+    fb = client.forward_backward([datum(i, length=256) for i in range(4)], "cross_entropy")
+    client.optim_step(ADAM).result()
+    assert fb.result().metrics["loss:sum"] > 0
+    assert_each_applied_once(cluster, client.model_id)
+    (step,) = [j for j in cluster.jobs(client.model_id) if j.kind == "forward_backward"]
+    took = (step.finished_at - step.started_at).total_seconds()
+    assert took > 1.0, f"the step took {took:.2f} s: too short to outlive the 1 s lease and visibility timeout"

@@ -1,0 +1,152 @@
+"""A run's state is rebuilt from the database's op log when it is absent or stale on a worker (run_recovery).
+
+Tiny Kimi K2, one run: create (no seed: derived from the run id) → fb → step → save_weights → fb → step, then
+more ops. Checked against one engine executing every op once, in order:
+- a fresh consumer (the run moved after its worker died) restores from the committed save_weights checkpoint
+  plus a replay of the two later ops, then runs the new ops; final LoRA factors equal (atol 1e-6);
+- a worker whose ops were applied but never recorded (lease lost, requeued, claimed again) notices the stale
+  state, rebuilds it from the log and applies each op exactly once (same final factors);
+- the plan names the newest committed training checkpoint and only the state-changing ops after it;
+- an unloaded run is not restored.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import torch
+
+from api.db.jobs import claim_ready_jobs, release_expired_leases, submit_job
+from api.db.models import TrainingRun
+from api.db.types import utcnow
+from tests.unit.test_worker_engine import ADAM, SEQ_A, ce_payload, job
+from tests.unit.worker_fixtures import fresh_model
+from worker.checkpoint_store import LocalCheckpointStore
+from worker.consumer import Consumer
+from worker.engine import Engine
+from worker.run_recovery import RunNotRestorable, restore_plan
+
+BASE = "loom/tiny-kimi-k2"
+ATOL = 1e-6
+
+
+def save_payload(run: str, name: str) -> dict:
+    return {
+        "path": name,
+        "overwrite": False,
+        "ttl_seconds": None,
+        "resolved": {"checkpoint_id": f"weights/{name}", "tinker_path": f"tinker://{run}/weights/{name}"},
+    }
+
+
+def ops(run: str) -> list[tuple[str, dict]]:
+    """seq 0..9: create, fb, step, save, fb, step, fb (forward only), fb, step, save."""
+    return [
+        ("create_model", {"lora_config": {"rank": 4}}),
+        ("forward_backward", ce_payload(SEQ_A)),
+        ("optim_step", {"adam_params": ADAM}),
+        ("save_weights", save_payload(run, "mid")),
+        ("forward_backward", ce_payload(SEQ_A[:1])),
+        ("optim_step", {"adam_params": ADAM}),
+        ("forward_backward", ce_payload(SEQ_A, forward_only=True)),
+        ("forward_backward", ce_payload(SEQ_A[1:])),
+        ("optim_step", {"adam_params": ADAM}),
+        ("save_weights", save_payload(run, "end")),
+    ]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: fresh_model("tiny_kimi_k2") for name in ("reference", "first", "second")}
+
+
+@pytest.fixture
+def run_id(session_factory, make_run) -> str:
+    run = make_run(base_model=BASE)
+    with session_factory.begin() as session:
+        session.get(TrainingRun, run).next_seq_id = 0
+    return run
+
+
+def reference_factors(lm, run: str, store_root) -> dict[str, torch.Tensor]:
+    engine = Engine(lm, LocalCheckpointStore(store_root))
+    jobs = [job(kind, "alice", run, seq, payload) for seq, (kind, payload) in enumerate(ops(run))]
+    assert all(o.error is None for o in engine.run_to_completion(jobs))
+    return factors(engine, run)
+
+
+def factors(engine: Engine, run: str) -> dict[str, torch.Tensor]:
+    adapter = engine.pool.run(run).adapter
+    return {f"{name}.{i}": t.detach().clone() for name, pair in adapter.params.items() for i, t in enumerate(pair)}
+
+
+def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    moved = 0
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=ATOL, rtol=0, msg=name)
+        moved += int(not torch.equal(want[name], torch.zeros_like(want[name])))
+    assert moved > 0
+
+
+def submit(factory, run: str, seq: int, kind: str, payload: dict) -> None:
+    with factory.begin() as session:
+        submit_job(session, owner="alice", kind=kind, base_model=BASE, model_id=run, seq_id=seq, payload=payload)
+
+
+def submit_ops(factory, run: str, seqs: range) -> None:
+    for seq in seqs:
+        kind, payload = ops(run)[seq]
+        submit(factory, run, seq, kind, payload)
+
+
+def drain(consumer: Consumer) -> None:
+    while consumer.tick():
+        pass
+
+
+def test_a_run_moved_to_a_fresh_worker_continues_from_checkpoint_plus_replay(
+    session_factory, run_id, models, tmp_path
+) -> None:
+    want = reference_factors(models["reference"], run_id, tmp_path / "ref")
+    store = LocalCheckpointStore(tmp_path / "shared")
+    first = Consumer(Engine(models["first"], store), session_factory, "w1")
+    submit_ops(session_factory, run_id, range(0, 6))
+    drain(first)
+    with session_factory() as session:
+        plan = restore_plan(session, run_id, 6)
+    assert plan.checkpoint_uri is not None and plan.checkpoint_uri.endswith("weights/mid")
+    assert [(j.seq_id, j.kind) for j in plan.ops] == [(4, "forward_backward"), (5, "optim_step")]
+    assert plan.last_seq == 5
+
+    second = Consumer(Engine(models["second"], store), session_factory, "w2")  # the first worker "died"
+    submit_ops(session_factory, run_id, range(6, 10))
+    drain(second)
+    assert_same(factors(second.engine, run_id), want)
+
+
+def test_ops_applied_but_not_recorded_are_not_applied_twice(session_factory, run_id, models, tmp_path) -> None:
+    want = reference_factors(models["reference"], run_id, tmp_path / "ref")
+    consumer = Consumer(Engine(models["first"], LocalCheckpointStore(tmp_path / "store")), session_factory, "w1")
+    submit_ops(session_factory, run_id, range(0, 3))
+    drain(consumer)
+    submit_ops(session_factory, run_id, range(3, 10))
+    with session_factory.begin() as session:  # claim and execute, then lose the lease before recording
+        lost = claim_ready_jobs(session, base_models=[BASE], worker_id="w1", lease_seconds=60, limit=4)
+    assert [j.seq_id for j in lost] == [3, 4, 5, 6]
+    consumer.engine.execute(lost)
+    with session_factory.begin() as session:
+        assert release_expired_leases(session, utcnow() + timedelta(seconds=61)) == 4
+    assert consumer.engine.needs_restore(lost[0])
+    drain(consumer)
+    assert_same(factors(consumer.engine, run_id), want)
+
+
+def test_an_unloaded_run_is_not_restored(session_factory, run_id, models, tmp_path) -> None:
+    consumer = Consumer(Engine(models["first"], LocalCheckpointStore(tmp_path / "store")), session_factory, "w1")
+    submit_ops(session_factory, run_id, range(0, 2))
+    submit(session_factory, run_id, 2, "unload_model", {})
+    drain(consumer)
+    with session_factory() as session, pytest.raises(RunNotRestorable, match="unloaded"):
+        restore_plan(session, run_id, 3)
