@@ -30,7 +30,7 @@ def datum(tokens: list[int], **extra: list[float]) -> types.Datum:
 
 
 def test_sl_loop_and_checkpoint_sampling(service) -> None:
-    trainer = service.create_lora_training_client(SMOL, rank=8)
+    trainer = service.create_lora_training_client(SMOL, rank=8, seed=4)
     tokenizer = trainer.get_tokenizer()
     tokens = tokenizer.encode("The quick brown fox jumps over the lazy dog.")
     batch = [datum(tokens)]
@@ -53,7 +53,7 @@ def test_sl_loop_and_checkpoint_sampling(service) -> None:
 
 def test_async_rl_loop_reward_rises(service) -> None:
     async def loop() -> list[float]:
-        trainer = await service.create_lora_training_client_async(SMOL, rank=8)
+        trainer = await service.create_lora_training_client_async(SMOL, rank=8, seed=5)
         tokenizer = trainer.get_tokenizer()
         prompt = tokenizer.encode(PROMPT, add_special_tokens=False)
         rewards = []

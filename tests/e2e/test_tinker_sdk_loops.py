@@ -22,7 +22,7 @@ KIMI = "loom/tiny-kimi-k2"
 
 def test_sl_loop_loss_falls_and_state_round_trips(tinker_env) -> None:
     service = tinker.ServiceClient()
-    training = service.create_lora_training_client(base_model=SMOL, rank=8).result()
+    training = service.create_lora_training_client(base_model=SMOL, rank=8, seed=1).result()
     tokenizer = training.get_tokenizer()
     batch = [make_datum(tokenizer, "Capital of France?", "Paris."), make_datum(tokenizer, "Capital of Peru?", "Lima.")]
     losses = []
@@ -57,7 +57,7 @@ def test_sl_loop_loss_falls_and_state_round_trips(tinker_env) -> None:
 
 def test_rl_loop_reward_rises(tinker_env) -> None:
     service = tinker.ServiceClient()
-    training = service.create_lora_training_client(base_model=SMOL, rank=8).result()
+    training = service.create_lora_training_client(base_model=SMOL, rank=8, seed=2).result()
     tokenizer = training.get_tokenizer()
     prompt = tokenizer.encode(PROMPT, add_special_tokens=False)
     rewards = []
@@ -76,7 +76,7 @@ def test_rl_loop_reward_rises(tinker_env) -> None:
 
 def test_kimi_k2_moe_trains_and_samples_with_prompt_logprobs(tinker_env) -> None:
     service = tinker.ServiceClient()
-    training = service.create_lora_training_client(base_model=KIMI, rank=4, train_unembed=False).result()
+    training = service.create_lora_training_client(base_model=KIMI, rank=4, train_unembed=False, seed=3).result()
     tokens = list(range(100, 116))
     datum = types.Datum(
         model_input=types.ModelInput.from_ints(tokens[:-1]),
