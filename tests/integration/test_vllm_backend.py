@@ -31,7 +31,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.vllm_fixtures import chat_prompt, completion_datum, require_vllm_venv, train_adapters
+from tests.integration.vllm_fixtures import (
+    GAPS,
+    assert_logprobs_close,
+    assert_top_logprobs_close,
+    chat_prompt,
+    completion_datum,
+    require_vllm_venv,
+    train_adapters,
+)
 from worker.adapter_pool import AdapterPool
 from worker.checkpoint_io import save_adapter
 from worker.lora.adapter import LoraSpec
@@ -42,7 +50,6 @@ from worker.vllm_backend import UnsupportedAdapter, VllmBackend, VllmServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-LP_ATOL = 1e-3
 MAX_TOKENS = 12
 TRAIN_PROMPT = "Q: 17+25=? A:"
 TRAIN_STEPS = 3
@@ -117,33 +124,6 @@ def env(tmp_path_factory):
     e.close()
 
 
-GAPS = {"max |dlogprob|": 0.0}
-"""Largest logprob difference seen by any test (printed at module teardown)."""
-
-
-def _assert_close(a: list[float], b: list[float], what: str) -> float:
-    assert len(a) == len(b), what
-    diff = max((abs(x - y) for x, y in zip(a, b)), default=0.0)
-    GAPS["max |dlogprob|"] = max(GAPS["max |dlogprob|"], diff)
-    assert diff <= LP_ATOL, f"{what}: logprobs differ by {diff:.2e}\nours {a}\nvllm {b}"
-    return diff
-
-
-def _assert_top_close(a, b, what: str) -> None:
-    assert len(a) == len(b), what
-    for i, (ta, tb) in enumerate(zip(a, b)):
-        if ta is None or tb is None:
-            assert ta is None and tb is None, f"{what}[{i}]"
-            continue
-        # Same set of tokens unless two of them are within the tolerance of each other (order may swap then).
-        da, db = dict(ta), dict(tb)
-        for tok in set(da) ^ set(db):
-            holder = da if tok in da else db
-            assert holder[tok] - min(holder.values()) <= LP_ATOL, f"{what}[{i}]: {ta} vs {tb}"
-        for tok in set(da) & set(db):
-            assert abs(da[tok] - db[tok]) <= LP_ATOL, f"{what}[{i}]: {ta} vs {tb}"
-
-
 def test_greedy_matches_token_for_token(env):
     works = [
         SampleWork(slot, prompt, max_tokens=MAX_TOKENS, temperature=0.0) for slot in env.slots for prompt in env.prompts
@@ -156,7 +136,7 @@ def test_greedy_matches_token_for_token(env):
             f"{what}:\nours {env.lm.tokenizer.decode(so.tokens)!r}\nvllm {env.lm.tokenizer.decode(st.tokens)!r}"
         )
         assert st.stop_reason == so.stop_reason, what
-        _assert_close(so.logprobs, st.logprobs, what)
+        assert_logprobs_close(so.logprobs, st.logprobs, what)
 
 
 def test_trained_adapters_change_the_greedy_answer(env):
@@ -205,14 +185,14 @@ def test_stops_samples_and_prompt_logprobs(env):
         for so, st in zip(o.sequences, t.sequences):
             assert st.tokens == so.tokens, f"{what}: {tok.decode(so.tokens)!r} vs {tok.decode(st.tokens)!r}"
             assert st.stop_reason == so.stop_reason, what
-            _assert_close(so.logprobs, st.logprobs, what)
+            assert_logprobs_close(so.logprobs, st.logprobs, what)
             if w.top_logprobs:
                 assert so.top_logprobs is not None and st.top_logprobs is not None
-                _assert_top_close(so.top_logprobs, st.top_logprobs, what + " top_logprobs")
+                assert_top_logprobs_close(so.top_logprobs, st.top_logprobs, what + " top_logprobs")
         if w.prompt_logprobs:
             assert o.prompt_logprobs[0] is None and t.prompt_logprobs[0] is None
-            _assert_close(o.prompt_logprobs[1:], t.prompt_logprobs[1:], what + " prompt_logprobs")
-            _assert_top_close(o.topk_prompt_logprobs, t.topk_prompt_logprobs, what + " topk_prompt_logprobs")
+            assert_logprobs_close(o.prompt_logprobs[1:], t.prompt_logprobs[1:], what + " prompt_logprobs")
+            assert_top_logprobs_close(o.topk_prompt_logprobs, t.topk_prompt_logprobs, what + " topk_prompt_logprobs")
     # The cases really stop where they should.
     stop_string, stop_token, other_stop, no_eos = (theirs[i].sequences[0] for i in range(4))
     eos = env.lm.tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -240,9 +220,11 @@ def test_temperature_logprobs_are_scaled(env):
             n = len(w.prompt)
             logp = torch.log_softmax(logits[n - 1 : -1] / w.temperature, -1)
             ours = logp.gather(-1, torch.tensor(seq.tokens)[:, None])[:, 0].tolist()
-            _assert_close(ours, seq.logprobs, f"slot {w.slot} at temperature {w.temperature}")
+            assert_logprobs_close(ours, seq.logprobs, f"slot {w.slot} at temperature {w.temperature}")
     ours = run_sampling(env.lm, works[-1:])[0]
-    _assert_close(ours.prompt_logprobs[1:], theirs[-1].prompt_logprobs[1:], "prompt logprobs beside n=2 sampling")
+    assert_logprobs_close(
+        ours.prompt_logprobs[1:], theirs[-1].prompt_logprobs[1:], "prompt logprobs beside n=2 sampling"
+    )
     # Seeded: the same request gives the same samples.
     again = env.backend.sample(works[:1], env.folders[:1])
     assert [s.tokens for s in again[0].sequences] == [s.tokens for s in theirs[0].sequences]

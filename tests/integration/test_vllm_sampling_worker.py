@@ -27,8 +27,7 @@ from api.db.models import JobState
 from examples.sl_loop import make_datum
 from tests.e2e.server import LoomServer, free_port
 from tests.e2e.wire import SMOL
-from tests.integration.test_vllm_backend import GAPS, _assert_close, _assert_top_close
-from tests.integration.vllm_fixtures import require_vllm_venv
+from tests.integration.vllm_fixtures import GAPS, assert_logprobs_close, assert_top_logprobs_close, require_vllm_venv
 from worker.checkpoint_store import LocalCheckpointStore
 from worker.engine import Engine
 from worker.models.loader import load_base_model
@@ -92,23 +91,23 @@ def _assert_same(vllm: dict, loom: dict, what: str) -> None:
         assert len(vllm["sequences"]) == len(loom["sequences"]), what
         for a, b in zip(loom["sequences"], vllm["sequences"]):
             assert (b["tokens"], b["stop_reason"]) == (a["tokens"], a["stop_reason"]), what
-            _assert_close(a["logprobs"], b["logprobs"], what)
+            assert_logprobs_close(a["logprobs"], b["logprobs"], what)
         for key in ("prompt_logprobs", "topk_prompt_logprobs"):
             assert (vllm[key] is None) == (loom[key] is None), f"{what}: {key}"
         if loom["prompt_logprobs"] is not None:
             assert vllm["prompt_logprobs"][0] is None and loom["prompt_logprobs"][0] is None
-            _assert_close(loom["prompt_logprobs"][1:], vllm["prompt_logprobs"][1:], what + " prompt_logprobs")
+            assert_logprobs_close(loom["prompt_logprobs"][1:], vllm["prompt_logprobs"][1:], what + " prompt_logprobs")
         if loom["topk_prompt_logprobs"] is not None:
-            _assert_top_close(loom["topk_prompt_logprobs"], vllm["topk_prompt_logprobs"], what + " topk")
+            assert_top_logprobs_close(loom["topk_prompt_logprobs"], vllm["topk_prompt_logprobs"], what + " topk")
         return
     assert vllm["prompt_tokens"] == loom["prompt_tokens"], what
     assert len(vllm["choices"]) == len(loom["choices"]), what
     for a, b in zip(loom["choices"], vllm["choices"]):
         for key in ("text", "finish_reason", "tokens", "token_strs"):
             assert b[key] == a[key], f"{what}: {key}\nours {a[key]!r}\nvllm {b[key]!r}"
-        _assert_close(a["logprobs"], b["logprobs"], what)
+        assert_logprobs_close(a["logprobs"], b["logprobs"], what)
         if a["top_logprobs"] is not None or b["top_logprobs"] is not None:
-            _assert_top_close(a["top_logprobs"], b["top_logprobs"], what + " top_logprobs")
+            assert_top_logprobs_close(a["top_logprobs"], b["top_logprobs"], what + " top_logprobs")
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 `require_vllm_venv()` finds the separate vLLM virtual environment made by scripts/setup-vllm. When it is missing
 the test is skipped, except under `CI=true`, where the script is run (it takes a few minutes the first time).
 `train_adapters()` trains LoRA adapters with Loom's own trainer and optimizer, all runs in one mixed batch per step.
+`assert_logprobs_close()` / `assert_top_logprobs_close()` compare our logprobs with vLLM's within `LP_ATOL`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,37 @@ from worker.trainer import TrainDatum, WorkItem, run_forward_backward
 from worker.vllm_backend import REPO_ROOT, default_venv
 
 SETUP_SCRIPT = REPO_ROOT / "scripts" / "setup-vllm"
+
+LP_ATOL = 1e-3
+"""Logprob tolerance between our engine and vLLM (float32 on both sides; see test_vllm_backend.py)."""
+
+GAPS = {"max |dlogprob|": 0.0}
+"""Largest logprob difference seen by any test (printed at module teardown)."""
+
+
+def assert_logprobs_close(a: list[float], b: list[float], what: str) -> float:
+    """Assert two logprob lists agree within LP_ATOL; record the largest gap in GAPS."""
+    assert len(a) == len(b), what
+    diff = max((abs(x - y) for x, y in zip(a, b)), default=0.0)
+    GAPS["max |dlogprob|"] = max(GAPS["max |dlogprob|"], diff)
+    assert diff <= LP_ATOL, f"{what}: logprobs differ by {diff:.2e}\nours {a}\nvllm {b}"
+    return diff
+
+
+def assert_top_logprobs_close(a, b, what: str) -> None:
+    """Assert two per-position top-k logprob lists agree (ties within LP_ATOL may swap order or membership)."""
+    assert len(a) == len(b), what
+    for i, (ta, tb) in enumerate(zip(a, b)):
+        if ta is None or tb is None:
+            assert ta is None and tb is None, f"{what}[{i}]"
+            continue
+        # Same set of tokens unless two of them are within the tolerance of each other (order may swap then).
+        da, db = dict(ta), dict(tb)
+        for tok in set(da) ^ set(db):
+            holder = da if tok in da else db
+            assert holder[tok] - min(holder.values()) <= LP_ATOL, f"{what}[{i}]: {ta} vs {tb}"
+        for tok in set(da) & set(db):
+            assert abs(da[tok] - db[tok]) <= LP_ATOL, f"{what}[{i}]: {ta} vs {tb}"
 
 
 def _ready(venv: Path) -> bool:
