@@ -48,11 +48,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,7 +56,10 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.e2e.server import LoomServer, free_port  # noqa: E402
+
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 # Public-domain text (Dickens, A Tale of Two Cities, Book 1 ch. 1), the corpus the reference bench used.
@@ -94,12 +93,6 @@ CORPUS = (
 # helpers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
     if len(s) == 1:
@@ -116,52 +109,6 @@ def proc_cpu_seconds(pid: int) -> float:
     except OSError:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class Server:
-    """A real `loom serve` subprocess on a free port in a temp data dir."""
-
-    def __init__(self) -> None:
-        self.data_dir = Path(tempfile.mkdtemp(prefix="loom-bench-"))
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 300.0) -> float:
-        env = {**os.environ, "LOOM_DATA_DIR": str(self.data_dir), "LOOM_BASE_MODELS": SMOL}
-        loom = Path(sys.executable).with_name("loom")
-        cmd = [str(loom)] if loom.exists() else [sys.executable, "-m", "api.cli"]
-        self.log = open(self.data_dir / "server.log", "ab")
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(
-            cmd + ["serve", "--port", str(self.port)], env=env, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("loom serve exited early:\n" + (self.data_dir / "server.log").read_text()[-4000:])
-            try:
-                if httpx.get(f"{self.url}/api/v1/healthz", timeout=1).status_code == 200:
-                    return time.perf_counter() - t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("loom serve did not come up:\n" + (self.data_dir / "server.log").read_text()[-4000:])
-
-    @property
-    def api_key(self) -> str:
-        return (self.data_dir / "api_key").read_text().strip()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-        shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 def make_batch(seq_len: int, batch: int) -> list[list[int]]:
@@ -182,7 +129,7 @@ def make_batch(seq_len: int, batch: int) -> list[list[int]]:
 # measurements
 
 
-def bench_roundtrips(server: Server, training, raw_model_id: str, n: int, lr: float):
+def bench_roundtrips(server: LoomServer, training, raw_model_id: str, n: int, lr: float):
     """Interleaved: bare healthz, raw-protocol optim_step (httpx, second run), SDK optim_step (first run)."""
     from tinker import types
 
@@ -331,10 +278,12 @@ def main() -> None:
     seqs = make_batch(args.seq_len, 4)
     load0 = f"{os.getloadavg()[0]:.2f}"
 
-    server = Server()
+    data_dir = tempfile.TemporaryDirectory(prefix="loom-bench-")
+    server = LoomServer(Path(data_dir.name), free_port(), env_extra={"LOOM_BASE_MODELS": SMOL})
     try:
-        boot_s = server.start()
-        print(f"server up in {boot_s:.1f} s at {server.url} (pid {server.proc.pid})", flush=True)
+        t = time.perf_counter()
+        pid = server.start(timeout=300).process.pid
+        print(f"server up in {time.perf_counter() - t:.1f} s at {server.url} (pid {pid})", flush=True)
         service = tinker.ServiceClient(base_url=server.url, api_key=server.api_key)
         t = time.perf_counter()
         training = service.create_lora_training_client(base_model=SMOL, rank=8, seed=0, train_unembed=False).result()
@@ -342,12 +291,12 @@ def main() -> None:
         print(f"create_lora_training_client: {create_s * 1e3:.0f} ms", flush=True)
 
         # 1. lone optim_step vs bare HTTP
-        cpu0 = proc_cpu_seconds(server.proc.pid)
+        cpu0 = proc_cpu_seconds(pid)
         w0 = time.perf_counter()
         raw_run = service.create_lora_training_client(base_model=SMOL, rank=8, seed=1, train_unembed=False).result()
         health, raw, optim = bench_roundtrips(server, training, raw_run.model_id, n, args.lr)
         rt_wall = time.perf_counter() - w0
-        rt_cpu = (proc_cpu_seconds(server.proc.pid) - cpu0) / rt_wall
+        rt_cpu = (proc_cpu_seconds(pid) - cpu0) / rt_wall
 
         # 2. SL step: SDK and in-process HF+PEFT, interleaved step by step so machine noise hits both alike
         hf = HfPeft(seqs, args.lr)
@@ -356,18 +305,19 @@ def main() -> None:
         sdk_cpu = hf_cpu = 0.0
         sdk_wall = hf_wall = 0.0
         for _ in range(steps):
-            c0, w0 = proc_cpu_seconds(server.proc.pid), time.perf_counter()
+            c0, w0 = proc_cpu_seconds(pid), time.perf_counter()
             t, loss = sdk_step(training, data, n_tok, args.lr)
             sdk_t.append(t), sdk_l.append(loss)
-            c1, w1 = proc_cpu_seconds(server.proc.pid), time.perf_counter()
+            c1, w1 = proc_cpu_seconds(pid), time.perf_counter()
             t, loss = hf.step()
             hf_t.append(t), hf_l.append(loss)
-            c2, w2 = proc_cpu_seconds(server.proc.pid), time.perf_counter()
+            c2, w2 = proc_cpu_seconds(pid), time.perf_counter()
             sdk_cpu, sdk_wall = sdk_cpu + c1 - c0, sdk_wall + w1 - w0
             hf_cpu, hf_wall = hf_cpu + c2 - c1, hf_wall + w2 - w1
         sdk_cpu, idle_cpu, hf_load = sdk_cpu / sdk_wall, hf_cpu / hf_wall, hf.load_s
     finally:
         server.stop()
+        data_dir.cleanup()
 
     ms = 1e3
     print()
