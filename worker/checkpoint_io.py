@@ -128,7 +128,12 @@ def load_adapter(folder: Path, targets: list[TargetWeight], spec: LoraSpec | Non
         if key_a not in tensors or key_b not in tensors:
             raise CheckpointFormatError(f"checkpoint lacks LoRA factors for {target.name}")
         a, b = _from_peft(target, tensors[key_a], tensors[key_b], spec.rank)
-        adapter.params[target.name] = (torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone()))
+        # Contiguous like freshly created factors: a strided view would change matmul summation order, and with
+        # it the float rounding, so a reloaded run would drift from the same run kept in memory.
+        adapter.params[target.name] = (
+            torch.nn.Parameter(a.clone(memory_format=torch.contiguous_format)),
+            torch.nn.Parameter(b.clone(memory_format=torch.contiguous_format)),
+        )
     return adapter
 
 

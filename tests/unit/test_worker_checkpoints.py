@@ -7,7 +7,7 @@
   (e.g. the expert-major A / rank-major B stacking of routed experts) cannot hide behind the others.
   Tolerance: logits atol 1e-4 (float32, O(1..30) logits; measured ≤ 1e-6). Each check also requires the adapter
   to move our logits by > 1e-3 from the base model, so an adapter PEFT silently ignored would fail.
-- `load_adapter` round-trips every factor bit-for-bit (torch.equal).
+- `load_adapter` round-trips every factor bit-for-bit (torch.equal), in contiguous memory like fresh factors.
 - `save_optimizer`/`load_optimizer` round trip: the next AdamW step of the resumed run equals the original's
   exactly (torch.equal), while a run resumed without optimizer state takes a different step.
 - `LocalCheckpointStore.open` refuses flipped bytes, truncated / missing files and a missing manifest
@@ -112,6 +112,8 @@ def test_load_adapter_round_trip_is_exact(tmp_path, key):
     for name, (a, b) in adapter.params.items():
         la, lb = loaded.params[name]
         assert torch.equal(la, a) and torch.equal(lb, b), name
+        # Laid out like fresh factors, so forward passes round identically (a strided view would not).
+        assert la.is_contiguous() and lb.is_contiguous(), name
     if key == "tiny_kimi_k2":
         assert any(a.dim() == 3 for a, _ in loaded.params.values())  # routed experts round-trip as (E, r, in)
 
