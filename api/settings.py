@@ -20,6 +20,7 @@
 | `LOOM_WORKER_POLL_SECONDS` | 0.1 | how often a separate `loom worker` polls the database when idle |
 | `LOOM_SAMPLER_BACKEND` | `loom` | how workers sample: `loom` (our engine) or `vllm` (a vLLM server per base model, from `.venv-vllm`; read by worker/service.py) |
 | `LOOM_VLLM_MAX_ADAPTERS` / `LOOM_VLLM_CONCURRENCY` | 4 / 32 | with `vllm`: checkpoints sampled at once (LoRA slots), requests open to vLLM at once (worker/vllm_sampling.py) |
+| `LOOM_RECOVERY_EVERY` | 50 | optimizer steps between a run's hidden recovery checkpoints (bounds the replay when a run is rebuilt on another worker; 0 = never; read by worker/service.py) |
 | `LOOM_VLLM_VENV` | `<repo>/.venv-vllm` | with `vllm`: the virtual environment vLLM runs from |
 """
 

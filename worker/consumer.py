@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from sqlalchemy import delete
@@ -33,9 +34,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.db.jobs import ClaimedJob, claim_ready_jobs, complete_job, fail_job, release_expired_leases, requeue_leased
 from api.db.models import Checkpoint, Job
 from api.db.types import utcnow
+from worker.checkpoint_store import delete_checkpoint_uri
 from worker.engine import Engine
 from worker.outcomes import CheckpointRecord, Outcome
-from worker.run_recovery import RunNotRestorable, restore_plan
+from worker.run_recovery import (
+    RECOVERY_PREFIX,
+    RunNotRestorable,
+    restore_plan,
+    superseded_recovery_checkpoints,
+)
 
 ROLES = ("all", "train", "sample")
 
@@ -63,22 +70,39 @@ def _record_checkpoint(session: Session, record: CheckpointRecord) -> None:
     )
 
 
-def record_outcomes(session: Session, outcomes: Sequence[Outcome]) -> list[str]:
-    """Write results and failures; returns the ids whose write took effect (lease still ours)."""
-    written = []
+@dataclass
+class Recorded:
+    written: list[str] = field(default_factory=list)
+    """Ids of the jobs whose result or failure took effect (the lease was still ours)."""
+    superseded_uris: list[str] = field(default_factory=list)
+    """Stored recovery checkpoints whose rows this write removed; delete their files once it commits."""
+
+
+def record_outcomes(session: Session, outcomes: Sequence[Outcome]) -> Recorded:
+    """Write results, failures and the checkpoints of jobs that completed, in the caller's transaction."""
+    recorded = Recorded()
     for outcome in outcomes:
         job = outcome.job
         if outcome.error is None:
-            if outcome.checkpoint is not None:
-                _record_checkpoint(session, outcome.checkpoint)
             ok = complete_job(session, job.id, job.fencing_token, outcome.result or {})
+            if ok and outcome.checkpoint is not None:
+                _record_checkpoint(session, outcome.checkpoint)
+                if outcome.checkpoint.checkpoint_id.startswith(RECOVERY_PREFIX):
+                    recorded.superseded_uris += _drop_older_recovery(session, outcome.checkpoint)
         else:
             ok = fail_job(session, job.id, job.fencing_token, outcome.error, outcome.category or "unknown")
         if ok:
-            written.append(job.id)
+            recorded.written.append(job.id)
         else:
             log.warning("lease on %s was lost before its result could be written", job.id)
-    return written
+    return recorded
+
+
+def _drop_older_recovery(session: Session, newest: CheckpointRecord) -> list[str]:
+    older = superseded_recovery_checkpoints(session, newest.run_id, newest.checkpoint_id)
+    for row in older:
+        session.delete(row)
+    return [row.storage_uri for row in older]
 
 
 class Consumer:
@@ -161,13 +185,24 @@ class Consumer:
         while True:
             try:
                 with self.session_factory.begin() as session:
-                    return record_outcomes(session, outcomes)
+                    recorded = record_outcomes(session, outcomes)
+                self._delete_stored(recorded.superseded_uris)
+                return recorded.written
             except Exception:
                 if time.monotonic() + delay > deadline:
                     raise
                 log.warning("recording %d outcome(s) failed; retrying in %.1fs", len(outcomes), delay, exc_info=True)
                 time.sleep(delay)
                 delay = min(2 * delay, 5.0)
+
+    @staticmethod
+    def _delete_stored(uris: Sequence[str]) -> None:
+        """Best effort: a file left behind has no row, so `loom gc` removes it later."""
+        for uri in uris:
+            try:
+                delete_checkpoint_uri(uri)
+            except Exception:
+                log.warning("could not delete superseded recovery checkpoint %s (left to loom gc)", uri, exc_info=True)
 
     def _restore_stale_runs(self, jobs: Sequence[ClaimedJob]) -> set[str]:
         """Rebuild every run whose chain would start on absent or stale state; returns the runs that could not

@@ -14,7 +14,8 @@ or a missing run/checkpoint, `server` for anything unexpected). One tenant's bad
 Each resident run remembers the seq_id of the newest op applied to it (`applied_seq`). Before executing a
 run's chain the consumer checks `needs_restore`; a run that is absent (worker restarted, run moved here) or
 stale (an op was applied but its result was never recorded) is rebuilt with `restore` from the database's
-op log (see `worker/run_recovery.py`), so every acknowledged op takes effect exactly once.
+op log (see `worker/run_recovery.py`), so every acknowledged op takes effect exactly once. With `recovery_every`,
+every that-many optimizer steps of a run also write a hidden recovery checkpoint, which bounds that replay.
 
 Limits: a failure inside a mixed pass (after per-request validation) fails every request of that pass as a
 server error and drops the affected runs' state (rebuilt from the log on their next op); a failure inside a
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from api.db.jobs import ClaimedJob
 from api.db.models import JobKind
-from worker.adapter_pool import AdapterPool, RunNotResident, frozen_copy
+from worker.adapter_pool import AdapterPool, ResidentRun, RunNotResident, frozen_copy
 from worker.checkpoint_io import CheckpointFormatError, save_adapter, save_optimizer
 from worker.checkpoint_store import CheckpointCorrupt, CheckpointExists, CheckpointStore
 from worker.job_payloads import (
@@ -43,7 +44,7 @@ from worker.job_payloads import (
 from worker.lora.adapter import LoraSpec
 from worker.models.loader import LoadedModel
 from worker.outcomes import CheckpointRecord, Outcome
-from worker.run_recovery import STARTS, RestorePlan
+from worker.run_recovery import STARTS, RestorePlan, recovery_checkpoint_id
 from worker.sampling_engine import SamplingEngine, StreamSink
 from worker.trainer import WorkItem, run_forward_backward
 
@@ -61,9 +62,13 @@ class Engine:
         on_stream: StreamSink | None = None,
         token_budget: int = 1 << 18,
         sampler_backend: str = "loom",
+        recovery_every: int = 0,
     ) -> None:
+        """`recovery_every`: save a hidden recovery checkpoint of a run every that many optimizer steps (0: never),
+        so rebuilding it elsewhere replays at most that many steps (worker/run_recovery.py)."""
         self.lm = lm
         self.store = store
+        self.recovery_every = recovery_every
         self.pool = AdapterPool(lm)
         if sampler_backend == "vllm":
             from worker.vllm_sampling import VllmSamplingEngine  # starts a vLLM server for this model
@@ -169,6 +174,8 @@ class Engine:
                 run = self.pool.run(job.model_id)
                 data, loss_fn, config = train_data(job.payload, self.vocab_size, self.max_length)
                 run_forward_backward(self.lm, [WorkItem(run.slot, data, loss_fn, config, False)])
+            elif job.kind == JobKind.OPTIM_STEP.value:
+                self.pool.run(job.model_id).optimizer.step(adam_step(job.payload))
             else:
                 self._ops[job.kind](job)
         self.pool.run(plan.model_id).applied_seq = plan.last_seq
@@ -228,7 +235,30 @@ class Engine:
     def _optim_step(self, job: ClaimedJob) -> Outcome:
         run = self.pool.run(job.model_id)
         metrics = run.optimizer.step(adam_step(job.payload))
-        return Outcome(job, result={"metrics": metrics, "type": "optim_step"})
+        outcome = Outcome(job, result={"metrics": metrics, "type": "optim_step"})
+        if self.recovery_every > 0 and run.optimizer.steps % self.recovery_every == 0:
+            try:
+                outcome.checkpoint = self._write_recovery_checkpoint(job, run)
+            except Exception:  # the step itself took effect; a later recovery checkpoint (or the log) covers it
+                log.exception("recovery checkpoint of %s after seq %s failed", job.model_id, job.seq_id)
+        return outcome
+
+    def _write_recovery_checkpoint(self, job: ClaimedJob, run: ResidentRun) -> CheckpointRecord:
+        checkpoint_id = recovery_checkpoint_id(job.seq_id)
+        uri, size = self.store.write(
+            job.owner, job.model_id, checkpoint_id, lambda folder: self._fill_training(folder, run), overwrite=True
+        )
+        return CheckpointRecord(
+            run_id=job.model_id,
+            owner=job.owner,
+            checkpoint_id=checkpoint_id,
+            kind="training",
+            tinker_path=f"tinker://{job.model_id}/{checkpoint_id}",
+            storage_uri=uri,
+            size_bytes=size,
+            ttl_seconds=None,
+            ephemeral=True,
+        )
 
     def _write_checkpoint(self, job: ClaimedJob, kind: str, fill: Callable[[Path], None]) -> CheckpointRecord:
         resolved = job.payload["resolved"]
@@ -247,14 +277,13 @@ class Engine:
             ephemeral=bool(resolved.get("ephemeral")),
         )
 
+    def _fill_training(self, folder: Path, run: ResidentRun) -> None:
+        save_adapter(folder, run.adapter, self.lm.targets, self.lm.spec.name)
+        save_optimizer(folder, run.optimizer)
+
     def _save_weights(self, job: ClaimedJob) -> Outcome:
         run = self.pool.run(job.model_id)
-
-        def fill(folder: Path) -> None:
-            save_adapter(folder, run.adapter, self.lm.targets, self.lm.spec.name)
-            save_optimizer(folder, run.optimizer)
-
-        record = self._write_checkpoint(job, "training", fill)
+        record = self._write_checkpoint(job, "training", lambda folder: self._fill_training(folder, run))
         return Outcome(job, result={"path": record.tinker_path, "type": "save_weights"}, checkpoint=record)
 
     def _save_for_sampler(self, job: ClaimedJob) -> Outcome:

@@ -3,12 +3,18 @@
 The database is the run's write-ahead log: every op that reached `done` is there with its payload, in seq order.
 `restore_plan` walks that log backwards from the op about to run to the newest point that fixes the state on
 its own — a committed `save_weights` checkpoint (weights + Adam moments), a `load_weights`, or the run's
-`create_model` — and returns that starting point plus the state-changing ops after it (`forward_backward` with
-gradients, `optim_step`, loads). `Engine.restore` applies them, so a run moved to another worker after a crash
-continues from exactly the state the fault-free worker would have had (up to float summation order).
+`create_model`, or an automatic recovery checkpoint — and returns that starting point plus the state-changing ops
+after it (`forward_backward` with gradients, `optim_step`, loads). `Engine.restore` applies them, so a run moved to
+another worker after a crash continues from exactly the state the fault-free worker would have had (up to float
+summation order).
 
-Limits: replay costs as much compute as the ops since the last saved state; a run whose log ends in
-`unload_model` is not restored; failed ops are skipped (a failed op changed nothing, see `Engine`).
+Recovery checkpoints bound the replay: a worker saves a run's adapter and Adam state every `LOOM_RECOVERY_EVERY`
+optimizer steps as a hidden checkpoint `recovery/<seq_id>` (not listed, not addressable by a tinker:// path),
+recorded in the same transaction that marks that `optim_step` done, so it is exactly the state after that op.
+Only the newest one per run is kept (`superseded_recovery_checkpoints`).
+
+Limits: replay costs as much compute as the state-changing ops since the newest saved state; a run whose log
+ends in `unload_model` is not restored; failed ops are skipped (a failed op changed nothing, see `Engine`).
 """
 
 from __future__ import annotations
@@ -22,6 +28,12 @@ from api.db.jobs import ClaimedJob, claimed
 from api.db.models import TRAINING_LANE, Checkpoint, CheckpointKind, Job, JobKind, JobState
 
 STARTS = frozenset({JobKind.CREATE_MODEL.value, JobKind.LOAD_WEIGHTS.value})
+RECOVERY_PREFIX = "recovery/"
+
+
+def recovery_checkpoint_id(seq_id: int) -> str:
+    """The hidden checkpoint holding a run's state right after its op `seq_id` (an `optim_step`)."""
+    return f"{RECOVERY_PREFIX}{seq_id}"
 
 
 class RunNotRestorable(LookupError):
@@ -58,10 +70,13 @@ def restore_plan(session: Session, model_id: str, before_seq: int) -> RestorePla
         .order_by(Job.seq_id.desc())
         .execution_options(yield_per=64)
     )
+    recovery = _committed_recovery_checkpoints(session, model_id)
     replay: list[Job] = []
     last_seq = -1
     for job in done:
         last_seq = max(last_seq, job.seq_id)
+        if (uri := recovery.get(recovery_checkpoint_id(job.seq_id))) is not None:
+            return RestorePlan(model_id, uri, [claimed(j) for j in reversed(replay)], last_seq)
         if job.kind == JobKind.UNLOAD_MODEL.value:
             raise RunNotRestorable(f"training run {model_id} was unloaded; create it again from a checkpoint")
         if job.kind == JobKind.SAVE_WEIGHTS.value:
@@ -83,5 +98,29 @@ def _committed_training_checkpoint(session: Session, save: Job) -> str | None:
             Checkpoint.run_id == save.model_id,
             Checkpoint.kind == CheckpointKind.TRAINING.value,
             Checkpoint.committed.is_(True),
+        )
+    )
+
+
+def _committed_recovery_checkpoints(session: Session, model_id: str) -> dict[str, str]:
+    rows = session.execute(
+        select(Checkpoint.checkpoint_id, Checkpoint.storage_uri).where(
+            Checkpoint.run_id == model_id,
+            Checkpoint.checkpoint_id.startswith(RECOVERY_PREFIX),
+            Checkpoint.committed.is_(True),
+        )
+    )
+    return {checkpoint_id: uri for checkpoint_id, uri in rows}
+
+
+def superseded_recovery_checkpoints(session: Session, model_id: str, newest_id: str) -> list[Checkpoint]:
+    """The run's recovery checkpoints other than `newest_id` (the caller deletes their rows, then their files)."""
+    return list(
+        session.scalars(
+            select(Checkpoint).where(
+                Checkpoint.run_id == model_id,
+                Checkpoint.checkpoint_id.startswith(RECOVERY_PREFIX),
+                Checkpoint.checkpoint_id != newest_id,
+            )
         )
     )

@@ -5,6 +5,8 @@ its own daemon thread. The caller gets `WorkerHandle`s to wake (after a submissi
 
 The sampler backend is `LOOM_SAMPLER_BACKEND` (read here, like every worker-side setting): `loom` (default, our
 continuous-batching engine) or `vllm` (a vLLM server per base model, worker/vllm_sampling.py).
+`LOOM_RECOVERY_EVERY` (default 50; 0 turns it off): every that many optimizer steps of a run, its worker writes a
+hidden recovery checkpoint, so a run rebuilt after a crash replays at most that many steps (worker/run_recovery.py).
 
 Limits: one consumer thread per base model; models load sequentially at start-up.
 """
@@ -52,6 +54,14 @@ def sampler_backend_from_env() -> str:
     return os.environ.get("LOOM_SAMPLER_BACKEND", "").strip().lower() or "loom"
 
 
+def recovery_every_from_env() -> int:
+    """`LOOM_RECOVERY_EVERY`: optimizer steps between a run's recovery checkpoints (default 50, 0 = never)."""
+    value = int(os.environ.get("LOOM_RECOVERY_EVERY", "50"))
+    if value < 0:
+        raise ValueError(f"LOOM_RECOVERY_EVERY must be >= 0, not {value}")
+    return value
+
+
 def start_workers(
     specs: Sequence[BaseModelSpec],
     session_factory: sessionmaker[Session],
@@ -72,13 +82,14 @@ def start_workers(
     `sampler_backend`: `loom` or `vllm` (default: `LOOM_SAMPLER_BACKEND`). `worker_id` names this process in
     leases and placements (default: one id per model thread); `role` and `sticky` are passed to the consumers."""
     sampler_backend = sampler_backend or sampler_backend_from_env()
+    recovery_every = recovery_every_from_env()
     store = open_checkpoint_store(checkpoint_root)
     handles: dict[str, WorkerHandle] = {}
     for spec in specs:
         progress(f"loading {spec.name} ...")
         lm = load_base_model(spec)
         lease_owner = worker_id or f"{socket.gethostname()}:{spec.cache_name}:{threading.get_native_id()}"
-        engine = Engine(lm, store, on_stream, sampler_backend=sampler_backend)
+        engine = Engine(lm, store, on_stream, sampler_backend=sampler_backend, recovery_every=recovery_every)
         consumer = Consumer(
             engine, session_factory, lease_owner, on_finished, lease_seconds=lease_seconds, role=role, sticky=sticky
         )

@@ -4,6 +4,8 @@ weights equal a fault-free run of the same requests (same seed) within 1e-6.
 
 - A worker SIGKILLed while it holds the lease of a forward_backward: the reaper releases it after
   `DEAD_AFTER`, the run moves to the other worker, which rebuilds it from the op log and retries the request.
+  Run twice: rebuilt by replaying every op (no recovery checkpoints yet), and with `LOOM_RECOVERY_EVERY=1`,
+  rebuilt from the newest hidden recovery checkpoint (only that one is kept, older ones' files are deleted).
 - A request that kills every worker that runs it (a poison request): after 3 lost workers it fails with a
   clear server error; the run's later requests and other runs go on.
 - Redis killed with -9 while 100 requests are queued (their wake-up messages are lost), then restarted:
@@ -14,6 +16,7 @@ weights equal a fault-free run of the same requests (same seed) within 1e-6.
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -26,7 +29,7 @@ from safetensors.torch import load_file
 from sqlalchemy import select
 from tinker import types
 
-from api.db.models import Job
+from api.db.models import Checkpoint, Job
 from tests.integration.scaleout import TINY, Cluster, running_cluster, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -91,31 +94,55 @@ def leased_job(cluster: Cluster, model_id: str, kind: str, min_seq: int) -> Job 
         )
 
 
+@pytest.mark.parametrize(
+    "cluster", [{}, {"LOOM_RECOVERY_EVERY": "1"}], ids=["replay", "recovery-checkpoint"], indirect=True
+)
 def test_sigkill_mid_step_moves_the_run_and_loses_nothing(cluster: Cluster) -> None:
     cluster.start_worker()
     cluster.start_worker()
     cluster.wait_for_workers(2)
     client = training_client()
     model_id = client.model_id
+    train(client, steps=2)  # seq 1-4, recorded before the fault
     outcome: dict = {}
     trainer = threading.Thread(target=lambda: outcome.update(losses=train(client, steps=6)))
     trainer.start()
-    wait_until(lambda: leased_job(cluster, model_id, "forward_backward", 5) is not None, 120, "step 3 leased", 0.01)
-    victim = leased_job(cluster, model_id, "forward_backward", 5).lease_owner
+    wait_until(lambda: leased_job(cluster, model_id, "forward_backward", 9) is not None, 120, "step 3 leased", 0.01)
+    victim = leased_job(cluster, model_id, "forward_backward", 9).lease_owner
     cluster.process_of(victim).send_signal(signal.SIGKILL)
     cluster.process_of(victim).wait()
     retried = {j.seq_id for j in cluster.jobs(model_id) if j.state == "leased" and j.lease_owner == victim}
-    assert 5 in retried  # a worker leases a run's whole ready chain at once
+    assert 9 in retried  # a worker leases a run's whole ready chain at once
     trainer.join(180)
     assert not trainer.is_alive() and "losses" in outcome
     survivor = cluster.placement(model_id)
     assert survivor is not None and survivor != victim
     assert_each_applied_once(cluster, model_id, retried)
+    restored = re.findall(rf"restoring {re.escape(model_id)}: (\S+) \+ (\d+) op", cluster.logs())
+    assert len(restored) == 1, cluster.logs()
+    if cluster.env.get("LOOM_RECOVERY_EVERY") == "1":
+        assert "/recovery/" in restored[0][0] and int(restored[0][1]) <= 2  # at most the step in flight
+        assert_only_newest_recovery_checkpoint_kept(cluster, model_id)
+    else:
+        assert restored[0][0] == "log"
     faulted = saved_factors(cluster, client, "after-fault")
 
     reference = training_client()  # same seed, same requests, no fault
+    train(reference, steps=2)
     assert outcome["losses"] == pytest.approx(train(reference, steps=6), rel=1e-5)
     assert_same_weights(faulted, saved_factors(cluster, reference, "fault-free"))
+
+
+def assert_only_newest_recovery_checkpoint_kept(cluster: Cluster, model_id: str) -> None:
+    last_optim = max(j.seq_id for j in cluster.jobs(model_id) if j.kind == "optim_step")
+    with cluster.sessions() as session:
+        rows = session.scalars(
+            select(Checkpoint).where(Checkpoint.run_id == model_id, Checkpoint.checkpoint_id.startswith("recovery/"))
+        ).all()
+    assert [(r.checkpoint_id, r.ephemeral) for r in rows] == [(f"recovery/{last_optim}", True)]
+    kept = Path(rows[0].storage_uri.removeprefix("file://"))
+    # Superseded ones are deleted after commit (a write the SIGKILL cut short leaves staging, for `loom gc`).
+    assert [p.name for p in kept.parent.iterdir() if not p.name.startswith(".staging-")] == [kept.name]
 
 
 def test_a_request_that_kills_its_workers_fails_after_three(cluster: Cluster) -> None:

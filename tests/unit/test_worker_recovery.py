@@ -7,6 +7,9 @@ more ops. Checked against one engine executing every op once, in order:
 - a worker whose ops were applied but never recorded (lease lost, requeued, claimed again) notices the stale
   state, rebuilds it from the log and applies each op exactly once (same final factors);
 - the plan names the newest committed training checkpoint and only the state-changing ops after it;
+- with recovery checkpoints every optimizer step, the plan starts from the newest one, which is the only one
+  kept (row and files), and a run continued from it still ends with the same factors; a recovery checkpoint
+  that cannot be written never fails its optim_step;
 - an unloaded run is not restored.
 """
 
@@ -16,9 +19,10 @@ from datetime import timedelta
 
 import pytest
 import torch
+from sqlalchemy import select
 
 from api.db.jobs import claim_ready_jobs, release_expired_leases, submit_job
-from api.db.models import TrainingRun
+from api.db.models import Checkpoint, TrainingRun
 from api.db.types import utcnow
 from tests.unit.test_worker_engine import ADAM, SEQ_A, ce_payload, job
 from tests.unit.worker_fixtures import fresh_model
@@ -141,6 +145,42 @@ def test_ops_applied_but_not_recorded_are_not_applied_twice(session_factory, run
     assert consumer.engine.needs_restore(lost[0])
     drain(consumer)
     assert_same(factors(consumer.engine, run_id), want)
+
+
+def test_a_run_rebuilt_from_its_newest_recovery_checkpoint(session_factory, run_id, models, tmp_path) -> None:
+    want = reference_factors(models["reference"], run_id, tmp_path / "ref")
+    store = LocalCheckpointStore(tmp_path / "shared")
+    first = Consumer(Engine(models["first"], store, recovery_every=1), session_factory, "w1")
+    submit_ops(session_factory, run_id, range(0, 8))
+    drain(first)  # optim_steps at seq 2 and 5 each wrote one; the second superseded the first
+    with session_factory() as session:
+        plan = restore_plan(session, run_id, 8)
+        kept = session.scalars(select(Checkpoint).where(Checkpoint.checkpoint_id.startswith("recovery/"))).all()
+    assert plan.checkpoint_uri is not None and plan.checkpoint_uri.endswith("recovery/5")
+    assert [(j.seq_id, j.kind) for j in plan.ops] == [(7, "forward_backward")]  # 6 is forward-only
+    assert [(c.checkpoint_id, c.ephemeral, c.committed) for c in kept] == [("recovery/5", True, True)]
+    assert [p.name for p in store.open(plan.checkpoint_uri).parent.iterdir()] == ["5"]
+
+    second = Consumer(Engine(models["second"], store), session_factory, "w2")
+    submit_ops(session_factory, run_id, range(8, 10))
+    drain(second)
+    assert_same(factors(second.engine, run_id), want)
+
+
+class RecoveryWritesFail(LocalCheckpointStore):
+    def write(self, owner, run_id, checkpoint_id, fill, overwrite=False):
+        if checkpoint_id.startswith("recovery/"):
+            raise OSError("disk full")
+        return super().write(owner, run_id, checkpoint_id, fill, overwrite)
+
+
+def test_a_failed_recovery_checkpoint_does_not_fail_the_step(run_id, models, tmp_path) -> None:
+    engine = Engine(models["first"], RecoveryWritesFail(tmp_path / "store"), recovery_every=1)
+    outcomes = engine.run_to_completion(
+        [job(kind, "alice", run_id, seq, p) for seq, (kind, p) in enumerate(ops(run_id)[:3])]
+    )
+    assert [o.error for o in outcomes] == [None, None, None]
+    assert outcomes[2].result["type"] == "optim_step" and outcomes[2].checkpoint is None
 
 
 def test_an_unloaded_run_is_not_restored(session_factory, run_id, models, tmp_path) -> None:
