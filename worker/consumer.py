@@ -10,7 +10,9 @@ The same loop runs in a thread of the embedded server (`loom serve`) and in a st
 process; a Celery task can call `tick()` unchanged.
 
 Before executing a run's chain, a run whose state is absent or stale on this worker is rebuilt from the
-database's op log (`worker/run_recovery.py`), so a run can move between workers (or survive a restart).
+database's op log (`worker/run_recovery.py`), so a run can move between workers (or survive a restart). A
+starting checkpoint that fails verification is skipped for an older one; a run that cannot be rebuilt at all (its
+log was unloaded, or the checkpoint it was loaded from is corrupt) gets clear errors for its requests.
 
 Placement: with `sticky` (scaled-out deployments), a worker takes a run's ops only if the run is placed on it
 or unplaced (then it becomes placed here); `role` picks training work, sampling work or both.
@@ -34,12 +36,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.db.jobs import ClaimedJob, claim_ready_jobs, complete_job, fail_job, release_expired_leases, requeue_leased
 from api.db.models import Checkpoint, Job
 from api.db.types import utcnow
-from worker.checkpoint_store import delete_checkpoint_uri
+from worker.checkpoint_io import CheckpointFormatError
+from worker.checkpoint_store import CheckpointCorrupt, delete_checkpoint_uri
 from worker.engine import Engine
 from worker.outcomes import CheckpointRecord, Outcome
 from worker.run_recovery import (
     RECOVERY_PREFIX,
     RunNotRestorable,
+    UnusableCheckpoint,
     restore_plan,
     superseded_recovery_checkpoints,
 )
@@ -218,17 +222,30 @@ class Consumer:
             if not self.engine.needs_restore(head):
                 continue
             try:
-                with self.session_factory.begin() as session:
-                    plan = restore_plan(session, head.model_id, head.seq_id)
-                log.info("restoring %s: %s + %d op(s)", head.model_id, plan.checkpoint_uri or "log", len(plan.ops))
-                self.engine.restore(plan)
+                self._rebuild(head)
             except RunNotRestorable as exc:
                 log.info("%s", exc)
+            except (CheckpointCorrupt, CheckpointFormatError) as exc:  # a checkpoint the run was loaded from
+                log.error("%s cannot be rebuilt: %s", head.model_id, exc)
+                self.engine.pool.drop_run(head.model_id)  # its requests fail as "not resident", never loop
             except Exception:  # the database or checkpoint store failed: try again on a later tick
                 log.exception("restoring %s failed; its requests wait", head.model_id)
                 self.engine.pool.drop_run(head.model_id)
                 unrestored.add(head.model_id)
         return unrestored
+
+    def _rebuild(self, head: ClaimedJob) -> None:
+        unusable: set[str] = set()
+        while True:
+            with self.session_factory.begin() as session:
+                plan = restore_plan(session, head.model_id, head.seq_id, frozenset(unusable))
+            log.info("restoring %s: %s + %d op(s)", head.model_id, plan.checkpoint_uri or "log", len(plan.ops))
+            try:
+                self.engine.restore(plan)
+                return
+            except UnusableCheckpoint as exc:
+                log.error("restoring %s: skipping %s", head.model_id, exc)
+                unusable.add(exc.uri)
 
     def recover(self) -> int:
         with self.session_factory.begin() as session:

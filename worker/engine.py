@@ -44,7 +44,7 @@ from worker.job_payloads import (
 from worker.lora.adapter import LoraSpec
 from worker.models.loader import LoadedModel
 from worker.outcomes import CheckpointRecord, Outcome
-from worker.run_recovery import STARTS, RestorePlan, recovery_checkpoint_id
+from worker.run_recovery import STARTS, RestorePlan, UnusableCheckpoint, recovery_checkpoint_id
 from worker.sampling_engine import SamplingEngine, StreamSink
 from worker.trainer import WorkItem, run_forward_backward
 
@@ -165,10 +165,14 @@ class Engine:
         return run is None or run.applied_seq != first.seq_id - 1
 
     def restore(self, plan: RestorePlan) -> None:
-        """Rebuild a run from a checkpoint and/or by re-applying done ops (results discarded)."""
+        """Rebuild a run from a checkpoint and/or by re-applying done ops (results discarded). Raises
+        `UnusableCheckpoint` when the plan's starting checkpoint fails verification."""
         self.pool.drop_run(plan.model_id)
         if plan.checkpoint_uri is not None:
-            self.pool.load_run(plan.model_id, self.store.open(plan.checkpoint_uri), with_optimizer=True)
+            try:
+                self.pool.load_run(plan.model_id, self.store.open(plan.checkpoint_uri), with_optimizer=True)
+            except (CheckpointCorrupt, CheckpointFormatError) as exc:
+                raise UnusableCheckpoint(plan.checkpoint_uri, exc) from exc
         for job in plan.ops:
             if job.kind in FORWARD_KINDS:
                 run = self.pool.run(job.model_id)

@@ -11,7 +11,9 @@ summation order).
 Recovery checkpoints bound the replay: a worker saves a run's adapter and Adam state every `LOOM_RECOVERY_EVERY`
 optimizer steps as a hidden checkpoint `recovery/<seq_id>` (not listed, not addressable by a tinker:// path),
 recorded in the same transaction that marks that `optim_step` done, so it is exactly the state after that op.
-Only the newest one per run is kept (`superseded_recovery_checkpoints`).
+Only the newest one per run is kept (`superseded_recovery_checkpoints`). A starting checkpoint that fails
+verification when loaded is skipped (`UnusableCheckpoint`, then plan again with it in `unusable`): the walk goes
+on to an older one, or to the run's start.
 
 Limits: replay costs as much compute as the state-changing ops since the newest saved state; a run whose log
 ends in `unload_model` is not restored; failed ops are skipped (a failed op changed nothing, see `Engine`).
@@ -40,6 +42,14 @@ class RunNotRestorable(LookupError):
     """The run's log has no state to rebuild from (it was unloaded, or never created)."""
 
 
+class UnusableCheckpoint(RuntimeError):
+    """The checkpoint a plan starts from fails verification (corrupt, truncated, unreadable): plan again without it."""
+
+    def __init__(self, uri: str, reason: Exception) -> None:
+        super().__init__(f"{uri}: {reason}")
+        self.uri = uri
+
+
 @dataclass
 class RestorePlan:
     model_id: str
@@ -57,8 +67,11 @@ def changes_state(job: Job) -> bool:
     return job.kind in (JobKind.OPTIM_STEP.value, *STARTS)
 
 
-def restore_plan(session: Session, model_id: str, before_seq: int) -> RestorePlan:
-    """How to rebuild `model_id` as it was after every done op with seq_id < `before_seq`."""
+def restore_plan(
+    session: Session, model_id: str, before_seq: int, unusable: frozenset[str] = frozenset()
+) -> RestorePlan:
+    """How to rebuild `model_id` as it was after every done op with seq_id < `before_seq`, starting from no
+    checkpoint whose storage URI is in `unusable` (the walk goes further back past those)."""
     done = session.scalars(
         select(Job)
         .where(
@@ -70,7 +83,9 @@ def restore_plan(session: Session, model_id: str, before_seq: int) -> RestorePla
         .order_by(Job.seq_id.desc())
         .execution_options(yield_per=64)
     )
-    recovery = _committed_recovery_checkpoints(session, model_id)
+    recovery = {
+        cid: uri for cid, uri in _committed_recovery_checkpoints(session, model_id).items() if uri not in unusable
+    }
     replay: list[Job] = []
     last_seq = -1
     for job in done:
@@ -81,7 +96,7 @@ def restore_plan(session: Session, model_id: str, before_seq: int) -> RestorePla
             raise RunNotRestorable(f"training run {model_id} was unloaded; create it again from a checkpoint")
         if job.kind == JobKind.SAVE_WEIGHTS.value:
             uri = _committed_training_checkpoint(session, job)
-            if uri is not None:
+            if uri is not None and uri not in unusable:
                 return RestorePlan(model_id, uri, [claimed(j) for j in reversed(replay)], last_seq)
         if changes_state(job):
             replay.append(job)

@@ -10,6 +10,8 @@ more ops. Checked against one engine executing every op once, in order:
 - with recovery checkpoints every optimizer step, the plan starts from the newest one, which is the only one
   kept (row and files), and a run continued from it still ends with the same factors; a recovery checkpoint
   that cannot be written never fails its optim_step;
+- a starting checkpoint that fails verification (a flipped byte) is skipped: the rebuild falls back to the older
+  save_weights checkpoint, then to the whole log, and the final factors are still the same;
 - an unloaded run is not restored.
 """
 
@@ -164,6 +166,38 @@ def test_a_run_rebuilt_from_its_newest_recovery_checkpoint(session_factory, run_
     second = Consumer(Engine(models["second"], store), session_factory, "w2")
     submit_ops(session_factory, run_id, range(8, 10))
     drain(second)
+    assert_same(factors(second.engine, run_id), want)
+
+
+def flip_a_byte(folder) -> None:
+    weights = folder / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+
+def test_a_corrupt_starting_checkpoint_falls_back_to_an_older_one(
+    session_factory, run_id, models, tmp_path, caplog
+) -> None:
+    want = reference_factors(models["reference"], run_id, tmp_path / "ref")
+    store = LocalCheckpointStore(tmp_path / "shared")
+    first = Consumer(Engine(models["first"], store, recovery_every=1), session_factory, "w1")
+    submit_ops(session_factory, run_id, range(0, 8))
+    drain(first)
+    with session_factory() as session:
+        newest = restore_plan(session, run_id, 8)
+        older = restore_plan(session, run_id, 8, frozenset({newest.checkpoint_uri}))
+        log_only = restore_plan(session, run_id, 8, frozenset({newest.checkpoint_uri, older.checkpoint_uri}))
+    assert newest.checkpoint_uri.endswith("recovery/5") and older.checkpoint_uri.endswith("weights/mid")
+    assert log_only.checkpoint_uri is None and log_only.ops[0].kind == "create_model"
+    for plan in (newest, older):
+        flip_a_byte(store.open(plan.checkpoint_uri))
+
+    second = Consumer(Engine(models["second"], store), session_factory, "w2")
+    submit_ops(session_factory, run_id, range(8, 10))
+    with caplog.at_level("INFO", logger="worker.consumer"):
+        drain(second)
+    assert len([r for r in caplog.records if "skipping" in r.message]) == 2
     assert_same(factors(second.engine, run_id), want)
 
 
