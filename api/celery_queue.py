@@ -14,8 +14,11 @@ feeds them to the same long-poll waiters and `StreamHub` the embedded queue uses
 answers the moment a result is recorded. Waiters still re-read the database every `poll_interval`, so a lost
 event delays an answer and never loses it.
 
-Limits: a token stream whose events are lost while Redis is down ends early (the request itself completes);
-wake-up messages expire after `message_ttl` seconds (the reconciler re-sends what is still queued).
+Token events lost while Redis is down are made up from the stored result when the job ends (the OpenAI
+router notices the end in the database), so such a stream stalls and then catches up; it is never cut short.
+
+Limits: the text that catches up carries no per-token logprobs; wake-up messages expire after `message_ttl`
+seconds (the reconciler re-sends what is still queued).
 """
 
 from __future__ import annotations

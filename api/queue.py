@@ -127,8 +127,10 @@ class StreamHub:
                     self._events.pop(job_id, None)
                     del self._finished[job_id]
 
-    async def subscribe(self, job_id: str, idle_timeout: float = 600.0):
-        """Yield lists of events until the job finishes."""
+    async def subscribe(self, job_id: str, idle_seconds: float = 2.0):
+        """Yield lists of events until the job finishes, and an empty list after each `idle_seconds` without
+        news: the finish signal travels like the events (over Redis when scaled out), so the caller checks the
+        database then, and stops on its own once the job is final."""
         entry = (asyncio.get_running_loop(), asyncio.Event())
         with self._lock:
             self._signals[job_id].add(entry)
@@ -144,7 +146,10 @@ class StreamHub:
                     yield events
                 if done:
                     return
-                await asyncio.wait_for(entry[1].wait(), idle_timeout)
+                try:
+                    await asyncio.wait_for(entry[1].wait(), idle_seconds)
+                except TimeoutError:
+                    yield []
         finally:
             with self._lock:
                 self._signals[job_id].discard(entry)

@@ -2,8 +2,10 @@
 
 Authentication is the Loom API key as a Bearer token (what the `openai` client sends). Each completion becomes one
 `sample` job for the base model's worker; the request waits for it, or with `stream: true` answers with
-server-sent events carrying text deltas as the worker produces them (embedded workers; with separate worker
-processes each choice arrives as one chunk), ending with `data: [DONE]`.
+server-sent events carrying text deltas as the worker produces them (from embedded workers directly, from
+separate worker processes over Redis), ending with `data: [DONE]`. Whatever text the token events did not bring
+(none reach a process polling external workers; events are lost while Redis is down) is sent from the stored
+result before the end, so a stream always reassembles to the full answer.
 
 Limits: `LOOM_MAX_STREAMS_PER_KEY` concurrent streams per tenant (429 beyond); a non-streaming request waits at
 most 10 minutes.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from api.db.models import JobKind, JobState
 from api.deps import AppState, State, Tenant, enqueue
 from api.errors import APIError, ErrorCode, error_body
-from api.job_results import wait_final
+from api.job_results import FINAL, snapshot, wait_final
 from api.openai_compat import service
 from api.openai_compat.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -120,11 +123,15 @@ async def _events(body, state: AppState, owner: str, job_id: str, response_id: s
                     ],
                 )
             )
-        streamed = False
+        sent = service.SentText()
         if state.queue.streams is not None:
+            deadline = time.monotonic() + RESULT_TIMEOUT
             async for events in state.queue.streams.subscribe(job_id):
-                streamed = True
-                yield _sse(chunk(body, response_id, service.stream_choices(body, events)))
+                if events:
+                    sent.add(events)
+                    yield _sse(chunk(body, response_id, service.stream_choices(body, events)))
+                elif time.monotonic() > deadline or await _final(state, owner, job_id):
+                    break  # its finish signal was lost (Redis down): the result below completes the stream
         job = await wait_final(state, owner, job_id, RESULT_TIMEOUT)
         if job["state"] != JobState.DONE.value:
             error = (
@@ -135,17 +142,19 @@ async def _events(body, state: AppState, owner: str, job_id: str, response_id: s
             yield _sse(error_body(error.code, error.message, error.param, error.status))
             return
         result = job["result"]
-        if not streamed:  # no token stream reached this process: send each choice whole
-            events = [
-                {"index": i, "text": c["text"], "token_str": "", "logprob": None, "finish_reason": c["finish_reason"]}
-                for i, c in enumerate(result["choices"])
-            ]
-            yield _sse(chunk(body, response_id, service.stream_choices(body, events)))
+        missing = sent.missing(result["choices"])  # all of it when no token stream reached this process
+        if missing:
+            yield _sse(chunk(body, response_id, service.stream_choices(body, missing)))
         if body.stream_options is not None and body.stream_options.include_usage:
             yield _sse(chunk(body, response_id, [], service.usage(result)))
         yield "data: [DONE]\n\n"
     finally:
         STREAMS.release(owner)
+
+
+async def _final(state: AppState, owner: str, job_id: str) -> bool:
+    job = await run_in_threadpool(snapshot, state, owner, job_id)
+    return job is None or job["state"] in FINAL
 
 
 @router.post("/chat/completions")

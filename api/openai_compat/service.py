@@ -6,6 +6,7 @@ another tenant's checkpoint or alias — is the same 404 `model_not_found`, so i
 
 `sample_payload` builds the worker job (kind `sample`, payload `openai`); `chat_response` / `completion_response`
 and the `*_chunk` helpers shape the worker's result into OpenAI JSON.
+`SentText` tracks what a stream has sent, so its end can carry whatever token events did not bring.
 
 Limits: `n` choices share one prompt; a choice's logprobs cover its own tokens only.
 """
@@ -222,6 +223,38 @@ def stream_choices(request: ChatCompletionRequest | CompletionRequest, events: l
                 {"index": index, "text": entry["text"], "finish_reason": entry["finish_reason"], "logprobs": None}
             )
     return choices
+
+
+class SentText:
+    """What a stream has sent so far per choice index, to complete it from the stored result."""
+
+    def __init__(self) -> None:
+        self.text: dict[int, str] = {}
+        self.finished: set[int] = set()
+
+    def add(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            self.text[event["index"]] = self.text.get(event["index"], "") + event["text"]
+            if event["finish_reason"] is not None:
+                self.finished.add(event["index"])
+
+    def missing(self, choices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Token events (no logprobs) carrying each choice's unsent text and finish reason."""
+        events = []
+        for index, choice in enumerate(choices):
+            sent = self.text.get(index, "")
+            rest = choice["text"][len(sent) :] if choice["text"].startswith(sent) else ""
+            if rest or index not in self.finished:
+                events.append(
+                    {
+                        "index": index,
+                        "text": rest,
+                        "token_str": "",
+                        "logprob": None,
+                        "finish_reason": choice["finish_reason"],
+                    }
+                )
+        return events
 
 
 def list_models(state: AppState, session: Session, owner: str) -> list[ModelCard]:

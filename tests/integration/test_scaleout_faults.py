@@ -10,6 +10,8 @@ weights equal a fault-free run of the same requests (same seed) within 1e-6.
   clear server error; the run's later requests and other runs go on.
 - Redis killed with -9 while 100 requests are queued (their wake-up messages are lost), then restarted:
   every request completes exactly once.
+- Redis killed with -9 while an OpenAI stream is open (the worker paused, so the rest of its token events and
+  its finish signal are lost): the stream still ends, with the whole answer.
 - A step that outlives the Celery visibility timeout and its own lease period: the heartbeat renews the lease,
   so the request runs once (attempt 1).
 """
@@ -22,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+import openai
 import pytest
 import tinker
 import torch
@@ -198,6 +201,26 @@ def test_redis_kill9_with_100_queued_requests_loses_none(cluster: Cluster) -> No
         reference.forward_backward([datum(step)], "cross_entropy")
         reference.optim_step(ADAM)
     assert_same_weights(faulted, saved_factors(cluster, reference, "fault-free"))
+
+
+def test_redis_kill9_mid_stream_still_delivers_the_whole_answer(cluster: Cluster) -> None:
+    worker = cluster.start_worker()
+    cluster.wait_for_workers(1)
+    client = openai.OpenAI(base_url=f"{cluster.api.url}/v1", api_key=cluster.api.api_key, max_retries=0)
+    ask = {"model": TINY, "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0.0}
+    chunks = []
+    for chunk in client.completions.create(**ask, stream=True):
+        chunks.append(chunk)
+        if len(chunks) == 1:
+            assert chunk.choices[0].finish_reason is None  # the worker is still decoding
+            worker.send_signal(signal.SIGSTOP)
+            cluster.redis.kill9()
+            worker.send_signal(signal.SIGCONT)
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    cluster.redis.start()
+    plain = client.completions.create(**ask).choices[0]
+    assert streamed == plain.text and plain.finish_reason == "length"
 
 
 @pytest.mark.parametrize("cluster", [{"LOOM_VISIBILITY_TIMEOUT": "1", "LOOM_LEASE_SECONDS": "1"}], indirect=True)
