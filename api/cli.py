@@ -2,6 +2,8 @@
 
     loom serve [--host H] [--port P]    API + embedded workers; prints the URL and an API key
     loom worker [--role train|sample]   workers only, for LOOM_QUEUE=external or celery deployments
+    torchrun --nproc-per-node N -m api.cli worker --role train --zero3
+                                        one worker whose base model is sharded over N ranks (worker/lockstep.py)
     loom migrate                        apply database migrations (alembic upgrade head) and exit
     loom gc [--grace-hours H]           delete expired checkpoints, then stored files no committed checkpoint uses
     loom keys create --owner O [--name N] / loom keys revoke KEY_ID --owner O
@@ -70,18 +72,42 @@ def cmd_serve(args: argparse.Namespace) -> None:
     uvicorn.run(create_app(state=state), host=args.host, port=args.port, log_level=args.log_level)
 
 
+def _zero3_engines(specs, settings: Settings, role: str, progress) -> dict | None:
+    """This rank's part of a ZeRO-3 worker: rank 0's engine to serve with, or None once a follower rank is done."""
+    from worker.checkpoint_store import open_checkpoint_store
+    from worker.lockstep import follow, sharded_engine
+    from worker.service import recovery_every_from_env
+
+    if len(specs) != 1 or role != "train":
+        raise SystemExit("loom worker --zero3 serves exactly one base model (set LOOM_BASE_MODELS) with --role train")
+    engine, leader = sharded_engine(
+        specs[0], open_checkpoint_store(settings.checkpoint_url), recovery_every_from_env(), progress
+    )
+    if leader:
+        return {specs[0].name: engine}
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher signals every rank; rank 0 ends the group
+    follow(engine)
+    return None
+
+
 def cmd_worker(args: argparse.Namespace) -> None:
     from api.queue import served_specs
     from worker.service import start_workers
 
     settings = Settings()
-    sessions = _sessions(settings)
     progress = lambda m: print(f"[loom worker] {m}", flush=True)  # noqa: E731
+    specs = served_specs(settings.base_models)
+    engines = None
+    if args.zero3:
+        engines = _zero3_engines(specs, settings, args.role, progress)
+        if engines is None:
+            return
+    sessions = _sessions(settings)
     if settings.queue == "celery":
         from worker.celery_worker import run_worker
 
         run_worker(
-            served_specs(settings.base_models),
+            specs,
             sessions,
             settings.checkpoint_url,
             settings.broker_url,
@@ -91,15 +117,17 @@ def cmd_worker(args: argparse.Namespace) -> None:
             lease_seconds=settings.lease_seconds,
             heartbeat_file=settings.heartbeat_file,
             progress=progress,
+            engines=engines,
         )
         return
     handles = start_workers(
-        served_specs(settings.base_models),
+        specs,
         sessions,
         settings.checkpoint_url,
         progress=progress,
         idle_wait=float(os.environ.get("LOOM_WORKER_POLL_SECONDS", "0.1")),
         role=args.role,
+        engines=engines,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -183,6 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     serve.set_defaults(func=cmd_serve)
     worker = sub.add_parser("worker", help="run workers for LOOM_QUEUE=external or celery")
     worker.add_argument("--role", choices=["all", "train", "sample"], default="all", help="which work to take")
+    worker.add_argument(
+        "--zero3",
+        action="store_true",
+        help="shard the base model over the ranks of a torchrun launch with DeepSpeed ZeRO-3 (train role only)",
+    )
     worker.set_defaults(func=cmd_worker)
     sub.add_parser("migrate", help="apply database migrations and exit").set_defaults(func=cmd_migrate)
     gc = sub.add_parser("gc", help="delete expired checkpoints and orphaned stored files")

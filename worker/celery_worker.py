@@ -44,6 +44,7 @@ from api.db.workers import (
     shared_queue,
     worker_queue,
 )
+from worker.engine import Engine
 from worker.models.registry import BaseModelSpec
 from worker.service import start_workers
 
@@ -162,6 +163,7 @@ def run_worker(
     lease_seconds: float,
     heartbeat_file: str | None,
     progress: Callable[[str], None] = log.info,
+    engines: dict[str, Engine] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (Celery's warm shutdown), then hand leases and runs back."""
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -182,6 +184,7 @@ def run_worker(
         role=role,
         sticky=True,
         lease_seconds=lease_seconds,
+        engines=engines,
     )
     app = make_celery(broker_url, visibility_timeout)
 

@@ -227,10 +227,10 @@ class Consumer:
                 log.info("%s", exc)
             except (CheckpointCorrupt, CheckpointFormatError) as exc:  # a checkpoint the run was loaded from
                 log.error("%s cannot be rebuilt: %s", head.model_id, exc)
-                self.engine.pool.drop_run(head.model_id)  # its requests fail as "not resident", never loop
+                self.engine.drop_run(head.model_id)  # its requests fail as "not resident", never loop
             except Exception:  # the database or checkpoint store failed: try again on a later tick
                 log.exception("restoring %s failed; its requests wait", head.model_id)
-                self.engine.pool.drop_run(head.model_id)
+                self.engine.drop_run(head.model_id)
                 unrestored.add(head.model_id)
         return unrestored
 

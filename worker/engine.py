@@ -184,6 +184,10 @@ class Engine:
                 self._ops[job.kind](job)
         self.pool.run(plan.model_id).applied_seq = plan.last_seq
 
+    def drop_run(self, model_id: str) -> bool:
+        """Forget a run's state here (it is rebuilt from the database if it comes back)."""
+        return self.pool.drop_run(model_id)
+
     # -- training ops --------------------------------------------------------------------------------------
 
     def _forward_backward(self, jobs: list[ClaimedJob]) -> list[Outcome]:

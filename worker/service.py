@@ -75,21 +75,25 @@ def start_workers(
     role: str = "all",
     sticky: bool = False,
     lease_seconds: float = 600.0,
+    engines: dict[str, Engine] | None = None,
 ) -> dict[str, WorkerHandle]:
     """`idle_wait`: seconds between database polls when idle (a `wake()` cuts it short; separate worker
     processes get no wake-ups, so they poll more often). `on_stream(job_id, events)` receives per-token text
     deltas of streaming OpenAI requests. `checkpoint_root`: a local folder or `s3://bucket/prefix`.
     `sampler_backend`: `loom` or `vllm` (default: `LOOM_SAMPLER_BACKEND`). `worker_id` names this process in
-    leases and placements (default: one id per model thread); `role` and `sticky` are passed to the consumers."""
+    leases and placements (default: one id per model thread); `role` and `sticky` are passed to the consumers.
+    `engines`: engines built by the caller, by base model name (a ZeRO-3 `LockstepEngine`); the rest are built here."""
     sampler_backend = sampler_backend or sampler_backend_from_env()
     recovery_every = recovery_every_from_env()
     store = open_checkpoint_store(checkpoint_root)
     handles: dict[str, WorkerHandle] = {}
     for spec in specs:
-        progress(f"loading {spec.name} ...")
-        lm = load_base_model(spec)
+        engine = (engines or {}).get(spec.name)
+        if engine is None:
+            progress(f"loading {spec.name} ...")
+            lm = load_base_model(spec)
+            engine = Engine(lm, store, on_stream, sampler_backend=sampler_backend, recovery_every=recovery_every)
         lease_owner = worker_id or f"{socket.gethostname()}:{spec.cache_name}:{threading.get_native_id()}"
-        engine = Engine(lm, store, on_stream, sampler_backend=sampler_backend, recovery_every=recovery_every)
         consumer = Consumer(
             engine, session_factory, lease_owner, on_finished, lease_seconds=lease_seconds, role=role, sticky=sticky
         )
@@ -99,5 +103,6 @@ def start_workers(
         )
         thread.start()
         handles[spec.name] = WorkerHandle(consumer, thread, stop)
-        progress(f"{spec.name} ready ({sum(p.numel() for p in lm.model.parameters()) / 1e6:.0f}M params, frozen)")
+        params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.lm.model.parameters())  # ZeRO-3: full size
+        progress(f"{spec.name} ready ({params / 1e6:.0f}M params, frozen)")
     return handles

@@ -11,14 +11,15 @@ after an identical optimizer step, identical adapters.
 Use (on every rank, same order of calls):
     init_distributed()                                   # env:// (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
     sharded, router, targets = load_sharded_base(path, spec.targets)   # partitioned while loading
+      # or, for the engine: lm = load_sharded_model(spec)
       # or: model = ...frozen, install_multi_lora'd...; sharded = shard_frozen_base(model)  (whole model first)
     ... run_forward_backward(LoadedModel(..., sharded.module, ..., router, targets), this_rank_items)
     allreduce_lora_grads(adapters)
 
 Limits (measured or read in deepspeed 0.19.8; see tests/integration/test_deepspeed_two_rank.py):
 - Every forward is a collective: all ranks must run the same modules in the same order, so the worker's clock
-  tick has to be driven in lockstep (rank 0 takes the work and broadcasts it). A rank with no rows of its own
-  must still run a forward on a dummy row (not tested). Nothing here does that scheduling.
+  tick has to be driven in lockstep: `worker/lockstep.py` does that for `loom worker --zero3` (rank 0 takes the
+  work and broadcasts it; every rank runs the whole batch, so no rank is ever without rows).
 - ZeRO-3 moves the whole model over the interconnect on every forward and again on every backward (params are
   gathered, not the activations). For a trillion-parameter MoE this is terabytes per step and useless for
   token-by-token decoding; it pays off only for large training batches. Expert parallelism (experts stay put,
@@ -51,7 +52,8 @@ from torch import nn
 
 from worker.lora.adapter import LoraAdapter, TargetWeight
 from worker.lora.layers import AdapterRouter, MultiLoraExperts, install_multi_lora
-from worker.models.registry import LoraTargets
+from worker.models.loader import LoadedModel
+from worker.models.registry import BaseModelSpec, LoraTargets, model_dir
 
 
 def _deepspeed():
@@ -162,6 +164,17 @@ def load_sharded_base(
     sharded = shard_frozen_base(model, config)
     sharded.hf_config = hf_config
     return sharded, router, targets
+
+
+def load_sharded_model(spec: BaseModelSpec) -> LoadedModel:
+    """A registry base model (its cached `save_pretrained` folder) partitioned over the process group, as the
+    `LoadedModel` the engine runs; `sharding` keeps the DeepSpeed engine and configs alive with it."""
+    from transformers import AutoTokenizer
+
+    path = model_dir(spec)
+    sharded, router, targets = load_sharded_base(path, spec.targets)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return LoadedModel(spec, path, sharded.module, tokenizer, router, targets, sharding=sharded)
 
 
 def allreduce_lora_grads(adapters: Iterable[LoraAdapter]) -> None:

@@ -26,7 +26,6 @@ max|diff| <= GRAD_RTOL · max|reference grad|. The measured values are printed (
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import socket
@@ -45,7 +44,6 @@ else:
     pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SETUP_SCRIPT = REPO_ROOT / "scripts" / "setup-deepspeed"
 WORLD = 2
 LORA_RANK = 4
 RUN_SEEDS = (11, 12)
@@ -184,31 +182,15 @@ def _main(folder: str, out_dir: str) -> None:
 # ---- the pytest side ----
 
 
-def _deepspeed_python() -> str | None:
-    if importlib.util.find_spec("deepspeed") is not None:
-        return sys.executable
-    if os.environ.get("CI") == "true" and SETUP_SCRIPT.exists():
-        result = subprocess.run([str(SETUP_SCRIPT)], capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.fail(f"scripts/setup-deepspeed failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    venv_python = REPO_ROOT / ".venv-ds" / "bin" / "python"
-    if venv_python.exists():
-        probe = subprocess.run([str(venv_python), "-c", "import deepspeed"], capture_output=True, text=True)
-        if probe.returncode == 0:
-            return str(venv_python)
-    return None
-
-
 def test_zero3_two_ranks_match_single_process(tmp_path: Path) -> None:
-    python = _deepspeed_python()
+    from tests.integration.deepspeed_fixtures import deepspeed_python, rank_env  # pytest side only
+
+    python = deepspeed_python()
     if python is None:
         pytest.skip("deepspeed cannot be imported here or from .venv-ds: run scripts/setup-deepspeed")
     folder = tmp_path / "tiny-kimi-k2"
     save_model(folder)
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
-    if python != sys.executable:
-        # scripts/setup-deepspeed pre-builds DeepSpeed's CPU shared-memory op there.
-        env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(python).parents[1] / "torch_extensions"))
+    env = rank_env(python)
     t0 = time.perf_counter()
     proc = subprocess.run(
         [python, str(Path(__file__).resolve()), str(folder), str(tmp_path)],

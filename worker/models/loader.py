@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -21,6 +22,8 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     router: AdapterRouter
     targets: list[TargetWeight]
+    sharding: Any = None
+    """With ZeRO-3 (`worker/sharded_base.py`): the `ShardedBase` that partitions `model`, kept alive with it."""
 
     @property
     def vocab_size(self) -> int:
