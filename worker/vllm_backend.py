@@ -133,6 +133,7 @@ class VllmServer:
         """Wall time from launch until /health answered (set by `wait_ready`)."""
         self._launched = 0.0
         self._log_file = None
+        self._workdir: tempfile.TemporaryDirectory | None = None
         self._own_log = log_path is None
         self.log_path = Path(log_path) if log_path is not None else None
         self._args = [
@@ -198,6 +199,7 @@ class VllmServer:
         )
         env.update(self._env)
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._workdir = tempfile.TemporaryDirectory(prefix="loom-vllm-cwd-")
         self._launched = time.monotonic()
         self.process = subprocess.Popen(
             self.command(),
@@ -205,7 +207,9 @@ class VllmServer:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
-            cwd=tempfile.gettempdir(),  # not the repo root: its packages must not shadow the venv's
+            # An empty folder of its own: in the repo root, or in a shared temp folder, any directory whose name
+            # matches a package (say `z3`, which vLLM's compiler imports) would shadow the venv's.
+            cwd=self._workdir.name,
             start_new_session=True,
         )
         return self
@@ -271,6 +275,9 @@ class VllmServer:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
         if self._own_log and self.log_path is not None:
             self.log_path.unlink(missing_ok=True)  # a temporary log; pass log_path to keep one
             self.log_path = None

@@ -1,4 +1,5 @@
-"""Fixtures for integration tests: a fresh, throw-away PostgreSQL database, and an S3 server (moto_server).
+"""Fixtures for integration tests: a fresh, throw-away PostgreSQL database, an S3 server (moto_server), and
+`ranks_leave_no_shm` (from deepspeed_fixtures.py) for tests that run DeepSpeed ranks.
 
 The server is ``LOOM_TEST_POSTGRES_URL`` (default: the local trust-auth server's
 ``test`` database, used only to create and drop the per-test database). If it
@@ -20,6 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from tests.e2e.server import free_port
+from tests.integration.deepspeed_fixtures import ranks_leave_no_shm  # noqa: F401 - a fixture, used by name
 from worker.checkpoint_s3 import env_client
 
 ADMIN_URL = os.environ.get("LOOM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")

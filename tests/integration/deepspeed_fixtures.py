@@ -3,7 +3,9 @@
 `deepspeed_python()` returns this interpreter when it has `deepspeed`, else `.venv-ds/bin/python` (made by
 scripts/setup-deepspeed, which runs first under `CI=true`), else None (the caller skips). `rank_env()` is the
 environment ranks run with: DeepSpeed's CPU accelerator, one torch thread each, and the shared-memory op that
-scripts/setup-deepspeed pre-built.
+scripts/setup-deepspeed pre-built. The `ranks_leave_no_shm` fixture removes the shared-memory buffers
+(/dev/shm/deepspeed_allreduce_buffer_*, 66 MiB each) that DeepSpeed's CPU collectives leave behind when their
+ranks exit.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +36,18 @@ def deepspeed_python() -> str | None:
         if probe.returncode == 0:
             return str(venv_python)
     return None
+
+
+SHM_BUFFERS = "deepspeed_allreduce_buffer_*"
+
+
+@pytest.fixture
+def ranks_leave_no_shm() -> Iterator[None]:
+    shm = Path("/dev/shm")
+    before = set(shm.glob(SHM_BUFFERS))
+    yield
+    for leftover in set(shm.glob(SHM_BUFFERS)) - before:
+        leftover.unlink(missing_ok=True)
 
 
 def rank_env(python: str) -> dict[str, str]:

@@ -182,7 +182,7 @@ def _main(folder: str, out_dir: str) -> None:
 # ---- the pytest side ----
 
 
-def test_zero3_two_ranks_match_single_process(tmp_path: Path) -> None:
+def test_zero3_two_ranks_match_single_process(tmp_path: Path, ranks_leave_no_shm) -> None:
     from tests.integration.deepspeed_fixtures import deepspeed_python, rank_env  # pytest side only
 
     python = deepspeed_python()

@@ -29,7 +29,7 @@ from tests.e2e.server import LoomServer, free_port
 from tests.integration.deepspeed_fixtures import REPO_ROOT, deepspeed_python, rank_env
 from tests.integration.scaleout import TINY, wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("ranks_leave_no_shm")]
 
 
 def datum(offset: int, length: int = 24) -> types.Datum:
