@@ -207,7 +207,7 @@ def test_redis_kill9_mid_stream_still_delivers_the_whole_answer(cluster: Cluster
     worker = cluster.start_worker()
     cluster.wait_for_workers(1)
     client = openai.OpenAI(base_url=f"{cluster.api.url}/v1", api_key=cluster.api.api_key, max_retries=0)
-    ask = {"model": TINY, "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0.0}
+    ask = {"model": TINY, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0.0}  # seconds of decoding
     chunks = []
     for chunk in client.completions.create(**ask, stream=True):
         chunks.append(chunk)
