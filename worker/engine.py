@@ -179,7 +179,7 @@ class Engine:
                 data, loss_fn, config = train_data(job.payload, self.vocab_size, self.max_length)
                 run_forward_backward(self.lm, [WorkItem(run.slot, data, loss_fn, config, False)])
             elif job.kind == JobKind.OPTIM_STEP.value:
-                self.pool.run(job.model_id).optimizer.step(adam_step(job.payload))
+                self._step(job)  # no recovery checkpoint: the state being rebuilt is already covered
             else:
                 self._ops[job.kind](job)
         self.pool.run(plan.model_id).applied_seq = plan.last_seq
@@ -240,9 +240,12 @@ class Engine:
         self.pool.load_run(job.model_id, folder, with_optimizer)
         return Outcome(job, result={"path": job.payload["path"], "model_id": job.model_id, "type": "load_weights"})
 
-    def _optim_step(self, job: ClaimedJob) -> Outcome:
+    def _step(self, job: ClaimedJob) -> tuple[ResidentRun, dict[str, float]]:
         run = self.pool.run(job.model_id)
-        metrics = run.optimizer.step(adam_step(job.payload))
+        return run, run.optimizer.step(adam_step(job.payload))
+
+    def _optim_step(self, job: ClaimedJob) -> Outcome:
+        run, metrics = self._step(job)
         outcome = Outcome(job, result={"metrics": metrics, "type": "optim_step"})
         if self.recovery_every > 0 and run.optimizer.steps % self.recovery_every == 0:
             try:
@@ -253,36 +256,54 @@ class Engine:
 
     def _write_recovery_checkpoint(self, job: ClaimedJob, run: ResidentRun) -> CheckpointRecord:
         checkpoint_id = recovery_checkpoint_id(job.seq_id)
-        uri, size = self.store.write(
-            job.owner, job.model_id, checkpoint_id, lambda folder: self._fill_training(folder, run), overwrite=True
-        )
-        return CheckpointRecord(
-            run_id=job.model_id,
-            owner=job.owner,
+        return self._store_checkpoint(
+            job,
+            "training",
+            lambda folder: self._fill_training(folder, run),
             checkpoint_id=checkpoint_id,
-            kind="training",
             tinker_path=f"tinker://{job.model_id}/{checkpoint_id}",
-            storage_uri=uri,
-            size_bytes=size,
+            overwrite=True,
             ttl_seconds=None,
             ephemeral=True,
         )
 
     def _write_checkpoint(self, job: ClaimedJob, kind: str, fill: Callable[[Path], None]) -> CheckpointRecord:
+        """A checkpoint the user named (`save_weights*`): where and how come from the API's resolved payload."""
         resolved = job.payload["resolved"]
-        uri, size = self.store.write(
-            job.owner, job.model_id, resolved["checkpoint_id"], fill, overwrite=bool(job.payload.get("overwrite"))
+        return self._store_checkpoint(
+            job,
+            kind,
+            fill,
+            checkpoint_id=resolved["checkpoint_id"],
+            tinker_path=resolved["tinker_path"],
+            overwrite=bool(job.payload.get("overwrite")),
+            ttl_seconds=job.payload.get("ttl_seconds"),
+            ephemeral=bool(resolved.get("ephemeral")),
         )
+
+    def _store_checkpoint(
+        self,
+        job: ClaimedJob,
+        kind: str,
+        fill: Callable[[Path], None],
+        *,
+        checkpoint_id: str,
+        tinker_path: str,
+        overwrite: bool,
+        ttl_seconds: int | None,
+        ephemeral: bool,
+    ) -> CheckpointRecord:
+        uri, size = self.store.write(job.owner, job.model_id, checkpoint_id, fill, overwrite=overwrite)
         return CheckpointRecord(
             run_id=job.model_id,
             owner=job.owner,
-            checkpoint_id=resolved["checkpoint_id"],
+            checkpoint_id=checkpoint_id,
             kind=kind,
-            tinker_path=resolved["tinker_path"],
+            tinker_path=tinker_path,
             storage_uri=uri,
             size_bytes=size,
-            ttl_seconds=job.payload.get("ttl_seconds"),
-            ephemeral=bool(resolved.get("ephemeral")),
+            ttl_seconds=ttl_seconds,
+            ephemeral=ephemeral,
         )
 
     def _fill_training(self, folder: Path, run: ResidentRun) -> None:

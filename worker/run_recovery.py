@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from api.db.jobs import ClaimedJob, claimed
@@ -117,12 +117,14 @@ def _committed_training_checkpoint(session: Session, save: Job) -> str | None:
     )
 
 
+def _recovery_of(model_id: str) -> ColumnElement[bool]:
+    return (Checkpoint.run_id == model_id) & Checkpoint.checkpoint_id.startswith(RECOVERY_PREFIX)
+
+
 def _committed_recovery_checkpoints(session: Session, model_id: str) -> dict[str, str]:
     rows = session.execute(
         select(Checkpoint.checkpoint_id, Checkpoint.storage_uri).where(
-            Checkpoint.run_id == model_id,
-            Checkpoint.checkpoint_id.startswith(RECOVERY_PREFIX),
-            Checkpoint.committed.is_(True),
+            _recovery_of(model_id), Checkpoint.committed.is_(True)
         )
     )
     return {checkpoint_id: uri for checkpoint_id, uri in rows}
@@ -131,11 +133,5 @@ def _committed_recovery_checkpoints(session: Session, model_id: str) -> dict[str
 def superseded_recovery_checkpoints(session: Session, model_id: str, newest_id: str) -> list[Checkpoint]:
     """The run's recovery checkpoints other than `newest_id` (the caller deletes their rows, then their files)."""
     return list(
-        session.scalars(
-            select(Checkpoint).where(
-                Checkpoint.run_id == model_id,
-                Checkpoint.checkpoint_id.startswith(RECOVERY_PREFIX),
-                Checkpoint.checkpoint_id != newest_id,
-            )
-        )
+        session.scalars(select(Checkpoint).where(_recovery_of(model_id), Checkpoint.checkpoint_id != newest_id))
     )
