@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.e2e.server import LoomServer, free_port  # noqa: E402
-from tests.integration.scaleout import TINY, Cluster, running_cluster  # noqa: E402
+from tests.integration.scaleout import TINY, Cluster, running_cluster, training_client  # noqa: E402
 
 ADMIN_URL = os.environ.get("LOOM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -77,12 +77,6 @@ def use(url: str, key: str) -> None:
     os.environ["TINKER_BASE_URL"], os.environ["TINKER_API_KEY"] = url, key
 
 
-def training_client(seed: int = 0):
-    import tinker
-
-    return tinker.ServiceClient().create_lora_training_client(base_model=TINY, rank=4, seed=seed).result()
-
-
 # -- 1. round trip ---------------------------------------------------------------------------------------------
 
 
@@ -90,7 +84,7 @@ def roundtrips(url: str, key: str, n: int) -> tuple[list[float], list[float]]:
     from tinker import types
 
     use(url, key)
-    client = training_client()
+    client = training_client(seed=0)
     http = httpx.Client(base_url=url, timeout=30)
     adam = types.AdamParams(learning_rate=0.0)
     for _ in range(5):  # warm-up
@@ -123,7 +117,7 @@ def report_roundtrips(label: str, optim: list[float], bare: list[float]) -> floa
 def throughput(cluster: Cluster, runs: int, steps: int, seed0: int) -> float:
     from tinker import types
 
-    from tests.integration.test_scaleout_faults import datum
+    from tests.integration.scaleout import datum
 
     use(cluster.api.url, cluster.api.api_key)
     clients = [training_client(seed0 + i) for i in range(runs)]

@@ -4,6 +4,9 @@ process (`LOOM_QUEUE=celery`) and any number of `loom worker` processes that can
 Redis is a private `redis-server` on a free port (never the machine's shared one, which other tests use), so
 a test may kill -9 and restart it. Workers declare a peer dead after `DEAD_AFTER` seconds of silence.
 
+`datum(offset)` is the deterministic SL example these tests and benchmarks/scaleout.py train on; `training_client`
+and `train` run it through the official SDK.
+
 Limits: models come from the shared model cache; every process loads its own copy of the base model.
 """
 
@@ -20,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+import tinker
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from tinker import types
 
 from api.db.models import Checkpoint, Job, TrainingRun, Worker
 from api.db.session import make_engine, make_session_factory
@@ -174,6 +179,34 @@ def running_cluster(folder: Path, database_url: str, **env: str) -> Iterator[Clu
     finally:
         cluster.stop()
         redis_.kill9()
+
+
+def datum(offset: int, length: int = 24) -> types.Datum:
+    """A deterministic SL datum of `length` tiny-Kimi tokens (different per `offset`) for the official SDK."""
+    tokens = [(offset * 37 + i * 11) % 5000 + 10 for i in range(length + 1)]
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:]}
+    )
+
+
+ADAM = types.AdamParams(learning_rate=1e-2)
+
+
+def training_client(seed: int = 7):
+    """A LoRA run (rank 4) on the tiny Kimi K2 through the official SDK (TINKER_BASE_URL / TINKER_API_KEY)."""
+    return tinker.ServiceClient().create_lora_training_client(base_model=TINY, rank=4, seed=seed).result()
+
+
+def train(client, steps: int, batch: int = 2) -> list[float]:
+    """`steps` pipelined SL steps; returns the losses."""
+    futures = []
+    for step in range(steps):
+        fb = client.forward_backward([datum(step * batch + i) for i in range(batch)], "cross_entropy")
+        futures.append((fb, client.optim_step(ADAM)))
+    losses = [fb.result().metrics["loss:sum"] for fb, _ in futures]
+    for _, optim in futures:
+        optim.result()
+    return losses
 
 
 def wait_until(condition, timeout: float, what: str, every: float = 0.1) -> None:

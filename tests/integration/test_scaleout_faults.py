@@ -30,22 +30,22 @@ import tinker
 import torch
 from safetensors.torch import load_file
 from sqlalchemy import select
-from tinker import types
 
 from api.db.models import Checkpoint, Job
-from tests.integration.scaleout import TINY, Cluster, running_cluster, wait_until
+from tests.integration.scaleout import (
+    ADAM,
+    TINY,
+    Cluster,
+    datum,
+    running_cluster,
+    train,
+    training_client,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ATOL = 1e-6
-ADAM = types.AdamParams(learning_rate=1e-2)
-
-
-def datum(offset: int, length: int = 24) -> types.Datum:
-    tokens = [(offset * 37 + i * 11) % 5000 + 10 for i in range(length + 1)]
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:]}
-    )
 
 
 @pytest.fixture
@@ -54,22 +54,6 @@ def cluster(tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch, 
         monkeypatch.setenv("TINKER_BASE_URL", cluster.api.url)
         monkeypatch.setenv("TINKER_API_KEY", cluster.api.api_key)
         yield cluster
-
-
-def training_client(seed: int = 7):
-    return tinker.ServiceClient().create_lora_training_client(base_model=TINY, rank=4, seed=seed).result()
-
-
-def train(client, steps: int, batch: int = 2) -> list[float]:
-    """`steps` pipelined SL steps; returns the losses."""
-    futures = []
-    for step in range(steps):
-        fb = client.forward_backward([datum(step * batch + i) for i in range(batch)], "cross_entropy")
-        futures.append((fb, client.optim_step(ADAM)))
-    losses = [fb.result().metrics["loss:sum"] for fb, _ in futures]
-    for _, optim in futures:
-        optim.result()
-    return losses
 
 
 def saved_factors(cluster: Cluster, client, name: str) -> dict[str, torch.Tensor]:

@@ -20,34 +20,19 @@ import sys
 from pathlib import Path
 
 import pytest
-import tinker
 import torch
 from safetensors.torch import load_file
-from tinker import types
 
 from tests.e2e.server import LoomServer, free_port
 from tests.integration.deepspeed_fixtures import REPO_ROOT, deepspeed_python, rank_env
-from tests.integration.scaleout import TINY, wait_until
+from tests.integration.scaleout import TINY, train, training_client, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("ranks_leave_no_shm")]
 
 
-def datum(offset: int, length: int = 24) -> types.Datum:
-    tokens = [(offset * 37 + i * 11) % 5000 + 10 for i in range(length + 1)]
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:]}
-    )
-
-
 def train_and_save(name: str, checkpoints: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
-    client = tinker.ServiceClient().create_lora_training_client(base_model=TINY, rank=4, seed=7).result()
-    steps = []
-    for step in range(4):
-        fb = client.forward_backward([datum(2 * step), datum(2 * step + 1)], "cross_entropy")
-        steps.append((fb, client.optim_step(types.AdamParams(learning_rate=1e-2))))
-    losses = [fb.result().metrics["loss:sum"] for fb, _ in steps]
-    for _, optim in steps:
-        optim.result()
+    client = training_client(seed=7)
+    losses = train(client, steps=4)
     client.save_state(name).result()
     (weights,) = checkpoints.glob(f"**/weights/{name}/adapter_model.safetensors")
     return losses, load_file(weights)

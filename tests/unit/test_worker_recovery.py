@@ -149,12 +149,23 @@ def test_ops_applied_but_not_recorded_are_not_applied_twice(session_factory, run
     assert_same(factors(consumer.engine, run_id), want)
 
 
+def first_eight_ops_with_recovery_every_step(session_factory, run_id, lm, tmp_path) -> LocalCheckpointStore:
+    """Ops 0-7 on a worker writing a recovery checkpoint after each optim_step (seq 2, then 5); its store."""
+    store = LocalCheckpointStore(tmp_path / "shared")
+    drain_ops(
+        Consumer(Engine(lm, store, recovery_every=1), session_factory, "w1"), session_factory, run_id, range(0, 8)
+    )
+    return store
+
+
+def drain_ops(consumer: Consumer, factory, run: str, seqs: range) -> None:
+    submit_ops(factory, run, seqs)
+    drain(consumer)
+
+
 def test_a_run_rebuilt_from_its_newest_recovery_checkpoint(session_factory, run_id, models, tmp_path) -> None:
     want = reference_factors(models["reference"], run_id, tmp_path / "ref")
-    store = LocalCheckpointStore(tmp_path / "shared")
-    first = Consumer(Engine(models["first"], store, recovery_every=1), session_factory, "w1")
-    submit_ops(session_factory, run_id, range(0, 8))
-    drain(first)  # optim_steps at seq 2 and 5 each wrote one; the second superseded the first
+    store = first_eight_ops_with_recovery_every_step(session_factory, run_id, models["first"], tmp_path)
     with session_factory() as session:
         plan = restore_plan(session, run_id, 8)
         kept = session.scalars(select(Checkpoint).where(Checkpoint.checkpoint_id.startswith("recovery/"))).all()
@@ -164,8 +175,7 @@ def test_a_run_rebuilt_from_its_newest_recovery_checkpoint(session_factory, run_
     assert [p.name for p in store.open(plan.checkpoint_uri).parent.iterdir()] == ["5"]
 
     second = Consumer(Engine(models["second"], store), session_factory, "w2")
-    submit_ops(session_factory, run_id, range(8, 10))
-    drain(second)
+    drain_ops(second, session_factory, run_id, range(8, 10))
     assert_same(factors(second.engine, run_id), want)
 
 
@@ -180,10 +190,7 @@ def test_a_corrupt_starting_checkpoint_falls_back_to_an_older_one(
     session_factory, run_id, models, tmp_path, caplog
 ) -> None:
     want = reference_factors(models["reference"], run_id, tmp_path / "ref")
-    store = LocalCheckpointStore(tmp_path / "shared")
-    first = Consumer(Engine(models["first"], store, recovery_every=1), session_factory, "w1")
-    submit_ops(session_factory, run_id, range(0, 8))
-    drain(first)
+    store = first_eight_ops_with_recovery_every_step(session_factory, run_id, models["first"], tmp_path)
     with session_factory() as session:
         newest = restore_plan(session, run_id, 8)
         older = restore_plan(session, run_id, 8, frozenset({newest.checkpoint_uri}))
@@ -194,9 +201,8 @@ def test_a_corrupt_starting_checkpoint_falls_back_to_an_older_one(
         flip_a_byte(store.open(plan.checkpoint_uri))
 
     second = Consumer(Engine(models["second"], store), session_factory, "w2")
-    submit_ops(session_factory, run_id, range(8, 10))
     with caplog.at_level("INFO", logger="worker.consumer"):
-        drain(second)
+        drain_ops(second, session_factory, run_id, range(8, 10))
     assert len([r for r in caplog.records if "skipping" in r.message]) == 2
     assert_same(factors(second.engine, run_id), want)
 
