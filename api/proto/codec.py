@@ -14,9 +14,12 @@ Since tinker SDK 0.25 three payloads travel as protobuf (schema:
   (``ForwardBackwardOutput``, ``SampleResponse``; the server must answer with
   a ``Content-Type`` containing ``application/x-protobuf``).
 
-The functions here translate between those bytes and the plain dicts the
-JSON protocol uses, so the server validates both encodings with one set of
-pydantic types. They are pure: no I/O, no HTTP, no pydantic.
+The server only ever reads requests and writes results, so this module does
+exactly that: it decodes ``ForwardBackwardRequest`` bodies into the plain
+dicts the JSON protocol uses (one set of pydantic types then validates both
+encodings) and encodes results from those dicts. The other directions are the
+client's: tests use the official SDK's ``tinker.proto.request_conv`` and
+``response_conv``. The functions are pure: no I/O, no HTTP, no pydantic.
 
 Tensor dicts look like ``{"data": [...], "dtype": "float32"|"int64",
 "shape": [...]}`` (sparse CSR tensors add ``sparse_crow_indices`` and
@@ -60,11 +63,8 @@ __all__ = [
     "ProtoDecodeError",
     "decompress_body",
     "decode_forward_backward_request",
-    "encode_forward_backward_request",
     "encode_forward_backward_output",
-    "decode_forward_backward_output",
     "encode_sample_response",
-    "decode_sample_response",
 ]
 
 #: Upper bound on a zstd-decompressed request body (guards against zip bombs).
@@ -97,7 +97,6 @@ _PUBLIC_DTYPES: dict[str, tuple[int, np.dtype]] = {
     "int64": (pb.DTYPE_INT64, np.dtype("<i8")),
 }
 _STOP_REASONS = {"stop": pb.STOP_REASON_STOP, "length": pb.STOP_REASON_LENGTH}
-_STOP_REASON_NAMES = {v: k for k, v in _STOP_REASONS.items()}
 
 
 def _widen(arr: np.ndarray, wire_dtype: int) -> np.ndarray:
@@ -352,75 +351,6 @@ def decode_forward_backward_request(
     }
 
 
-def _encode_chunk(chunk: Mapping[str, Any], out: Any, what: str) -> None:
-    kind = chunk.get("type", "encoded_text")
-    if kind == "encoded_text":
-        tokens = np.asarray(list(chunk["tokens"]), dtype=np.int64)
-        if tokens.size and (tokens.min() < _INT32_MIN or tokens.max() > _INT32_MAX):
-            raise ValueError(f"{what}: token id out of int32 range")
-        out.encoded_text.tokens = tokens.astype("<i4").tobytes()
-    elif kind == "image":
-        raw = chunk["data"]
-        out.image.data = base64.b64decode(raw) if isinstance(raw, str) else bytes(raw)
-        out.image.format = chunk["format"]
-        if chunk.get("expected_tokens") is not None:
-            out.image.expected_tokens = int(chunk["expected_tokens"])
-        dims = chunk.get("override_dimensions")
-        if dims is not None:
-            out.image.override_dimensions.width = int(dims["width"])
-            out.image.override_dimensions.height = int(dims["height"])
-    elif kind == "dmel":
-        raw = chunk["dmel"]
-        out.dmel.dmel = base64.b64decode(raw) if isinstance(raw, str) else bytes(raw)
-    else:
-        raise ValueError(f"{what}: chunk type {kind!r} has no protobuf encoding")
-
-
-def encode_forward_backward_request(req: Mapping[str, Any], *, compress: bool = False) -> bytes:
-    """Inverse of :func:`decode_forward_backward_request` (for tests and clients).
-
-    Writes the layout the SDK writes, including its dual-write of numeric
-    ``loss_fn_config`` entries into both config maps. With ``compress=True`` the
-    result is a zstd frame; send it with ``Content-Encoding: zstd``.
-    """
-    fbi = req["forward_backward_input"]
-    msg = pb.ForwardBackwardRequest()
-    msg.model_id = req["model_id"]
-    seq_id = req.get("seq_id") or 0
-    if not _INT32_MIN <= seq_id <= _INT32_MAX:
-        raise ValueError(f"seq_id {seq_id} does not fit the wire's int32")
-    msg.seq_id = seq_id
-    msg.loss_fn = fbi["loss_fn"]
-    msg.forward_only = bool(req.get("forward_only", False))
-    for key, value in (fbi.get("loss_fn_config") or {}).items():
-        if isinstance(value, str):
-            msg.loss_fn_config_v2[key].text = value
-        else:
-            msg.loss_fn_config[key] = float(value)
-            msg.loss_fn_config_v2[key].number = float(value)
-    for i, datum in enumerate(fbi["data"]):
-        dm = msg.data.add()
-        for j, chunk in enumerate(datum["model_input"]["chunks"]):
-            _encode_chunk(chunk, dm.model_input.add(), f"datum {i} chunk {j}")
-        for name, td in datum.get("loss_fn_inputs", {}).items():
-            _encode_tensor(td, dm.loss_fn_inputs[name], f"datum {i} loss_fn_inputs[{name!r}]")
-        for field in ("model_input_spans", "loss_fn_input_spans"):
-            for span in datum.get(field) or []:
-                kind = span.get("type")
-                if kind not in ("prompt_tokens", "sampled_tokens"):
-                    raise ValueError(f"datum {i} {field}: span type {kind!r} unknown")
-                s = getattr(getattr(dm, field).add(), kind)
-                s.sequence_id = span["sequence_id"]
-                s.offset = int(span.get("offset", 0))
-                s.length = int(span["length"])
-    body = msg.SerializeToString()
-    if compress:
-        import zstandard
-
-        body = zstandard.ZstdCompressor().compress(body)
-    return body
-
-
 # ---------------------------------------------------------------- forward_backward output
 
 
@@ -487,61 +417,6 @@ def encode_forward_backward_output(output: Mapping[str, Any]) -> bytes:
     return msg.SerializeToString()
 
 
-def decode_forward_backward_output(body: bytes, *, arrays: bool = False) -> dict[str, Any]:
-    """Inverse of :func:`encode_forward_backward_output`, read as the SDK reads it.
-
-    Accepts any number of ``ArrayRecord`` chunks and bf16/int32 columns
-    (widened to float32/int64). ``loss_fn_output_type`` keeps only the part
-    after the last ``:``, as the SDK does.
-    """
-    msg = _parse(pb.ForwardBackwardOutput, body)
-    metrics = {k: float(v) for k, v in msg.metrics.items()}
-    out_type = msg.loss_fn_output_type.rsplit(":", 1)[-1] or "ArrayRecord"
-    outputs: list[dict[str, Any]] = []
-    for r, record in enumerate(msg.loss_fn_outputs):
-        n = int(record.num_datums)
-        per_datum: list[dict[str, Any]] | None = None
-        for name, bt in sorted(record.fields.items()):
-            what = f"loss_fn_outputs[{r}].fields[{name!r}]"
-            spec = _WIRE_DTYPES.get(bt.dtype)
-            if spec is None:
-                raise ProtoDecodeError(f"{what}: unknown or unspecified dtype enum value {bt.dtype}")
-            np_dtype, dtype_name = spec
-            buf = _frombuffer(bt.data, np_dtype, what)
-            offsets = _frombuffer(bt.offsets, np.dtype("<i8"), f"{what} offsets")
-            if n == 0:
-                n = max(len(offsets) - 1, 0)
-            if len(offsets) != n + 1:
-                raise ProtoDecodeError(f"{what}: {len(offsets)} offsets for {n} datums")
-            if (
-                offsets[0] != 0
-                or offsets[-1] != len(bt.data)
-                or np.any(np.diff(offsets) < 0)
-                or np.any(offsets % np_dtype.itemsize)
-            ):
-                raise ProtoDecodeError(f"{what}: offsets are not valid byte offsets into data")
-            trailing = [int(s) for s in bt.trailing_shape]
-            if any(s < 0 for s in trailing):
-                raise ProtoDecodeError(f"{what}: negative trailing_shape {trailing}")
-            per_row = math.prod(trailing)
-            if per_datum is None:
-                per_datum = [{} for _ in range(n)]
-            for k in range(n):
-                lo = int(offsets[k]) // np_dtype.itemsize
-                hi = int(offsets[k + 1]) // np_dtype.itemsize
-                arr = _widen(buf[lo:hi], bt.dtype)
-                if per_row and arr.size % per_row:
-                    raise ProtoDecodeError(f"{what}: datum {k} has {arr.size} elements, not a multiple of {per_row}")
-                leading = arr.size // per_row if per_row else 0
-                per_datum[k][name] = {
-                    "data": _as_output(arr, arrays),
-                    "dtype": dtype_name,
-                    "shape": [leading, *trailing],
-                }
-        outputs.extend(per_datum if per_datum is not None else [{} for _ in range(n)])
-    return {"loss_fn_output_type": out_type, "loss_fn_outputs": outputs, "metrics": metrics}
-
-
 # ---------------------------------------------------------------- sample response
 
 
@@ -563,27 +438,6 @@ def _encode_topk(rows: Sequence[Sequence[Sequence[float]] | None], out: Any, wha
     out.logprobs = logprobs.tobytes()
     out.k = k
     out.length = n
-
-
-def _decode_topk(t: Any, what: str) -> list[list[tuple[int, float]] | None]:
-    n, k = int(t.length), int(t.k)
-    ids = _frombuffer(t.token_ids, np.dtype("<i4"), f"{what} token_ids")
-    lps = _frombuffer(t.logprobs, np.dtype("<f4"), f"{what} logprobs")
-    if ids.size != n * k or lps.size != n * k:
-        raise ProtoDecodeError(f"{what}: buffers do not hold length*k = {n}*{k} entries")
-    rows: list[list[tuple[int, float]] | None] = []
-    for i in range(n):
-        row = [
-            (int(tok), float(lp))
-            for tok, lp in zip(ids[i * k : (i + 1) * k].tolist(), lps[i * k : (i + 1) * k].tolist())
-        ]
-        if not row or row[0] == (0, TOPK_MASK_LOGPROB):  # the SDK's rule for "no entry"
-            rows.append(None)
-            continue
-        while row[-1] == (0, TOPK_MASK_LOGPROB):
-            row.pop()
-        rows.append(row)
-    return rows
 
 
 def _float32_bytes(values: Sequence[float | None], what: str) -> bytes:
@@ -633,54 +487,3 @@ def encode_sample_response(resp: Mapping[str, Any]) -> bytes:
         _encode_tensor(alt["tokens"], alt_msg.tokens, "prompt_alt_tokens.tokens")
         _encode_tensor(alt["logprobs"], alt_msg.logprobs, "prompt_alt_tokens.logprobs")
     return msg.SerializeToString()
-
-
-def decode_sample_response(body: bytes) -> dict[str, Any]:
-    """Inverse of :func:`encode_sample_response` (``sequence_id`` is always None).
-
-    Presence is read from the wire's optional-field flags, so an empty but
-    present ``logprobs``/``prompt_logprobs`` decodes as ``[]`` here while the
-    SDK reads it as ``None``.
-    """
-    msg = _parse(pb.SampleResponse, body)
-    sequences = []
-    for i, s in enumerate(msg.sequences):
-        if s.stop_reason not in _STOP_REASON_NAMES:
-            raise ProtoDecodeError(f"sequences[{i}]: unknown stop_reason enum value {s.stop_reason}")
-        seq: dict[str, Any] = {
-            "stop_reason": _STOP_REASON_NAMES[s.stop_reason],
-            "tokens": _frombuffer(s.tokens, np.dtype("<i4"), f"sequences[{i}].tokens").tolist(),
-            "logprobs": (
-                _frombuffer(s.logprobs, np.dtype("<f4"), f"sequences[{i}].logprobs").tolist()
-                if s.HasField("logprobs")
-                else None
-            ),
-            "sequence_id": None,
-        }
-        if s.HasField("topk_sampled_logprobs"):
-            seq["topk_logprobs"] = _decode_topk(s.topk_sampled_logprobs, f"sequences[{i}].topk")
-        sequences.append(seq)
-    prompt_logprobs = None
-    if msg.HasField("prompt_logprobs"):
-        arr = _frombuffer(msg.prompt_logprobs, np.dtype("<f4"), "prompt_logprobs")
-        prompt_logprobs = [None if math.isnan(v) else v for v in arr.tolist()]
-    out: dict[str, Any] = {
-        "type": "sample",
-        "sequences": sequences,
-        "prompt_logprobs": prompt_logprobs,
-        "topk_prompt_logprobs": (
-            _decode_topk(msg.topk_prompt_logprobs, "topk_prompt_logprobs")
-            if msg.HasField("topk_prompt_logprobs")
-            else None
-        ),
-        "prompt_cache_hit_tokens": msg.prompt_cache_hit_tokens,
-    }
-    if msg.HasField("target_prompt_logprobs"):
-        out["target_prompt_logprobs"] = _decode_tensor(msg.target_prompt_logprobs, "target_prompt_logprobs", False)
-    if msg.HasField("prompt_alt_tokens"):
-        alt = msg.prompt_alt_tokens
-        out["prompt_alt_tokens"] = {
-            "tokens": _decode_tensor(alt.tokens, "prompt_alt_tokens.tokens", False),
-            "logprobs": _decode_tensor(alt.logprobs, "prompt_alt_tokens.logprobs", False),
-        }
-    return out

@@ -8,8 +8,8 @@ import math
 import httpx
 import pytest
 
-from api.proto.codec import encode_forward_backward_request
 from tests.e2e.wire import SMOL, datum, error_of, fb_body, new_run, new_session, result
+from tests.proto_wire import sdk_bytes, sdk_request
 
 pytestmark = pytest.mark.e2e
 
@@ -78,7 +78,7 @@ def test_invalid_forward_backward(http, run_id, data, loss_fn, param) -> None:
     )
     as_proto = http.post(
         "/api/v1/forward_backward",
-        content=encode_forward_backward_request(body | {"forward_only": False}),
+        content=sdk_bytes(sdk_request(body)),
         headers={"content-type": "application/x-protobuf"},
     )
     for response in (as_json, as_proto):

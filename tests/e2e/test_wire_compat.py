@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from tinker.proto.response_conv import deserialize_forward_backward_output
 
-from api.proto.codec import decode_forward_backward_output
 from tests.e2e.wire import SMOL, datum, fb_body, new_run, new_session, result
 
 pytestmark = pytest.mark.e2e
@@ -35,9 +35,9 @@ def test_legacy_json_forward_and_result_encodings(http) -> None:
         headers={"Accept": "application/x-protobuf"},
     )
     assert proto.headers["content-type"].startswith("application/x-protobuf")
-    decoded = decode_forward_backward_output(proto.content)
-    assert decoded["metrics"]["loss:sum"] == pytest.approx(as_json["metrics"]["loss:sum"])
-    assert decoded["loss_fn_outputs"][0]["logprobs"]["data"] == pytest.approx(logprobs)
+    decoded = deserialize_forward_backward_output(proto.content)
+    assert decoded.metrics["loss:sum"] == pytest.approx(as_json["metrics"]["loss:sum"])
+    assert decoded.loss_fn_outputs[0]["logprobs"].data == pytest.approx(logprobs)
     # forward_only passes leave no gradient behind: a step right after sees a zero gradient norm.
     step = http.post("/api/v1/optim_step", json={"model_id": run_id, "seq_id": 2, "adam_params": {}}).json()
     assert result(http, step["request_id"])["metrics"]["grad_norm:mean"] == 0.0
@@ -86,5 +86,5 @@ def test_diverged_run_returns_nan_results_instead_of_failing(http) -> None:
         json={"request_id": probe.json()["request_id"]},
         headers={"Accept": "application/x-protobuf"},
     )
-    decoded = decode_forward_backward_output(proto.content)["metrics"]["loss:sum"]
+    decoded = deserialize_forward_backward_output(proto.content).metrics["loss:sum"]
     assert math.isnan(decoded) or math.isinf(decoded)

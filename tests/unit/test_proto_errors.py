@@ -145,32 +145,3 @@ def test_content_encoding() -> None:
     with pytest.raises(ProtoDecodeError, match="more than 1000000 bytes"):
         codec.decompress_body(big, "zstd", max_bytes=1_000_000)
     assert len(codec.decompress_body(big, "zstd")) == 10_000_000
-
-
-def test_malformed_results() -> None:
-    with pytest.raises(ProtoDecodeError, match="malformed ForwardBackwardOutput"):
-        codec.decode_forward_backward_output(b"\xff\xff")
-    msg = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
-    rec = msg.loss_fn_outputs.add(num_datums=2)
-    bt = rec.fields["logprobs"]
-    bt.dtype = pb.DTYPE_FLOAT32
-    bt.data = np.ones(3, dtype="<f4").tobytes()
-    bt.offsets = np.array([0, 4], dtype="<i8").tobytes()
-    with pytest.raises(ProtoDecodeError, match="2 offsets for 2 datums"):
-        codec.decode_forward_backward_output(msg.SerializeToString())
-    bt.offsets = np.array([0, 8, 4], dtype="<i8").tobytes()
-    with pytest.raises(ProtoDecodeError, match="not valid byte offsets"):
-        codec.decode_forward_backward_output(msg.SerializeToString())
-
-    with pytest.raises(ProtoDecodeError, match="malformed SampleResponse"):
-        codec.decode_sample_response(b"\x0a\x05\x01")
-    sample = pb.SampleResponse()
-    sample.sequences.add(stop_reason=7, tokens=b"")
-    with pytest.raises(ProtoDecodeError, match="unknown stop_reason enum value 7"):
-        codec.decode_sample_response(sample.SerializeToString())
-    sample = pb.SampleResponse()
-    sample.topk_prompt_logprobs.k = 2
-    sample.topk_prompt_logprobs.length = 2
-    sample.topk_prompt_logprobs.token_ids = np.zeros(3, dtype="<i4").tobytes()
-    with pytest.raises(ProtoDecodeError, match="length\\*k"):
-        codec.decode_sample_response(sample.SerializeToString())

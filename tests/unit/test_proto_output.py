@@ -110,7 +110,6 @@ def test_mixed_dtypes_and_2d_and_ragged_trailing_shapes() -> None:
     assert [r.num_datums for r in msg.loss_fn_outputs] == [2, 2]
     assert [list(r.fields["topk_ids"].trailing_shape) for r in msg.loss_fn_outputs] == [[3], [2]]
     _assert_sdk_equal(deserialize_forward_backward_output(body), out)
-    assert codec.decode_forward_backward_output(body) == out
 
 
 def test_numpy_data_and_module_qualified_type() -> None:
@@ -132,19 +131,14 @@ def test_empty_outputs_and_fieldless_datums() -> None:
         "loss_fn_outputs": [],
         "metrics": {"loss:sum": 0.0},
     }
-    sdk_out = deserialize_forward_backward_output(codec.encode_forward_backward_output(empty))
-    assert sdk_out.loss_fn_outputs == [] and sdk_out.metrics == {"loss:sum": 0.0}
-    body = codec.encode_forward_backward_output(empty)
-    assert codec.decode_forward_backward_output(body) == empty
+    _assert_sdk_equal(deserialize_forward_backward_output(codec.encode_forward_backward_output(empty)), empty)
 
     fieldless = {
         "loss_fn_output_type": "ArrayRecord",
         "loss_fn_outputs": [{}, {}, {}],
         "metrics": {},
     }
-    body = codec.encode_forward_backward_output(fieldless)
-    assert deserialize_forward_backward_output(body).loss_fn_outputs == [{}, {}, {}]
-    assert codec.decode_forward_backward_output(body) == fieldless
+    _assert_sdk_equal(deserialize_forward_backward_output(codec.encode_forward_backward_output(fieldless)), fieldless)
 
 
 def test_inconsistent_fields_are_rejected() -> None:
@@ -164,32 +158,3 @@ def test_inconsistent_fields_are_rejected() -> None:
         codec.encode_forward_backward_output(bad)
     with pytest.raises(ValueError, match="dtype"):
         codec.encode_forward_backward_output({"loss_fn_outputs": [{"x": {"data": [1], "dtype": "int8", "shape": [1]}}]})
-
-
-def test_our_decoder_reads_bf16_and_int32_columns() -> None:
-    """Columns the hosted service may send compactly are widened as the SDK widens them."""
-    msg = sdk_pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
-    rec = msg.loss_fn_outputs.add(num_datums=2)
-    lp = rec.fields["logprobs"]
-    lp.dtype = sdk_pb.DTYPE_BFLOAT16
-    vals = np.array([-1.0, -0.5, -2.0], dtype=np.float32)
-    lp.data = (vals.view(np.uint32) >> 16).astype("<u2").tobytes()
-    lp.offsets = np.array([0, 4, 6], dtype="<i8").tobytes()
-    ids = rec.fields["ids"]
-    ids.dtype = sdk_pb.DTYPE_INT32
-    ids.data = np.array([3, 4, 5], dtype="<i4").tobytes()
-    ids.offsets = np.array([0, 8, 12], dtype="<i8").tobytes()
-    body = msg.SerializeToString()
-    ours = codec.decode_forward_backward_output(body)
-    sdk_out = deserialize_forward_backward_output(body)
-    assert ours["loss_fn_outputs"] == [
-        {
-            "ids": {"data": [3, 4], "dtype": "int64", "shape": [2]},
-            "logprobs": {"data": [-1.0, -0.5], "dtype": "float32", "shape": [2]},
-        },
-        {
-            "ids": {"data": [5], "dtype": "int64", "shape": [1]},
-            "logprobs": {"data": [-2.0], "dtype": "float32", "shape": [1]},
-        },
-    ]
-    _assert_sdk_equal(sdk_out, ours)

@@ -2,7 +2,9 @@
 
 Bytes come from the SDK itself: its ``request_conv.forward_backward_request_to_proto``
 and, end to end, its HTTP resource ``AsyncTinker.training.forward_backward``
-captured by an httpx mock transport (plain and zstd-compressed bodies).
+captured by an httpx mock transport (plain and zstd-compressed bodies). The
+decoded dicts read back into the SDK's request types and re-encode to the
+same message, so decoding loses nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import zstandard
 
 from api.proto import codec
 from api.proto import tinker_wire_pb2 as pb
@@ -22,10 +25,11 @@ tinker = pytest.importorskip("tinker")
 from tinker import types  # noqa: E402
 from tinker._client import AsyncTinker  # noqa: E402
 from tinker.proto import tinker_public_pb2 as sdk_pb  # noqa: E402
-from tinker.proto.request_conv import forward_backward_request_to_proto  # noqa: E402
 from tinker.types.client_config_response import ClientConfigResponse  # noqa: E402
 from tinker.types.forward_backward_input import ForwardBackwardInput  # noqa: E402
 from tinker.types.forward_backward_request import ForwardBackwardRequest  # noqa: E402
+
+from tests.proto_wire import sdk_bytes, sdk_request  # noqa: E402
 
 RNG = np.random.default_rng(0)
 
@@ -85,12 +89,6 @@ def _sdk_request(loss_fn_config: dict[str, Any] | None = None, seq_id: int = 7) 
     )
 
 
-def _sdk_bytes(req: ForwardBackwardRequest, forward_only: bool = False) -> bytes:
-    msg = forward_backward_request_to_proto(req)
-    msg.forward_only = forward_only  # what AsyncTrainingResource.forward_backward does
-    return msg.SerializeToString()
-
-
 def _expected_tensor(td: Any) -> dict[str, Any]:
     arr = td.to_numpy()
     return {"data": arr.reshape(-1).tolist(), "dtype": td.dtype, "shape": list(arr.shape)}
@@ -118,7 +116,7 @@ def _assert_matches_sdk(decoded: dict[str, Any], req: ForwardBackwardRequest, fo
 @pytest.mark.parametrize("forward_only", [False, True])
 def test_decode_sdk_request(forward_only: bool) -> None:
     req = _sdk_request(loss_fn_config={"clip_low_threshold": 0.8, "clip_high_threshold": 1.2})
-    decoded = codec.decode_forward_backward_request(_sdk_bytes(req, forward_only), None)
+    decoded = codec.decode_forward_backward_request(sdk_bytes(req, forward_only), None)
     _assert_matches_sdk(decoded, req, forward_only)
     fbi = decoded["forward_backward_input"]
     # dtypes and shapes spelled out for the cases that matter
@@ -137,17 +135,17 @@ def test_decode_sdk_request(forward_only: bool) -> None:
 
 def test_decode_sdk_request_string_and_missing_config() -> None:
     req = _sdk_request(loss_fn_config={"kl_coeff": 0.1, "variant": "dapo"}, seq_id=1)
-    decoded = codec.decode_forward_backward_request(_sdk_bytes(req), "identity")
+    decoded = codec.decode_forward_backward_request(sdk_bytes(req), "identity")
     config = decoded["forward_backward_input"]["loss_fn_config"]
     assert config == {"kl_coeff": 0.1, "variant": "dapo"}
     req = _sdk_request(loss_fn_config=None)
-    decoded = codec.decode_forward_backward_request(_sdk_bytes(req))
+    decoded = codec.decode_forward_backward_request(sdk_bytes(req))
     assert decoded["forward_backward_input"]["loss_fn_config"] is None
 
 
 def test_arrays_mode_returns_numpy() -> None:
     req = _sdk_request()
-    decoded = codec.decode_forward_backward_request(_sdk_bytes(req), None, arrays=True)
+    decoded = codec.decode_forward_backward_request(sdk_bytes(req), None, arrays=True)
     soft = decoded["forward_backward_input"]["data"][2]["loss_fn_inputs"]["target_distribution"]
     assert isinstance(soft["data"], np.ndarray) and soft["data"].dtype == np.float32
     expected = req.forward_backward_input.data[2].loss_fn_inputs["target_distribution"].to_numpy()
@@ -171,7 +169,7 @@ def test_sparse_csr_tensor_from_sdk() -> None:
         model_id="m",
         seq_id=3,
     )
-    got = codec.decode_forward_backward_request(_sdk_bytes(req))
+    got = codec.decode_forward_backward_request(sdk_bytes(req))
     w = got["forward_backward_input"]["data"][0]["loss_fn_inputs"]["weights"]
     assert w == {
         "data": [1.0, 0.5],
@@ -180,8 +178,8 @@ def test_sparse_csr_tensor_from_sdk() -> None:
         "sparse_crow_indices": [0, 1, 1, 2, 2],
         "sparse_col_indices": [1, 5],
     }
-    # and our encoder writes the same message back
-    assert _same_message(codec.encode_forward_backward_request(got), _sdk_bytes(req))
+    # and the SDK re-encodes what we decoded to the same message
+    assert _same_message(sdk_bytes(sdk_request(got)), sdk_bytes(req))
 
 
 def _same_message(a: bytes, b: bytes) -> bool:
@@ -219,7 +217,7 @@ def test_image_dmel_chunks_and_provenance() -> None:
         model_id="m",
         seq_id=2,
     )
-    body = _sdk_bytes(req)
+    body = sdk_bytes(req)
     got = codec.decode_forward_backward_request(body)["forward_backward_input"]["data"][0]
     assert got["model_input"]["chunks"] == [
         {"type": "encoded_text", "tokens": [1, 2]},
@@ -234,7 +232,7 @@ def test_image_dmel_chunks_and_provenance() -> None:
     ]
     assert got["loss_fn_input_spans"] == [{"type": "sampled_tokens", "sequence_id": "s-1", "offset": 0, "length": 3}]
     full = codec.decode_forward_backward_request(body)
-    assert _same_message(codec.encode_forward_backward_request(full), body)
+    assert _same_message(sdk_bytes(sdk_request(full)), body)
 
 
 def test_image_without_expected_tokens() -> None:
@@ -247,7 +245,7 @@ def test_image_without_expected_tokens() -> None:
         model_id="m",
         seq_id=2,
     )
-    got = codec.decode_forward_backward_request(_sdk_bytes(req))["forward_backward_input"]
+    got = codec.decode_forward_backward_request(sdk_bytes(req))["forward_backward_input"]
     assert got["data"] == [
         {
             "model_input": {"chunks": [{"type": "image", "data": "anBn", "format": "jpeg", "expected_tokens": None}]},
@@ -264,24 +262,21 @@ def test_dmel_chunk() -> None:
     assert chunk == {"type": "dmel", "dmel": base64.b64encode(b"\x00\x01\x02").decode()}
 
 
-def test_our_encoder_matches_sdk_bytes() -> None:
-    """encode_forward_backward_request(decode(x)) reproduces the SDK's bytes exactly."""
+def test_decoded_request_reencodes_to_sdk_bytes() -> None:
+    """The SDK's encoder, fed what we decoded from its bytes, reproduces those bytes."""
     req = _sdk_request(loss_fn_config={"clip_low_threshold": 0.8, "variant": "x"})
-    body = _sdk_bytes(req, forward_only=True)
+    body = sdk_bytes(req, forward_only=True)
     decoded = codec.decode_forward_backward_request(body)
-    ours = codec.encode_forward_backward_request(decoded)
+    ours = sdk_bytes(sdk_request(decoded), forward_only=decoded["forward_only"])
     assert codec.decode_forward_backward_request(ours) == decoded
-    # Byte for byte, except that we always write a shape where the SDK sent
-    # shape=None (the last datum): the wire reads both as 1-D.
+    # Byte for byte, except that the decoded dict always carries a shape where
+    # the SDK sent shape=None (the last datum): the wire reads both as 1-D.
     theirs_msg = sdk_pb.ForwardBackwardRequest.FromString(body)
     ours_msg = sdk_pb.ForwardBackwardRequest.FromString(ours)
     for t in ours_msg.data[3].loss_fn_inputs.values():
         t.ClearField("shape")
     assert ours_msg == theirs_msg
-    assert (
-        codec.decode_forward_backward_request(codec.encode_forward_backward_request(decoded, compress=True), "zstd")
-        == decoded
-    )
+    assert codec.decode_forward_backward_request(zstandard.ZstdCompressor().compress(ours), "zstd") == decoded
 
 
 def test_bf16_and_int32_inputs_are_widened() -> None:

@@ -17,6 +17,7 @@ from tinker.proto.response_conv import (  # noqa: E402
     deserialize_sample_response,
 )
 from tinker.types.sample_response import SampleResponse  # noqa: E402
+from tinker.types.tensor_data import TensorData  # noqa: E402
 
 
 def _f32(x: float) -> float:
@@ -52,6 +53,10 @@ def _response() -> dict[str, Any]:
     }
 
 
+def _tensor_dict(td: TensorData) -> dict[str, Any]:
+    return {"data": td.data, "dtype": td.dtype, "shape": td.shape}
+
+
 def _assert_sdk_equal(sdk: SampleResponse, want: dict[str, Any]) -> None:
     assert len(sdk.sequences) == len(want["sequences"])
     for got, exp in zip(sdk.sequences, want["sequences"], strict=True):
@@ -73,13 +78,6 @@ def test_sdk_decodes_our_sample_response() -> None:
     _assert_sdk_equal(sdk, resp)
     assert math.isnan(sdk.prompt_logprobs_np[0])  # None travels as NaN
     assert sdk.topk_prompt_logprobs_np.token_ids.shape == (4, 3)
-
-
-def test_round_trip_through_our_decoder() -> None:
-    resp = _response()
-    got = codec.decode_sample_response(codec.encode_sample_response(resp))
-    want = {**resp, "sequences": [{**s, "sequence_id": None} for s in resp["sequences"]]}
-    assert got == want
 
 
 def test_no_prompt_logprobs_means_absent_fields() -> None:
@@ -132,16 +130,11 @@ def test_sampled_topk_and_extra_prompt_outputs() -> None:
     }
     body = codec.encode_sample_response(resp)
     sdk = deserialize_sample_response(body)
-    assert sdk.sequences[0].topk_logprobs == [[(4, -0.5), (9, -1.0)], [(5, -0.25)]]
-    assert sdk.target_prompt_logprobs.shape == [2, 2]
-    assert sdk.target_prompt_logprobs.data == [0.0, -1.5, -0.5, 0.0]
-    assert sdk.prompt_alt_tokens.tokens.data == [3, 4]
-    assert sdk.prompt_alt_tokens.tokens.dtype == "int64"
+    assert sdk.sequences[0].topk_logprobs == resp["sequences"][0]["topk_logprobs"]
+    assert _tensor_dict(sdk.target_prompt_logprobs) == resp["target_prompt_logprobs"]
+    assert _tensor_dict(sdk.prompt_alt_tokens.tokens) == resp["prompt_alt_tokens"]["tokens"]
+    assert _tensor_dict(sdk.prompt_alt_tokens.logprobs) == resp["prompt_alt_tokens"]["logprobs"]
     assert sdk.prompt_alt_tokens.logprobs.to_numpy().tolist() == [[-0.5, -2.0]]
-    got = codec.decode_sample_response(body)
-    assert got["target_prompt_logprobs"] == resp["target_prompt_logprobs"]
-    assert got["prompt_alt_tokens"] == resp["prompt_alt_tokens"]
-    assert got["sequences"][0]["topk_logprobs"] == resp["sequences"][0]["topk_logprobs"]
 
 
 def test_bad_sample_dicts_raise_value_error() -> None:
