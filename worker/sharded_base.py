@@ -4,17 +4,17 @@ Role: the multi-GPU / multi-node option of issue 4 for a base model too big for 
 `torch.distributed` group keeps only 1/N of each base parameter (`param.ds_tensor`); DeepSpeed's module hooks
 all-gather a module's parameters just before its forward (and again before its backward) and free them after.
 The run adapters (`worker.lora.adapter.LoraAdapter`) are plain tensors outside the `nn.Module` tree, so DeepSpeed
-never sees them: each rank holds every resident adapter in full. Ranks split a batch's rows (data parallel) and
-`allreduce_lora_grads` sums the adapters' gradients, so every rank ends the step with identical gradients and,
-after an identical optimizer step, identical adapters.
+never sees them: each rank holds every resident adapter in full. The ranks split memory, not work: every rank
+runs the whole batch (`worker/lockstep.py`), so every rank computes the same adapter gradients and, after the same
+optimizer step, holds the same adapters, with no gradient all-reduce.
 
-Use (on every rank, same order of calls):
-    init_distributed()                                   # env:// (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
-    sharded, router, targets = load_sharded_base(path, spec.targets)   # partitioned while loading
-      # or, for the engine: lm = load_sharded_model(spec)
-      # or: model = ...frozen, install_multi_lora'd...; sharded = shard_frozen_base(model)  (whole model first)
-    ... run_forward_backward(LoadedModel(..., sharded.module, ..., router, targets), this_rank_items)
-    allreduce_lora_grads(adapters)
+Use (on every rank, same order of calls; `worker/lockstep.py` does this for `loom worker --zero3`):
+    init_distributed()                    # env:// (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
+    lm = load_sharded_model(spec)         # the engine's LoadedModel, partitioned while loading
+    partition_sizes(lm.model)             # what this rank stores
+    ... the same engine calls on every rank, each over the whole batch
+  `load_sharded_base(path, targets)` loads any `save_pretrained` folder that way; `shard_frozen_base(model)`
+  partitions a model already materialised in full on each rank.
 
 Limits (measured or read in deepspeed 0.19.8; see tests/integration/test_deepspeed_two_rank.py):
 - Every forward is a collective: all ranks must run the same modules in the same order, so the worker's clock
@@ -41,7 +41,7 @@ Limits (measured or read in deepspeed 0.19.8; see tests/integration/test_deepspe
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from worker.lora.adapter import LoraAdapter, TargetWeight
+from worker.lora.adapter import TargetWeight
 from worker.lora.layers import AdapterRouter, MultiLoraExperts, install_multi_lora
 from worker.models.loader import LoadedModel
 from worker.models.registry import BaseModelSpec, LoraTargets, model_dir
@@ -99,13 +99,10 @@ class ShardedBase:
     """transformers' `HfDeepSpeedConfig` when loaded by `load_sharded_base`; transformers only holds a weak
     reference to it and consults it (e.g. `generate(synced_gpus=...)`), so it lives as long as the model."""
 
-    def partition_sizes(self) -> dict[str, int]:
-        """Elements of base parameters: `full` in the model, `local` stored on this rank (padded partitions),
-        `owned` of those that are real (not padding), `materialised` currently held in gathered form."""
-        return partition_sizes(self.module)
-
 
 def partition_sizes(model: nn.Module) -> dict[str, int]:
+    """Elements of base parameters: `full` in the model, `local` stored on this rank (padded partitions),
+    `owned` of those that are real (not padding), `materialised` currently held in gathered form."""
     rank = torch.distributed.get_rank()
     full = local = owned = materialised = 0
     for p in model.parameters():
@@ -175,17 +172,3 @@ def load_sharded_model(spec: BaseModelSpec) -> LoadedModel:
     sharded, router, targets = load_sharded_base(path, spec.targets)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return LoadedModel(spec, path, sharded.module, tokenizer, router, targets, sharding=sharded)
-
-
-def allreduce_lora_grads(adapters: Iterable[LoraAdapter]) -> None:
-    """Sum every adapter's gradients over the process group (one flat all-reduce); missing grads count as zero."""
-    params = [p for adapter in adapters for p in adapter.parameters()]
-    if not params:
-        return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n
