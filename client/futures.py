@@ -5,7 +5,6 @@ then POSTs ``/api/v1/retrieve_future`` until the result is there:
 
 - 200 ``{"type": "try_again", ...}``, HTTP 408 -> poll again (the server holds
   each poll open for a while; a fast reply is followed by a short pause);
-- 200 ``{"status": "complete_metadata"}`` -> poll again asking for the payload;
 - 200 ``{"error", "category"}`` -> :class:`loom.errors.RequestFailedError`;
 - 200 anything else -> the result, validated into the expected type;
 - 5xx / 429 / connection errors / a poll timing out -> back off (for the
@@ -96,12 +95,15 @@ async def poll_result(
     *,
     request_type: str = "",
 ) -> Any:
-    """Long-poll ``/api/v1/retrieve_future`` for ``request_id``; return the parsed result."""
-    allow_metadata_only = False
+    """Long-poll ``/api/v1/retrieve_future`` for ``request_id``; return the parsed result.
+
+    Polls never set ``allow_metadata_only``, so the server always inlines the
+    result (it answers ``complete_metadata`` only to polls that allow it).
+    """
+    body = FutureRetrieveRequest(request_id=request_id).to_wire()
     iteration = 0
     failures = 0
     while True:
-        body = FutureRetrieveRequest(request_id=request_id, allow_metadata_only=allow_metadata_only).to_wire()
         headers = {
             "X-Tinker-Request-Iteration": str(iteration),
             "X-Tinker-Request-Type": request_type,
@@ -133,9 +135,6 @@ async def poll_result(
             if payload.get("type") == "try_again":
                 if time.monotonic() - started < FAST_REPLY_S:
                     await asyncio.sleep(0.1)
-                continue
-            if payload.get("status") == "complete_metadata":
-                allow_metadata_only = False
                 continue
             if "error" in payload:
                 raise errors.RequestFailedError(
