@@ -4,8 +4,9 @@ Every resident adapter has a slot id registered in the model's `AdapterRouter`, 
 adapter of each row. Training runs are keyed by Tinker model_id; sampler snapshots by the storage URI of the
 checkpoint they came from and kept in a small LRU (re-loaded from the checkpoint store when evicted).
 
-Limits: everything lives in this process's memory; a worker restart drops resident runs (their saved
-checkpoints remain and can be loaded). No cross-worker migration.
+Limits: everything lives in this process's memory; a worker restart drops resident runs. The pool itself moves
+nothing between workers: a run this worker does not hold (or holds stale), e.g. one whose worker crashed, is
+rebuilt here from the database log (`worker/run_recovery.py` plans it, `Engine.restore` applies it).
 """
 
 from __future__ import annotations
