@@ -1,11 +1,11 @@
 """The FastAPI application: wiring of settings, database, queue and routers.
 
-`create_app(settings)` migrates the database to head, builds the queue (embedded workers by default) and mounts
-the Tinker routers. The workers start with the app's lifespan and stop with it. A body-size guard answers
-oversized requests with 413 before they are read into memory.
+`create_app(settings)` migrates the database to head, builds the catalogue of served base models and the queue
+(embedded workers by default) and mounts the Tinker routers. The workers start with the app's lifespan and stop
+with it. A body-size guard answers oversized requests with 413 before they are read into memory.
 
 Limits: one process serves both the API and (in embedded mode) the workers; scale out with `LOOM_QUEUE=external`
-and `loom worker` processes.
+or `celery` and `loom worker` processes.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from api.db.session import make_engine, make_session_factory, upgrade_to_head
 from api.deps import AppState
 from api.errors import ErrorCode, error_body, install_error_handlers
 from api.openai_compat import router as openai_router
-from api.queue import EmbeddedQueue, PollingQueue, served_specs
+from api.queue import PollingQueue
 from api.responses import NonFiniteJSONResponse
 from api.routers import aliases, futures, health, rest, sampling, service, training
-from api.settings import Settings
+from contract.catalogue import Catalogue
+from contract.settings import Settings
 
 
 class BodySizeLimit:
@@ -90,19 +91,20 @@ class RequestId:
 def build_state(settings: Settings, progress=print) -> AppState:
     upgrade_to_head(settings.database_url)
     sessions = make_session_factory(make_engine(settings.database_url))
-    specs = served_specs(settings.base_models)
+    catalogue = Catalogue.serving(settings.base_models)
+    queue: PollingQueue
     if settings.queue == "embedded":
-        queue: PollingQueue = EmbeddedQueue(specs, sessions, settings.checkpoint_url, progress)
+        from api.embedded_queue import EmbeddedQueue
+
+        queue = EmbeddedQueue(settings, catalogue, sessions, progress)
     elif settings.queue == "external":
-        queue = PollingQueue(specs)
-    elif settings.queue == "celery":
+        queue = PollingQueue()
+    else:
         from api.celery_queue import CeleryQueue
 
-        queue = CeleryQueue(specs, sessions, settings.broker_url, dead_after=settings.worker_dead_seconds)
-    else:
-        raise ValueError(f"LOOM_QUEUE must be 'embedded', 'external' or 'celery', not {settings.queue!r}")
+        queue = CeleryQueue(sessions, settings.broker_url, dead_after=settings.worker_dead_seconds)
     readers = make_session_factory(make_engine(settings.database_url, read_only=True))
-    return AppState(settings, sessions, queue, readers)
+    return AppState(settings, catalogue, sessions, queue, readers)
 
 
 def create_app(settings: Settings | None = None, state: AppState | None = None) -> FastAPI:

@@ -23,7 +23,6 @@ seconds (the reconciler re-sends what is still queued).
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from datetime import timedelta
@@ -34,16 +33,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.db.jobs import release_expired_leases
 from api.db.types import utcnow
-from api.db.workers import (
-    EVENTS_CHANNEL,
-    WAKE_TASK,
-    queued_work,
-    reap_dead_workers,
-    shared_queue,
-    worker_queue,
-)
+from api.db.workers import queued_work, reap_dead_workers
 from api.queue import SignalledQueue
-from worker.models.registry import BaseModelSpec
+from contract.broker import EVENTS_CHANNEL, WAKE_TASK, parse_event, shared_queue, worker_queue
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +43,6 @@ log = logging.getLogger(__name__)
 class CeleryQueue(SignalledQueue):
     def __init__(
         self,
-        specs: list[BaseModelSpec],
         session_factory: sessionmaker[Session],
         broker_url: str,
         dead_after: float = 15.0,
@@ -59,7 +50,7 @@ class CeleryQueue(SignalledQueue):
         resend_after: float = 2.0,
         message_ttl: float = 300.0,
     ) -> None:
-        super().__init__(specs, poll_interval=1.0)
+        super().__init__(poll_interval=1.0)
         self.session_factory = session_factory
         self.broker_url = broker_url
         self.dead_after = dead_after
@@ -129,13 +120,14 @@ class CeleryQueue(SignalledQueue):
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message is not None:
-                        self._dispatch(json.loads(message["data"]))
+                        self._dispatch(message["data"])
             except Exception as exc:  # Redis restarting: waiters fall back to polling the database meanwhile
                 log.warning("event listener lost Redis (%s); reconnecting", exc)
                 self._stop.wait(1.0)
 
-    def _dispatch(self, event: dict) -> None:
-        if "stream" in event:
-            self.streams.publish(event["stream"], event["events"])
-        if "finished" in event:
-            self.finished(event["finished"])
+    def _dispatch(self, data: bytes) -> None:
+        event = parse_event(data)
+        if event.stream_job_id is not None:
+            self.streams.publish(event.stream_job_id, event.tokens)
+        if event.finished:
+            self.finished(event.finished)

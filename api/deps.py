@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy import select
@@ -21,15 +21,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.db.jobs import JobConflict, submit_job
 from api.db.keys import authenticate
-from api.db.models import ClientSession, JobKind, TrainingRun
+from api.db.models import ClientSession, TrainingRun
 from api.errors import APIError, ErrorCode, not_found
-from api.queue import ModelInfo, PollingQueue
-from api.settings import Settings
+from api.queue import PollingQueue
+from contract.catalogue import BaseModelEntry, Catalogue
+from contract.jobs import JobPayload
+from contract.settings import Settings
 
 
 @dataclass
 class AppState:
     settings: Settings
+    catalogue: Catalogue
     sessions: sessionmaker[Session]
     queue: PollingQueue
     readers: sessionmaker[Session] | None = None
@@ -45,16 +48,16 @@ class AppState:
         with (self.readers or self.sessions)() as session:
             yield session
 
-    def model(self, base_model: str | None) -> ModelInfo:
-        info = self.queue.resolve(base_model or "")
-        if info is None:
+    def model(self, base_model: str | None) -> BaseModelEntry:
+        entry = self.catalogue.resolve(base_model or "")
+        if entry is None:
             raise APIError(
                 400,
                 ErrorCode.UNKNOWN_MODEL,
-                f"unknown base_model {base_model!r}; this server serves {sorted(self.queue.models)}",
+                f"unknown base_model {base_model!r}; this server serves {sorted(self.catalogue.names)}",
                 "base_model",
             )
-        return info
+        return entry
 
 
 def app_state(request: Request) -> AppState:
@@ -105,18 +108,16 @@ def enqueue(
     request: Request,
     *,
     owner: str,
-    kind: JobKind,
     base_model: str,
     model_id: str | None,
     seq_id: int | None,
-    payload: dict[str, Any],
+    payload: JobPayload,
 ) -> str:
     """Queue a job (or find the identical one already queued) and return its request id."""
     try:
         job, _ = submit_job(
             session,
             owner=owner,
-            kind=kind,
             base_model=base_model,
             model_id=model_id,
             seq_id=seq_id,

@@ -1,12 +1,12 @@
-"""The API's only door to the workers: what models exist, "work was submitted", and "wait for a job".
+"""The API's only door to the workers: "work was submitted", and "wait for a job" (with its token stream).
 
 Jobs themselves travel through the database (see `api/db/jobs.py`); this interface only moves *signals*, so the
 long-poll of `retrieve_future` can answer the moment a job finishes instead of on the next database poll.
 
-- `EmbeddedQueue` (the `loom serve` default) runs the worker consumers in threads of this process and gets
-  completion callbacks and per-token stream events directly.
 - `PollingQueue` is for separately started `loom worker` processes: it has no signal path, so waiters re-check
   the database every `poll_interval` seconds.
+- `EmbeddedQueue` (`api/embedded_queue.py`, the `loom serve` default) runs the worker consumers in threads of
+  this process and gets completion callbacks and per-token stream events directly.
 - `CeleryQueue` (`api/celery_queue.py`) sends wake-ups through Celery on Redis to scaled-out workers and hears
   completions and token streams back over Redis pub/sub.
 
@@ -21,48 +21,8 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import timedelta
-from pathlib import Path
 
-from sqlalchemy.orm import Session, sessionmaker
-
-from api.db.jobs import release_expired_leases
-from api.db.types import utcnow
-from worker.models.registry import BUILTIN_MODELS, BaseModelSpec, model_cache_dir, resolve_spec
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    arch: str
-    vocab_size: int
-    max_context_length: int
-    max_lora_rank: int
-    tokenizer_id: str
-
-
-def model_info(spec: BaseModelSpec) -> ModelInfo:
-    return ModelInfo(
-        name=spec.name,
-        arch=spec.arch,
-        vocab_size=spec.vocab_size,
-        max_context_length=spec.max_context_length,
-        max_lora_rank=spec.max_lora_rank,
-        tokenizer_id=str(model_cache_dir() / spec.cache_name),
-    )
-
-
-def served_specs(names: list[str] | None) -> list[BaseModelSpec]:
-    if not names:
-        return list(BUILTIN_MODELS.values())
-    specs = []
-    for name in names:
-        spec = resolve_spec(name)
-        if spec is None:
-            raise ValueError(f"unknown base model {name!r}; built-in: {sorted(BUILTIN_MODELS)}")
-        specs.append(spec)
-    return specs
+from contract.broker import TokenEvent
 
 
 class _Waiters:
@@ -101,7 +61,7 @@ class StreamHub:
     """
 
     def __init__(self, keep_seconds: float = 120.0) -> None:
-        self._events: dict[str, list[dict]] = defaultdict(list)
+        self._events: dict[str, list[TokenEvent]] = defaultdict(list)
         self._finished: dict[str, float] = {}
         self._signals: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = defaultdict(set)
         self._lock = threading.Lock()
@@ -111,7 +71,7 @@ class StreamHub:
         for loop, event in list(self._signals.get(job_id, ())):
             loop.call_soon_threadsafe(event.set)
 
-    def publish(self, job_id: str, events: list[dict]) -> None:
+    def publish(self, job_id: str, events: list[TokenEvent]) -> None:
         with self._lock:
             self._events[job_id].extend(events)
             self._signal(job_id)
@@ -164,14 +124,8 @@ class PollingQueue:
     streams: StreamHub | None = None
     """Token streams, where the workers can deliver them to this process (None: streams arrive whole)."""
 
-    def __init__(self, specs: list[BaseModelSpec], poll_interval: float = 0.25) -> None:
-        self.models = {spec.name: model_info(spec) for spec in specs}
-        self._aliases = {alias: spec.name for spec in specs for alias in (spec.name, *spec.aliases)}
+    def __init__(self, poll_interval: float = 0.25) -> None:
         self.poll_interval = poll_interval
-
-    def resolve(self, base_model: str) -> ModelInfo | None:
-        name = self._aliases.get(base_model)
-        return None if name is None else self.models[name]
 
     def start(self) -> None:
         pass
@@ -195,18 +149,13 @@ class PollingQueue:
         except TimeoutError:
             pass
 
-    def delete_checkpoint_files(self, storage_uri: str) -> None:
-        from worker.checkpoint_store import delete_checkpoint_uri
-
-        delete_checkpoint_uri(storage_uri)
-
 
 class SignalledQueue(PollingQueue):
     """A queue that hears completions and token streams from its workers, so waiters wake at once; the database
     poll every `poll_interval` is only a safety net for a lost signal."""
 
-    def __init__(self, specs: list[BaseModelSpec], poll_interval: float) -> None:
-        super().__init__(specs, poll_interval)
+    def __init__(self, poll_interval: float) -> None:
+        super().__init__(poll_interval)
         self._waiters = _Waiters()
         self.streams = StreamHub()
 
@@ -217,41 +166,3 @@ class SignalledQueue(PollingQueue):
 
     def watch(self, job_id: str):
         return self._waiters.watch(job_id)
-
-
-class EmbeddedQueue(SignalledQueue):
-    def __init__(
-        self, specs: list[BaseModelSpec], session_factory: sessionmaker[Session], checkpoint_root: Path, progress=print
-    ) -> None:
-        super().__init__(specs, poll_interval=5.0)
-        self.specs = specs
-        self.session_factory = session_factory
-        self.checkpoint_root = checkpoint_root
-        self.progress = progress
-        self._handles: dict = {}
-
-    def start(self) -> None:
-        from worker.service import start_workers  # the embedded queue is the one place the API runs worker code
-
-        with self.session_factory.begin() as session:
-            # In embedded mode no other worker exists: leases left by a previous process are dead.
-            requeued = release_expired_leases(session, utcnow() + timedelta(days=365))
-        if requeued:
-            self.progress(f"requeued {requeued} request(s) left running by a previous server process")
-        self._handles = start_workers(
-            self.specs,
-            self.session_factory,
-            self.checkpoint_root,
-            self.finished,
-            self.progress,
-            on_stream=self.streams.publish,
-        )
-
-    def stop(self) -> None:
-        for handle in self._handles.values():
-            handle.shutdown()
-
-    def submitted(self, base_model: str, placed_on: str | None = None, sampling: bool = False) -> None:
-        handle = self._handles.get(base_model)
-        if handle is not None:
-            handle.wake()

@@ -49,10 +49,11 @@ import time
 
 import torch
 
+from contract.catalogue import SMOLLM2, TINY_KIMI_K2
+from contract.settings import Settings
 from worker.adapter_pool import AdapterPool
 from worker.lora.adapter import LoraSpec
 from worker.models.loader import load_base_model
-from worker.models.registry import SMOLLM2, TINY_KIMI_K2
 from worker.trainer import TrainDatum, WorkItem, run_forward_backward
 
 MODELS = {"smollm2": SMOLLM2, "tiny-kimi-k2": TINY_KIMI_K2}
@@ -85,7 +86,7 @@ def main() -> None:
 
     spec = MODELS[args.model]
     t0 = time.perf_counter()
-    lm = load_base_model(spec)
+    lm = load_base_model(spec, Settings().model_cache_dir)
     load_s = time.perf_counter() - t0
     pool = AdapterPool(lm)
     runs = [

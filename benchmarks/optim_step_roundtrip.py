@@ -115,9 +115,11 @@ def make_batch(seq_len: int, batch: int) -> list[list[int]]:
     """`batch` token sequences of length seq_len+1 from the corpus (tokenised with the served model's tokenizer)."""
     from transformers import AutoTokenizer
 
-    from worker.models.registry import SMOLLM2, model_dir
+    from contract.catalogue import SMOLLM2
+    from contract.settings import Settings
+    from worker.models.registry import model_dir
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir(SMOLLM2)))
+    tok = AutoTokenizer.from_pretrained(str(model_dir(SMOLLM2, Settings().model_cache_dir)))
     ids = tok.encode(CORPUS, add_special_tokens=False)
     need = batch * (seq_len + 1)
     while len(ids) < need:
@@ -204,11 +206,13 @@ class HfPeft:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        from worker.models.registry import SMOLLM2, model_dir
+        from contract.catalogue import SMOLLM2
+        from contract.settings import Settings
+        from worker.models.registry import model_dir
 
         t0 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir(SMOLLM2)), dtype=torch.float32, attn_implementation="sdpa"
+            str(model_dir(SMOLLM2, Settings().model_cache_dir)), dtype=torch.float32, attn_implementation="sdpa"
         )
         self.model = get_peft_model(
             model,

@@ -23,9 +23,10 @@ import time
 
 import torch
 
+from contract.catalogue import SMOLLM2, TINY_KIMI_K2
+from contract.settings import Settings
 from worker.lora.adapter import LoraSpec, create_adapter
 from worker.models.loader import load_base_model
-from worker.models.registry import SMOLLM2, TINY_KIMI_K2
 from worker.sampler import SampleWork, run_sampling
 
 MODELS = {"smollm2": SMOLLM2, "tiny-kimi-k2": TINY_KIMI_K2}
@@ -52,7 +53,7 @@ def main() -> None:
     if args.quick:
         args.new, args.repeats = 16, 1
 
-    lm = load_base_model(MODELS[args.model])
+    lm = load_base_model(MODELS[args.model], Settings().model_cache_dir)
     gen = torch.Generator().manual_seed(0)
     slots = []
     for i in range(8):

@@ -167,14 +167,15 @@ def adapter_capacity(rank: int, max_adapters: int) -> None:
 
     import torch
 
+    from contract.catalogue import SMOLLM2
+    from contract.settings import Settings
+    from loom.types import AdamParams
     from worker.adapter_pool import AdapterPool
-    from worker.job_payloads import adam_step
     from worker.lora.adapter import LoraSpec
     from worker.models.loader import load_base_model
-    from worker.models.registry import SMOLLM2
 
     torch.set_num_threads(1)
-    lm = load_base_model(SMOLLM2)
+    lm = load_base_model(SMOLLM2, Settings().model_cache_dir)
     pool = AdapterPool(lm)
     gc.collect()
     base = rss_bytes()
@@ -187,7 +188,7 @@ def adapter_capacity(rank: int, max_adapters: int) -> None:
         params = [t for pair in run.adapter.params.values() for t in pair]
         for t in params:  # one Adam step allocates the moments, as a trained run has them (it frees the grads)
             t.grad = torch.ones_like(t)
-        run.optimizer.step(adam_step({"adam_params": {"learning_rate": 1e-4}}))
+        run.optimizer.step(AdamParams(learning_rate=1e-4))
         if per_run is None:
             per_run = sum(t.numel() * t.element_size() for t in params) * 3  # weights + 2 Adam moments
         gc.collect()

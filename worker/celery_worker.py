@@ -12,7 +12,7 @@ redelivered; lost messages are re-sent by the API's reconciler.
 
 A heartbeat thread refreshes the registry row and renews this worker's leases every `dead_after / 5`
 seconds (a long step never loses its lease while the worker is alive; a dead worker's leases are released by
-the reaper), and touches `LOOM_HEARTBEAT_FILE` for container liveness probes. Finished job ids and token-stream
+the reaper), and touches the `heartbeat_file` setting's file for container liveness probes. Finished job ids and token-stream
 events are published on the Redis channel the API listens to.
 
 Limits: one Celery consumer thread per process (wake-ups are tiny); a worker paused longer than the
@@ -21,7 +21,6 @@ dead-after interval is reaped, after which its late results are refused by the l
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -35,17 +34,19 @@ from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.db.jobs import renew_leases
-from api.db.workers import (
+from api.db.workers import deregister_worker, heartbeat, register_worker
+from contract.broker import (
     EVENTS_CHANNEL,
     WAKE_TASK,
-    deregister_worker,
-    heartbeat,
-    register_worker,
+    TokenEvent,
+    finished_message,
     shared_queue,
+    stream_message,
     worker_queue,
 )
+from contract.catalogue import BaseModelEntry
+from contract.settings import Settings
 from worker.engine import Engine
-from worker.models.registry import BaseModelSpec
 from worker.service import start_workers
 
 log = logging.getLogger(__name__)
@@ -57,18 +58,18 @@ class EventPublisher:
     def __init__(self, broker_url: str) -> None:
         self.redis = redis.Redis.from_url(broker_url, socket_timeout=2, socket_connect_timeout=2)
 
-    def _publish(self, event: dict) -> None:
+    def _publish(self, message: str) -> None:
         try:
-            self.redis.publish(EVENTS_CHANNEL, json.dumps(event, allow_nan=True))
+            self.redis.publish(EVENTS_CHANNEL, message)
         except redis.RedisError as exc:  # waiters re-read the database on their own
             log.warning("event not published (%s)", exc)
 
     def finished(self, job_ids: list[str]) -> None:
         if job_ids:
-            self._publish({"finished": job_ids})
+            self._publish(finished_message(job_ids))
 
-    def stream(self, job_id: str, events: list[dict]) -> None:
-        self._publish({"stream": job_id, "events": events})
+    def stream(self, job_id: str, events: list[TokenEvent]) -> None:
+        self._publish(stream_message(job_id, events))
 
 
 class Membership:
@@ -82,12 +83,12 @@ class Membership:
         base_models: list[str],
         dead_after: float,
         lease_seconds: float,
-        heartbeat_file: str | None,
+        heartbeat_file: Path | None,
     ) -> None:
         self.sessions, self.worker_id, self.role, self.base_models = sessions, worker_id, role, base_models
         self.interval = dead_after / 5
         self.lease_seconds = lease_seconds
-        self.heartbeat_file = Path(heartbeat_file) if heartbeat_file else None
+        self.heartbeat_file = heartbeat_file
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat_forever, name="loom-heartbeat", daemon=True)
 
@@ -141,41 +142,42 @@ def make_celery(broker_url: str, visibility_timeout: float) -> Celery:
     return app
 
 
-def queues_for(worker_id: str, role: str, specs: list[BaseModelSpec]) -> list[str]:
+def queues_for(worker_id: str, role: str, entries: list[BaseModelEntry]) -> list[str]:
     queues = [worker_queue(worker_id)]
-    for spec in specs:
+    for entry in entries:
         if role != "sample":
-            queues.append(shared_queue(spec.name, sampling=False))
+            queues.append(shared_queue(entry.name, sampling=False))
         if role != "train":
-            queues.append(shared_queue(spec.name, sampling=True))
+            queues.append(shared_queue(entry.name, sampling=True))
     return queues
 
 
 def run_worker(
-    specs: list[BaseModelSpec],
+    entries: list[BaseModelEntry],
     sessions: sessionmaker[Session],
-    checkpoint_url: str,
-    broker_url: str,
+    settings: Settings,
     role: str,
     *,
-    dead_after: float,
-    visibility_timeout: float,
-    lease_seconds: float,
-    heartbeat_file: str | None,
     progress: Callable[[str], None] = log.info,
     engines: dict[str, Engine] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (Celery's warm shutdown), then hand leases and runs back."""
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     membership = Membership(
-        sessions, worker_id, role, [s.name for s in specs], dead_after, lease_seconds, heartbeat_file
+        sessions,
+        worker_id,
+        role,
+        [entry.name for entry in entries],
+        settings.worker_dead_seconds,
+        settings.lease_seconds,
+        settings.heartbeat_file,
     )
     membership.start()
-    events = EventPublisher(broker_url)
+    events = EventPublisher(settings.broker_url)
     handles = start_workers(
-        specs,
+        entries,
         sessions,
-        checkpoint_url,
+        settings,
         on_finished=events.finished,
         progress=progress,
         idle_wait=1.0,
@@ -183,10 +185,9 @@ def run_worker(
         worker_id=worker_id,
         role=role,
         sticky=True,
-        lease_seconds=lease_seconds,
         engines=engines,
     )
-    app = make_celery(broker_url, visibility_timeout)
+    app = make_celery(settings.broker_url, settings.visibility_timeout)
 
     @app.task(name=WAKE_TASK)
     def wake(base_model: str) -> None:
@@ -194,7 +195,7 @@ def run_worker(
         if handle is not None:
             handle.wake()
 
-    queues = queues_for(worker_id, role, specs)
+    queues = queues_for(worker_id, role, entries)
     for name in ("worker", "api"):  # Celery sets the root logger to WARNING; keep Loom's own INFO lines
         logging.getLogger(name).setLevel(logging.INFO)
     progress(f"worker {worker_id} ({role}) consuming {', '.join(queues)}")

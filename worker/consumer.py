@@ -28,50 +28,23 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 
-from sqlalchemy import delete
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db.jobs import ClaimedJob, claim_ready_jobs, complete_job, fail_job, release_expired_leases, requeue_leased
-from api.db.models import Checkpoint, Job
+from api.db.checkpoints import record_checkpoint
+from api.db.jobs import claim_ready_jobs, complete_job, fail_job, release_expired_leases, requeue_leased
+from api.db.models import ErrorCategory, Job
 from api.db.types import utcnow
+from contract.checkpoint_store import CheckpointCorrupt, delete_checkpoint_uri
+from contract.jobs import ClaimedJob, JobKind, result_json
 from worker.checkpoint_io import CheckpointFormatError
-from worker.checkpoint_store import CheckpointCorrupt, delete_checkpoint_uri
 from worker.engine import Engine
-from worker.outcomes import CheckpointRecord, Outcome
-from worker.run_recovery import (
-    RECOVERY_PREFIX,
-    RunNotRestorable,
-    UnusableCheckpoint,
-    restore_plan,
-    superseded_recovery_checkpoints,
-)
+from worker.outcomes import Outcome
+from worker.run_recovery import RunNotRestorable, UnusableCheckpoint, restore_plan
 
 ROLES = ("all", "train", "sample")
 
 log = logging.getLogger(__name__)
-
-
-def _record_checkpoint(session: Session, record: CheckpointRecord) -> None:
-    session.execute(
-        delete(Checkpoint).where(Checkpoint.run_id == record.run_id, Checkpoint.checkpoint_id == record.checkpoint_id)
-    )
-    expires = utcnow() + timedelta(seconds=record.ttl_seconds) if record.ttl_seconds else None
-    session.add(
-        Checkpoint(
-            run_id=record.run_id,
-            owner=record.owner,
-            checkpoint_id=record.checkpoint_id,
-            kind=record.kind,
-            tinker_path=record.tinker_path,
-            storage_uri=record.storage_uri,
-            size_bytes=record.size_bytes,
-            expires_at=expires,
-            committed=True,
-            ephemeral=record.ephemeral,
-        )
-    )
 
 
 @dataclass
@@ -87,26 +60,18 @@ def record_outcomes(session: Session, outcomes: Sequence[Outcome]) -> Recorded:
     recorded = Recorded()
     for outcome in outcomes:
         job = outcome.job
-        if outcome.error is None:
-            ok = complete_job(session, job.id, job.fencing_token, outcome.result or {})
+        if outcome.result is not None:
+            ok = complete_job(session, job.id, job.fencing_token, result_json(outcome.result))
             if ok and outcome.checkpoint is not None:
-                _record_checkpoint(session, outcome.checkpoint)
-                if outcome.checkpoint.checkpoint_id.startswith(RECOVERY_PREFIX):
-                    recorded.superseded_uris += _drop_older_recovery(session, outcome.checkpoint)
+                recorded.superseded_uris += record_checkpoint(session, outcome.checkpoint)
         else:
-            ok = fail_job(session, job.id, job.fencing_token, outcome.error, outcome.category or "unknown")
+            category = outcome.category or ErrorCategory.UNKNOWN
+            ok = fail_job(session, job.id, job.fencing_token, outcome.error or "failed", category)
         if ok:
             recorded.written.append(job.id)
         else:
             log.warning("lease on %s was lost before its result could be written", job.id)
     return recorded
-
-
-def _drop_older_recovery(session: Session, newest: CheckpointRecord) -> list[str]:
-    older = superseded_recovery_checkpoints(session, newest.run_id, newest.checkpoint_id)
-    for row in older:
-        session.delete(row)
-    return [row.storage_uri for row in older]
 
 
 class Consumer:
@@ -116,7 +81,8 @@ class Consumer:
         session_factory: sessionmaker[Session],
         worker_id: str,
         on_finished: Callable[[list[str]], None] = lambda ids: None,
-        lease_seconds: float = 600.0,
+        *,
+        lease_seconds: float,
         batch_limit: int = 256,
         role: str = "all",
         sticky: bool = False,
@@ -214,7 +180,7 @@ class Consumer:
         unrestored: set[str] = set()
         heads: dict[str, ClaimedJob] = {}
         for job in jobs:
-            if job.model_id is not None and job.seq_id is not None and job.kind != "sample":
+            if job.model_id is not None and job.seq_id is not None and job.kind is not JobKind.SAMPLE:
                 head = heads.get(job.model_id)
                 if head is None or job.seq_id < head.seq_id:
                     heads[job.model_id] = job

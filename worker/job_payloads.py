@@ -1,20 +1,20 @@
-"""Turn stored job payloads (Tinker wire JSON) into engine work, and engine results back into wire JSON.
+"""Turn contract payloads (`contract/jobs.py`) into engine work, and engine output into contract results.
 
-Payloads are re-parsed with the wire types and re-checked with `loom.types.validation` (the same checks the API
-ran at submit time), because a queue may hold jobs from an older API or another writer. A failure raises
-`UserInputError`, which the engine reports as a `user` failure of that one request.
+Payloads arrive parsed and, except OpenAI prompts, already validated against this model by the API, so nothing
+here re-checks them. An OpenAI prompt becomes tokens only here (the worker holds the tokenizer and chat
+template), so its tokens and sampling parameters are checked here, once; a failure raises `UserInputError`,
+which the engine reports as a `user` failure of that one request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
-from pydantic import ValidationError
 
-from loom.types import AdamParams, ForwardBackwardInput, SampleRequest
-from loom.types.validation import InvalidRequest, check_adam, check_forward_backward, check_sample
+from contract.jobs import ChatPrompt, CompletionPrompt, SampleJob, TinkerPrompt
+from loom.types import ForwardBackwardInput, ForwardBackwardOutput, SampledSequence, SampleResponse, TensorData
+from loom.types.validation import DEFAULT_MAX_TOKENS, InvalidRequest, check_sampling, check_tokens
+from worker.models.loader import LoadedModel
+from worker.openai_jobs import PromptError, render_prompt
 from worker.sampler import SampleOutput, SampleWork
 from worker.trainer import ItemResult, TrainDatum
 
@@ -23,20 +23,8 @@ class UserInputError(ValueError):
     """The request cannot run on this model; reported as a `user` error."""
 
 
-def _parse(model: type, data: Any):
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise UserInputError(str(exc)) from exc
-
-
-def train_data(payload: Mapping[str, Any], vocab_size: int, max_length: int) -> tuple[list[TrainDatum], str, dict]:
-    """Datums, loss_fn and loss_fn_config of a forward_backward payload, validated against the model."""
-    fb = _parse(ForwardBackwardInput, payload["forward_backward_input"])
-    try:
-        check_forward_backward(fb, vocab_size, max_length)
-    except InvalidRequest as exc:
-        raise UserInputError(f"{exc.param}: {exc}") from exc
+def train_data(fb: ForwardBackwardInput) -> list[TrainDatum]:
+    """The datums of a forward_backward input as tensors (targets as int64, every other input as float32)."""
     datums = []
     for datum in fb.data:
         tokens = [t for chunk in datum.model_input.chunks for t in chunk.tokens]
@@ -45,64 +33,68 @@ def train_data(payload: Mapping[str, Any], vocab_size: int, max_length: int) -> 
             dtype = torch.long if key == "target_tokens" else torch.float32
             inputs[key] = torch.tensor(tensor.dense_data(), dtype=dtype).reshape(tensor.dense_shape)
         datums.append(TrainDatum(tokens, inputs))
-    return datums, fb.loss_fn, dict(fb.loss_fn_config or {})
+    return datums
 
 
-def adam_step(payload: Mapping[str, Any]) -> AdamParams:
-    params = _parse(AdamParams, payload.get("adam_params") or {})
+def forward_backward_result(result: ItemResult) -> ForwardBackwardOutput:
+    return ForwardBackwardOutput(
+        loss_fn_output_type="ArrayRecord",
+        loss_fn_outputs=[
+            {"logprobs": TensorData(data=lp.reshape(-1).tolist(), dtype="float32", shape=list(lp.shape))}
+            for lp in result.logprobs
+        ],
+        metrics={"loss:sum": result.loss_sum},
+    )
+
+
+def prompt_tokens(lm: LoadedModel, job: SampleJob) -> list[int]:
+    """The prompt as token ids: a Tinker prompt's own, or an OpenAI prompt rendered by the model's tokenizer and
+    chat template (then checked against the model; raises `UserInputError`)."""
+    prompt = job.prompt
+    if isinstance(prompt, TinkerPrompt):
+        return [t for chunk in prompt.model_input.chunks for t in chunk.tokens]
     try:
-        check_adam(params.model_dump())
-    except InvalidRequest as exc:
-        raise UserInputError(f"{exc.param}: {exc}") from exc
-    return params
+        tokens = render_prompt(lm.tokenizer, prompt)
+        check_tokens(tokens, lm.spec.vocab_size, lm.spec.max_context_length, "prompt")
+        check_sampling(
+            len(tokens), job.sampling_params, job.num_samples, lm.spec.vocab_size, lm.spec.max_context_length
+        )
+    except (PromptError, InvalidRequest) as exc:
+        raise UserInputError(str(exc)) from exc
+    return tokens
 
 
-def sample_work(payload: Mapping[str, Any], slot: int | None, vocab_size: int, max_length: int) -> SampleWork:
-    request = _parse(SampleRequest, payload)
-    try:
-        prompt = check_sample(request, vocab_size, max_length)
-    except InvalidRequest as exc:
-        raise UserInputError(f"{exc.param}: {exc}") from exc
-    params = request.sampling_params
-    stop = params.stop or []
-    if isinstance(stop, str):
-        stop = [stop]
-    return SampleWork(
+def sample_work(job: SampleJob, prompt: list[int], slot: int | None) -> SampleWork:
+    """The decode work of a sample job whose prompt is `prompt`, on adapter `slot` (None: the base model)."""
+    params = job.sampling_params
+    stop = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
+    work = SampleWork(
         slot=slot,
         prompt=prompt,
-        num_samples=request.num_samples,
-        max_tokens=params.max_tokens if params.max_tokens is not None else 16,
+        num_samples=job.num_samples,
+        max_tokens=params.max_tokens if params.max_tokens is not None else DEFAULT_MAX_TOKENS,
         temperature=params.temperature,
         top_k=params.top_k,
         top_p=params.top_p,
         stop_tokens=[s for s in stop if isinstance(s, int)],
         stop_strings=[s for s in stop if isinstance(s, str)],
         seed=params.seed,
-        prompt_logprobs=bool(request.prompt_logprobs),
-        topk_prompt_logprobs=request.topk_prompt_logprobs,
         stop_at_eos=params.stop != [],
     )
+    match job.prompt:
+        case TinkerPrompt(prompt_logprobs=prompt_logprobs, topk_prompt_logprobs=topk):
+            work.prompt_logprobs, work.topk_prompt_logprobs = prompt_logprobs, topk
+        case ChatPrompt(top_logprobs=top) | CompletionPrompt(top_logprobs=top):
+            work.top_logprobs = top
+    return work
 
 
-def _tensor_json(t: torch.Tensor) -> dict[str, Any]:
-    return {"data": t.reshape(-1).tolist(), "dtype": "float32", "shape": list(t.shape)}
-
-
-def forward_backward_result(result: ItemResult) -> dict[str, Any]:
-    return {
-        "loss_fn_output_type": "ArrayRecord",
-        "loss_fn_outputs": [{"logprobs": _tensor_json(lp)} for lp in result.logprobs],
-        "metrics": {"loss:sum": result.loss_sum},
-    }
-
-
-def sample_result(output: SampleOutput) -> dict[str, Any]:
-    return {
-        "type": "sample",
-        "sequences": [
-            {"stop_reason": s.stop_reason, "tokens": s.tokens, "logprobs": s.logprobs} for s in output.sequences
+def sample_result(output: SampleOutput) -> SampleResponse:
+    return SampleResponse(
+        sequences=[
+            SampledSequence(stop_reason=s.stop_reason, tokens=s.tokens, logprobs=s.logprobs) for s in output.sequences
         ],
-        "prompt_logprobs": output.prompt_logprobs,
-        "topk_prompt_logprobs": output.topk_prompt_logprobs,
-        "prompt_cache_hit_tokens": output.cache_hit_tokens,
-    }
+        prompt_logprobs=output.prompt_logprobs,
+        topk_prompt_logprobs=output.topk_prompt_logprobs,
+        prompt_cache_hit_tokens=output.cache_hit_tokens,
+    )

@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
-from api.db.jobs import ClaimedJob
-from worker.checkpoint_store import CheckpointStore
+from contract.catalogue import BaseModelEntry
+from contract.checkpoint_store import CheckpointStore
+from contract.jobs import ClaimedJob
 from worker.engine import Engine
-from worker.models.registry import BaseModelSpec
 from worker.outcomes import Outcome
 from worker.run_recovery import RestorePlan
 from worker.sharded_base import init_distributed, load_sharded_model, partition_sizes
@@ -93,14 +93,18 @@ class LockstepEngine(Engine):
 
 
 def sharded_engine(
-    spec: BaseModelSpec, store: CheckpointStore, recovery_every: int, progress: Callable[[str], None] = log.info
+    entry: BaseModelEntry,
+    store: CheckpointStore,
+    recovery_every: int,
+    model_cache_dir: Path,
+    progress: Callable[[str], None] = log.info,
 ) -> tuple[Engine, bool]:
-    """Join the launcher's process group and load `spec` partitioned over it. Returns this rank's engine and
+    """Join the launcher's process group and load `entry` partitioned over it. Returns this rank's engine and
     whether it leads: rank 0 gets a `LockstepEngine` to serve with, the others an engine to `follow` with."""
     init_distributed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    progress(f"rank {rank}/{world}: loading {spec.name} sharded with ZeRO-3 ...")
-    lm = load_sharded_model(spec)
+    progress(f"rank {rank}/{world}: loading {entry.name} sharded with ZeRO-3 ...")
+    lm = load_sharded_model(entry, model_cache_dir)
     sizes = partition_sizes(lm.model)
     progress(f"rank {rank}/{world}: stores {sizes['owned'] / 1e6:.2f}M of {sizes['full'] / 1e6:.2f}M base parameters")
     if rank == 0:

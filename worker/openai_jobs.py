@@ -1,8 +1,8 @@
 """OpenAI-style sample jobs on the worker: render the prompt with the base model's own tokenizer and chat
 template, and turn sampled rows into text choices (stop strings cut off, per-token logprobs with token text).
 
-The API forwards the OpenAI request as `payload["openai"]` (`kind` "chat" with `messages`/`tools`, or
-"completion" with `prompt` text or token ids); sampling parameters travel in the usual `sampling_params`.
+The API forwards the OpenAI request as the `SampleJob`'s `ChatPrompt` (messages and tools) or `CompletionPrompt`
+(text or token ids); sampling parameters travel in the job's `sampling_params`.
 
 Limits: message content must be text (image parts wait for the vision base models); tool calls are rendered
 into the prompt by the model's template but not parsed back out of the completion.
@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from contract.jobs import CompletionPrompt, OpenAIChoice, OpenAIPrompt
 from worker.sampler import SampledSequence
 from worker.text_stream import TextStream
 
@@ -33,20 +34,20 @@ def _text_content(message: Mapping[str, Any]) -> dict[str, Any]:
     return {**message, "content": content if content is not None else ""}
 
 
-def render_prompt(tokenizer, request: Mapping[str, Any]) -> list[int]:
-    if request["kind"] == "completion":
-        prompt = request["prompt"]
-        return list(prompt) if isinstance(prompt, list) else tokenizer.encode(prompt, add_special_tokens=False)
+def render_prompt(tokenizer, prompt: OpenAIPrompt) -> list[int]:
+    if isinstance(prompt, CompletionPrompt):
+        text = prompt.prompt
+        return list(text) if isinstance(text, list) else tokenizer.encode(text, add_special_tokens=False)
     if not tokenizer.chat_template:
         raise PromptError("this base model has no chat template; use /v1/completions")
-    messages = [_text_content(m) for m in request["messages"]]
+    messages = [_text_content(m) for m in prompt.messages]
     encoded = tokenizer.apply_chat_template(
-        messages, tools=request.get("tools") or None, add_generation_prompt=True, tokenize=True
+        messages, tools=prompt.tools or None, add_generation_prompt=True, tokenize=True
     )
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
-def choice(tokenizer, seq: SampledSequence, stream: TextStream) -> dict[str, Any]:
+def choice(tokenizer, seq: SampledSequence, stream: TextStream) -> OpenAIChoice:
     """One finished sequence as an OpenAI-neutral choice record (the API shapes the final JSON)."""
     stream.finish()
     finish = "stop" if seq.stop_reason == "stop" or stream.stopped else "length"
@@ -54,11 +55,11 @@ def choice(tokenizer, seq: SampledSequence, stream: TextStream) -> dict[str, Any
     top = None
     if seq.top_logprobs is not None:
         top = [[(tokenizer.decode([i], skip_special_tokens=False), lp) for i, lp in row] for row in seq.top_logprobs]
-    return {
-        "text": stream.text,
-        "finish_reason": finish,
-        "tokens": seq.tokens,
-        "token_strs": pieces,
-        "logprobs": seq.logprobs,
-        "top_logprobs": top,
-    }
+    return OpenAIChoice(
+        text=stream.text,
+        finish_reason=finish,
+        tokens=seq.tokens,
+        token_strs=pieces,
+        logprobs=seq.logprobs,
+        top_logprobs=top,
+    )

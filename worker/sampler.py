@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from contract.settings import DEFAULT_TOKEN_BUDGET
 from worker.models.loader import LoadedModel
 from worker.prefix_cache import PrefixCache
 
@@ -159,7 +160,7 @@ def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 class DecodeBatch:
     """The live rows of all in-flight sample requests of one model, sharing one left-padded KV cache."""
 
-    def __init__(self, lm: LoadedModel, token_budget: int = 1 << 18) -> None:
+    def __init__(self, lm: LoadedModel, token_budget: int = DEFAULT_TOKEN_BUDGET) -> None:
         self.lm = lm
         self.token_budget = token_budget
         self.eos = _eos_ids(lm)

@@ -8,8 +8,8 @@ arrives mid-decode starts on the next step instead of waiting for the batch to d
 
 Sampler adapters in use by live rows are pinned in the adapter pool so the LRU never evicts them.
 
-The module-level helpers (`render_job`, `job_work`, `token_event`, `openai_result`) turn jobs into work and rows
-into results; `worker.vllm_sampling.VllmSamplingEngine` uses them too, so both backends give the same shapes.
+The module-level helpers (`job_work`, `openai_prompt`, `token_event`, `openai_result`) turn jobs into work and
+rows into results; `worker.vllm_sampling.VllmSamplingEngine` uses them too, so both backends give the same shapes.
 
 Limits: one decode batch per model; a job is admitted whole (all its `num_samples` rows at once).
 """
@@ -21,64 +21,55 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from api.db.jobs import ClaimedJob
+from contract.broker import TokenEvent
+from contract.checkpoint_store import CheckpointStore
+from contract.jobs import ClaimedJob, OpenAIPrompt, OpenAISampleResult, SampleJob, TinkerPrompt
+from contract.settings import DEFAULT_TOKEN_BUDGET
 from worker.adapter_pool import AdapterPool
-from worker.checkpoint_store import CheckpointStore
-from worker.job_payloads import UserInputError, sample_result, sample_work
+from worker.job_payloads import prompt_tokens, sample_result, sample_work
 from worker.models.loader import LoadedModel
-from worker.openai_jobs import PromptError, choice, render_prompt
+from worker.openai_jobs import choice
 from worker.sampler import DecodeBatch, Row, SampleOutput, SampleWork
+from worker.sampling_backend import SampleResult
 from worker.text_stream import TextStream
 
 log = logging.getLogger(__name__)
 
-StreamSink = Callable[[str, list[dict[str, Any]]], None]
+StreamSink = Callable[[str, list[TokenEvent]], None]
 
 
-def render_job(lm: LoadedModel, job: ClaimedJob) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The job's payload with an OpenAI prompt rendered to tokens by the model's template, and its OpenAI spec."""
-    payload = dict(job.payload)
-    openai = payload.get("openai")
-    if openai is not None:
-        try:
-            tokens = render_prompt(lm.tokenizer, openai)
-        except PromptError as exc:
-            raise UserInputError(str(exc)) from exc
-        payload["prompt"] = {"chunks": [{"type": "encoded_text", "tokens": tokens}]}
-    return payload, openai
+def openai_prompt(job: SampleJob) -> OpenAIPrompt | None:
+    """The job's OpenAI prompt (its answer is OpenAI-shaped), or None for a Tinker `asample` job."""
+    return None if isinstance(job.prompt, TinkerPrompt) else job.prompt
 
 
-def job_work(lm: LoadedModel, payload: dict[str, Any], openai: dict[str, Any] | None, slot: int | None) -> SampleWork:
-    """The validated `SampleWork` of a rendered payload (raises `UserInputError`)."""
-    work = sample_work(payload, slot, lm.spec.vocab_size, lm.spec.max_context_length)
-    if openai is not None:
-        work.top_logprobs = int(openai.get("top_logprobs") or 0)
-    return work
+def job_work(lm: LoadedModel, job: SampleJob, slot: int | None) -> SampleWork:
+    """The validated `SampleWork` of a sample job (raises `UserInputError` for an OpenAI prompt this model cannot
+    run)."""
+    return sample_work(job, prompt_tokens(lm, job), slot)
 
 
 def token_event(
     tokenizer, text: TextStream, index: int, delta: str, token: int | None, logprob: float | None, stop: str | None
-) -> dict[str, Any]:
+) -> TokenEvent:
     """One streamed token of an OpenAI job as `on_stream` receives it; `stop` is the row's stop reason, if done."""
-    return {
-        "index": index,
-        "text": delta,
-        "token": token,
-        "token_str": "" if token is None else tokenizer.decode([token], skip_special_tokens=False),
-        "logprob": logprob,
-        "finish_reason": None if stop is None else ("stop" if stop == "stop" or text.stopped else "length"),
-    }
+    return TokenEvent(
+        index=index,
+        text=delta,
+        token=token,
+        token_str="" if token is None else tokenizer.decode([token], skip_special_tokens=False),
+        logprob=logprob,
+        finish_reason=None if stop is None else ("stop" if stop == "stop" or text.stopped else "length"),
+    )
 
 
-def openai_result(tokenizer, work: SampleWork, sequences: list, texts: list[TextStream]) -> dict[str, Any]:
+def openai_result(tokenizer, work: SampleWork, sequences: list, texts: list[TextStream]) -> OpenAISampleResult:
     """The result of a finished OpenAI job (the API shapes the final JSON from it)."""
-    return {
-        "type": "openai",
-        "prompt_tokens": len(work.prompt),
-        "choices": [choice(tokenizer, seq, text) for seq, text in zip(sequences, texts)],
-    }
+    return OpenAISampleResult(
+        prompt_tokens=len(work.prompt),
+        choices=[choice(tokenizer, seq, text) for seq, text in zip(sequences, texts)],
+    )
 
 
 @dataclass
@@ -86,14 +77,14 @@ class _InFlight:
     job: ClaimedJob
     work: SampleWork
     slot: int | None
-    openai: dict[str, Any] | None
+    openai: OpenAIPrompt | None
     output: SampleOutput | None = None
     done: dict[int, Row] = field(default_factory=dict)
     texts: list[TextStream] = field(default_factory=list)
 
     @property
     def streaming(self) -> bool:
-        return bool(self.openai and self.openai.get("stream"))
+        return self.openai is not None and self.openai.stream
 
 
 class SamplingEngine:
@@ -103,7 +94,7 @@ class SamplingEngine:
         pool: AdapterPool,
         store: CheckpointStore,
         on_stream: StreamSink | None = None,
-        token_budget: int = 1 << 18,
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
         slice_seconds: float = 0.05,
     ) -> None:
         self.lm, self.pool, self.store = lm, pool, store
@@ -117,16 +108,15 @@ class SamplingEngine:
     def busy(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def submit(self, job: ClaimedJob) -> None:
-        """Validate and queue a sample job; raises `UserInputError` for input this model cannot run."""
-        payload, openai = render_job(self.lm, job)
-        uri = (payload.get("resolved") or {}).get("storage_uri")
+    def submit(self, job: ClaimedJob, payload: SampleJob) -> None:
+        """Queue a sample job (`payload` is its payload); raises `UserInputError` for input this model cannot run."""
+        uri = payload.storage_uri
         slot = None if uri is None else self.pool.sampler_slot(uri, self.store.open)
-        work = job_work(self.lm, payload, openai, slot)
+        work = job_work(self.lm, payload, slot)
         work.cache_key = (job.owner, slot)  # slots are never reused, so a slot names exact weights
         if slot is not None:
             self.pool.pin(slot)
-        self.waiting.append(_InFlight(job, work, slot, openai))
+        self.waiting.append(_InFlight(job, work, slot, openai_prompt(payload)))
 
     def reset(self) -> list[ClaimedJob]:
         """Drop every queued and running job (after a failed decode step); returns them so they can be failed."""
@@ -138,6 +128,9 @@ class SamplingEngine:
             if flight.slot is not None:
                 self.pool.unpin(flight.slot)
         return [flight.job for flight in flights]
+
+    def in_flight(self) -> set[str]:
+        return {flight.job.id for flight in self.waiting} | set(self.running)
 
     def close(self) -> None:
         """Nothing to release (the vLLM engine stops its server here)."""
@@ -159,7 +152,7 @@ class SamplingEngine:
                 ]
             self.running[flight.job.id] = flight
 
-    def advance(self) -> list[tuple[ClaimedJob, dict[str, Any]]]:
+    def advance(self) -> list[tuple[ClaimedJob, SampleResult]]:
         """Admit, decode for one time slice, and return (job, result) for every job that finished."""
         self._admit()
         finished_jobs = []
@@ -178,7 +171,7 @@ class SamplingEngine:
         return finished_jobs
 
     def _stream(self, emitted: list[tuple[Row, int]]) -> None:
-        events: dict[str, list[dict[str, Any]]] = {}
+        events: dict[str, list[TokenEvent]] = {}
         for row, token in emitted:
             flight = self.running[row.tag]
             if flight.openai is None:
@@ -196,7 +189,7 @@ class SamplingEngine:
             for job_id, job_events in events.items():
                 self.on_stream(job_id, job_events)
 
-    def _result(self, flight: _InFlight) -> dict[str, Any]:
+    def _result(self, flight: _InFlight) -> SampleResult:
         flight.output.sequences = [flight.done[i].sequence() for i in range(flight.work.num_samples)]
         if flight.openai is None:
             return sample_result(flight.output)

@@ -10,7 +10,7 @@ optimizer step, holds the same adapters, with no gradient all-reduce.
 
 Use (on every rank, same order of calls; `worker/lockstep.py` does this for `loom worker --zero3`):
     init_distributed()                    # env:// (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
-    lm = load_sharded_model(spec)         # the engine's LoadedModel, partitioned while loading
+    lm = load_sharded_model(entry, cache)  # the engine's LoadedModel, partitioned while loading
     partition_sizes(lm.model)             # what this rank stores
     ... the same engine calls on every rank, each over the whole batch
   `load_sharded_base(path, targets)` loads any `save_pretrained` folder that way; `shard_frozen_base(model)`
@@ -50,10 +50,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from contract.catalogue import BaseModelEntry
 from worker.lora.adapter import TargetWeight
 from worker.lora.layers import AdapterRouter, MultiLoraExperts, install_multi_lora
 from worker.models.loader import LoadedModel
-from worker.models.registry import BaseModelSpec, LoraTargets, model_dir
+from worker.models.registry import LoraTargets, lora_targets, model_dir
 
 
 def _deepspeed():
@@ -163,12 +164,12 @@ def load_sharded_base(
     return sharded, router, targets
 
 
-def load_sharded_model(spec: BaseModelSpec) -> LoadedModel:
+def load_sharded_model(entry: BaseModelEntry, model_cache_dir: Path) -> LoadedModel:
     """A registry base model (its cached `save_pretrained` folder) partitioned over the process group, as the
     `LoadedModel` the engine runs; `sharding` keeps the DeepSpeed engine and configs alive with it."""
     from transformers import AutoTokenizer
 
-    path = model_dir(spec)
-    sharded, router, targets = load_sharded_base(path, spec.targets)
+    path = model_dir(entry, model_cache_dir)
+    sharded, router, targets = load_sharded_base(path, lora_targets(entry))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return LoadedModel(spec, path, sharded.module, tokenizer, router, targets, sharding=sharded)
+    return LoadedModel(entry, path, sharded.module, tokenizer, router, targets, sharding=sharded)

@@ -50,7 +50,7 @@ from typing import Any
 import httpx
 
 from api.db.jobs import ClaimedJob
-from worker.checkpoint_store import CheckpointStore
+from contract.checkpoint_store import CheckpointStore
 from worker.job_payloads import UserInputError, sample_result
 from worker.models.loader import LoadedModel
 from worker.sampler import SampleOutput, SampleWork

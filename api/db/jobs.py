@@ -17,18 +17,20 @@ Ordering. Training ops of one run live in the ``"train"`` lane (see
 is ready only as part of the contiguous chain that starts exactly at its run's
 ``next_seq_id``. Finishing such a job, successfully or not, advances
 ``next_seq_id`` past it, so one failed request never wedges the run's queue. An
-ordered op whose ``TrainingRun`` row does not exist (yet) waits. Jobs in any
-other lane, and jobs without a seq_id, are ready as soon as they are queued.
+ordered op whose ``TrainingRun`` row does not exist (yet) waits. Every training
+op has a seq_id (``submit_job`` refuses one without); jobs in any other lane are
+ready as soon as they are queued.
+
+Payloads. A job's payload is the JSON of its ``contract.jobs`` payload model;
+``claimed`` parses it back, so workers only ever see typed payloads.
 
 Fencing. Each lease increments ``fencing_token``; ``complete_job`` and
 ``fail_job`` only apply while the job is still leased under the caller's token,
 so a worker that lost its lease cannot overwrite anything.
 """
 
-import json
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from itertools import groupby
 from typing import Any
@@ -37,8 +39,9 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.db.models import TRAINING_LANE, ErrorCategory, Job, JobKind, JobState, TrainingRun, lane_for
+from api.db.models import TRAINING_LANE, ErrorCategory, Job, JobState, TrainingRun, lane_for
 from api.db.types import utcnow
+from contract.jobs import ClaimedJob, JobKind, JobPayload, parse_payload
 
 
 class JobConflict(Exception):
@@ -47,20 +50,6 @@ class JobConflict(Exception):
     def __init__(self, existing_job_id: str, message: str) -> None:
         super().__init__(message)
         self.existing_job_id = existing_job_id
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimedJob:
-    """What a worker needs to execute a leased job; detached from any session."""
-
-    id: str
-    kind: str
-    owner: str
-    base_model: str
-    model_id: str | None
-    seq_id: int | None
-    payload: dict[str, Any]
-    fencing_token: int
 
 
 def _job_id(lane: str, model_id: str | None, seq_id: int | None) -> str:
@@ -77,34 +66,32 @@ def submit_job(
     session: Session,
     *,
     owner: str,
-    kind: JobKind | str,
     base_model: str,
     model_id: str | None,
     seq_id: int | None,
-    payload: dict[str, Any],
+    payload: JobPayload,
     idempotency_key: str | None = None,
 ) -> tuple[Job, bool]:
-    """Queue a job, or return the one already submitted for the same request.
+    """Queue a job (its kind is the payload's), or return the one already submitted for the same request.
 
     A request is identified by its (model_id, lane, seq_id) or its
     (owner, idempotency_key). Replaying an identical request returns the existing
     job with ``created=False``; reusing either key for a different request
-    raises ``JobConflict``. Raises ``ValueError`` for an unknown kind, or for a
-    training op without the model_id its ordering depends on.
+    raises ``JobConflict``. Raises ``ValueError`` for a training op without the
+    model_id and seq_id its ordering depends on.
     """
-    job_kind = JobKind(kind)
-    lane = lane_for(job_kind)
+    lane = lane_for(payload.kind)
     if lane == TRAINING_LANE and model_id is None:
-        raise ValueError(f"{job_kind.value} needs the model_id of its training run")
-    # Compare payloads as the database will return them (tuples become lists, ...).
-    payload = json.loads(json.dumps(payload))
+        raise ValueError(f"{payload.kind.value} needs the model_id of its training run")
+    if lane == TRAINING_LANE and seq_id is None:
+        raise ValueError(f"{payload.kind.value} needs its seq_id: a training op runs at its place in its run's order")
     request = {
         "owner": owner,
-        "kind": job_kind.value,
+        "kind": payload.kind.value,
         "base_model": base_model,
         "model_id": model_id,
         "seq_id": seq_id,
-        "payload": payload,
+        "payload": payload.to_json(),  # JSON-native already, so a replay compares equal to the stored one
     }
     existing = _find_existing(session, owner, lane, model_id, seq_id, idempotency_key)
     if existing is None:
@@ -211,15 +198,16 @@ def claim_ready_jobs(
 
 
 def claimed(job: Job) -> ClaimedJob:
-    """The detached view of a job row a worker executes."""
+    """The detached view of a job row a worker executes, its payload parsed into the contract's type (a payload
+    that does not parse becomes `UnreadablePayload`, which fails that job alone)."""
     return ClaimedJob(
         id=job.id,
-        kind=job.kind,
+        kind=JobKind(job.kind),
         owner=job.owner,
         base_model=job.base_model,
         model_id=job.model_id,
         seq_id=job.seq_id,
-        payload=job.payload,
+        payload=parse_payload(job.kind, job.payload),
         fencing_token=job.fencing_token,
     )
 
@@ -279,7 +267,7 @@ def _ready_unordered(
         .where(
             Job.state == JobState.QUEUED.value,
             Job.base_model.in_(base_models),
-            or_(Job.lane != TRAINING_LANE, Job.seq_id.is_(None)),
+            Job.lane != TRAINING_LANE,
         )
         .order_by(Job.created_at, Job.id)
         .limit(limit)
@@ -394,6 +382,29 @@ def _finish(session: Session, job: Job, state: JobState) -> None:
 
 # ---------------------------------------------------------------------------
 # Reading
+
+
+def next_training_seq(session: Session, model_id: str) -> int:
+    """The seq_id after the newest op submitted to a run's ordered lane (for an op the client does not number)."""
+    newest = session.scalar(select(func.max(Job.seq_id)).where(Job.model_id == model_id, Job.lane == TRAINING_LANE))
+    return 0 if newest is None else newest + 1
+
+
+def done_training_ops(session: Session, model_id: str, before_seq: int) -> Iterator[ClaimedJob]:
+    """The run's ops that completed, newest first, from just before `before_seq` back to its start: the log
+    a run's state is rebuilt from (`worker/run_recovery.py`)."""
+    rows = session.scalars(
+        select(Job)
+        .where(
+            Job.model_id == model_id,
+            Job.lane == TRAINING_LANE,
+            Job.seq_id < before_seq,
+            Job.state == JobState.DONE.value,
+        )
+        .order_by(Job.seq_id.desc())
+        .execution_options(yield_per=64)
+    )
+    return (claimed(row) for row in rows)
 
 
 def get_job(session: Session, job_id: str, owner: str) -> Job | None:

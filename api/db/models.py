@@ -38,6 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from api.db.types import UTCDateTime, utcnow
+from contract.jobs import JobKind
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -55,18 +56,6 @@ class Base(DeclarativeBase):
         dict[str, Any]: JSON(),
         list[str]: JSON(),
     }
-
-
-class JobKind(StrEnum):
-    CREATE_MODEL = "create_model"
-    FORWARD_BACKWARD = "forward_backward"
-    FORWARD = "forward"
-    OPTIM_STEP = "optim_step"
-    SAVE_WEIGHTS = "save_weights"
-    SAVE_WEIGHTS_FOR_SAMPLER = "save_weights_for_sampler"
-    LOAD_WEIGHTS = "load_weights"
-    SAMPLE = "sample"
-    UNLOAD_MODEL = "unload_model"
 
 
 class JobState(StrEnum):

@@ -62,6 +62,9 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
     json_args = {"json_serializer": json_codec.dumps, "json_deserializer": json_codec.loads}
     if make_url(url).get_backend_name() != "sqlite":
         return _postgres_engine(url, json_args)
+    database = make_url(url).database
+    if database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, connect_args={"check_same_thread": False}, **json_args)
     event.listen(engine, "connect", _configure_sqlite_connection)
     if not read_only:

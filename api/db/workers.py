@@ -6,8 +6,8 @@ leases (requeued, or failed once a job has been tried `max_attempts` times — a
 training runs so the next claimer restores them, and deletes its row. `queued_work` lists where queued jobs are
 waiting, so the reconciler can re-send wake-ups whose messages were lost.
 
-Like the job store, every function works inside the caller's transaction and never commits. The names of the
-broker queues and the event channel are defined here too: they are the contract between the API and workers.
+Like the job store, every function works inside the caller's transaction and never commits. The broker's queue
+and channel names are in `contract/broker.py`.
 
 Limits: liveness is judged by wall-clock heartbeats; a worker paused longer than `dead_after` is treated as dead
 and its late writes are refused by the lease fencing tokens.
@@ -21,21 +21,9 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from api.db.jobs import requeue_leased
-from api.db.models import TRAINING_LANE, Job, JobKind, JobState, TrainingRun, Worker
+from api.db.models import TRAINING_LANE, Job, JobState, TrainingRun, Worker
 from api.db.types import utcnow
-
-WAKE_TASK = "loom.wake"
-EVENTS_CHANNEL = "loom:events"
-
-
-def worker_queue(worker_id: str) -> str:
-    """The queue only this worker consumes: wake-ups for the runs placed on it."""
-    return f"loom.worker.{worker_id}"
-
-
-def shared_queue(base_model: str, sampling: bool) -> str:
-    """The queue every training (or sampling) worker of a base model consumes."""
-    return f"loom.{'sample' if sampling else 'train'}.{base_model}"
+from contract.jobs import JobKind
 
 
 def register_worker(session: Session, worker_id: str, role: str, base_models: Sequence[str], queue: str) -> None:

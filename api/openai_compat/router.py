@@ -24,12 +24,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.db.models import JobKind, JobState
+from api.db.models import JobState
 from api.deps import AppState, State, Tenant, enqueue
 from api.errors import APIError, ErrorCode, error_body
 from api.job_results import FINAL, snapshot, wait_final
 from api.openai_compat import service
 from api.openai_compat.protocol import ChatCompletionRequest, CompletionRequest
+from contract.jobs import OpenAISampleResult
 
 router = APIRouter(prefix="/v1")
 
@@ -66,11 +67,10 @@ def _submit(
             session,
             request,
             owner=owner,
-            kind=JobKind.SAMPLE,
             base_model=model.base_model,
             model_id=None,
             seq_id=None,
-            payload=service.sample_payload(body, model),
+            payload=service.sample_job(body, model),
         )
     return job_id, model.base_model
 
@@ -101,7 +101,7 @@ async def _complete(body: ChatCompletionRequest | CompletionRequest, request: Re
     if job["state"] != JobState.DONE.value:
         raise APIError(504, ErrorCode.INTERNAL, "the model did not answer in time")
     shape = service.chat_response if chat else service.completion_response
-    return shape(body, job["result"], response_id)
+    return shape(body, OpenAISampleResult.model_validate(job["result"]), response_id)
 
 
 def _sse(data: dict[str, Any]) -> str:
@@ -141,8 +141,8 @@ async def _events(body, state: AppState, owner: str, job_id: str, response_id: s
             )
             yield _sse(error_body(error.code, error.message, error.param, error.status))
             return
-        result = job["result"]
-        missing = sent.missing(result["choices"])  # all of it when no token stream reached this process
+        result = OpenAISampleResult.model_validate(job["result"])
+        missing = sent.missing(result.choices)  # all of it when no token stream reached this process
         if missing:
             yield _sse(chunk(body, response_id, service.stream_choices(body, missing)))
         if body.stream_options is not None and body.stream_options.include_usage:

@@ -4,8 +4,8 @@
 training checkpoint path they may read, one of their aliases, or a base model id. Anything else — including
 another tenant's checkpoint or alias — is the same 404 `model_not_found`, so ids cannot be probed.
 
-`sample_payload` builds the worker job (kind `sample`, payload `openai`); `chat_response` / `completion_response`
-and the `*_chunk` helpers shape the worker's result into OpenAI JSON.
+`sample_job` builds the worker job (a `SampleJob` with a chat or completion prompt the worker renders);
+`chat_response` / `completion_response` and the `*_chunk` helpers shape its `OpenAISampleResult` into OpenAI JSON.
 `SentText` tracks what a stream has sent, so its end can carry whatever token events did not bring.
 
 Limits: `n` choices share one prompt; a choice's logprobs cover its own tokens only.
@@ -26,6 +26,9 @@ from api.deps import AppState
 from api.errors import APIError, ErrorCode
 from api.openai_compat.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, Usage
 from api.paths import parse_tinker_path, readable_checkpoint
+from contract.broker import TokenEvent
+from contract.jobs import ChatPrompt, CompletionPrompt, OpenAIChoice, OpenAIPrompt, OpenAISampleResult, SampleJob
+from loom.types import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -53,53 +56,46 @@ def resolve_model(state: AppState, session: Session, owner: str, name: str) -> R
             raise model_not_found(name) from exc
         run = session.get(TrainingRun, checkpoint.run_id)
         return ResolvedModel(name, run.base_model, checkpoint.storage_uri)
-    info = state.queue.resolve(name)
-    if info is None:
+    entry = state.catalogue.resolve(name)
+    if entry is None:
         raise model_not_found(name)
-    return ResolvedModel(name, info.name, None)
+    return ResolvedModel(name, entry.name, None)
 
 
-def sample_payload(request: ChatCompletionRequest | CompletionRequest, model: ResolvedModel) -> dict[str, Any]:
+def sample_job(request: ChatCompletionRequest | CompletionRequest, model: ResolvedModel) -> SampleJob:
+    prompt: OpenAIPrompt
     if isinstance(request, ChatCompletionRequest):
-        top = (request.top_logprobs or 1) if request.logprobs else 0
-        spec = {
-            "kind": "chat",
-            "messages": [m.model_dump(exclude_none=True) for m in request.messages],
-            "tools": request.tools,
-        }
+        prompt = ChatPrompt(
+            messages=[m.model_dump(exclude_none=True) for m in request.messages],
+            tools=request.tools,
+            stream=request.stream,
+            top_logprobs=(request.top_logprobs or 1) if request.logprobs else 0,
+        )
     else:
-        top = request.logprobs or 0
-        spec = {"kind": "completion", "prompt": request.prompt}
-    spec |= {"top_logprobs": top, "stream": request.stream}
-    params = {
-        "max_tokens": request.token_limit,
-        "temperature": request.temperature,
-        "top_p": request.top_p,
-        "seed": request.seed,
-        "stop": request.stop,
-    }
-    return {
-        "openai": spec,
-        "base_model": model.base_model,
-        "num_samples": request.n,
-        "sampling_params": {k: v for k, v in params.items() if v is not None},
-        "resolved": {"storage_uri": model.storage_uri},
-    }
+        prompt = CompletionPrompt(prompt=request.prompt, stream=request.stream, top_logprobs=request.logprobs or 0)
+    params = SamplingParams(
+        max_tokens=request.token_limit,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        seed=request.seed,
+        stop=request.stop,
+    )
+    return SampleJob(prompt=prompt, sampling_params=params, num_samples=request.n, storage_uri=model.storage_uri)
 
 
-def usage(result: dict[str, Any]) -> Usage:
-    completion = sum(len(c["tokens"]) for c in result["choices"])
+def usage(result: OpenAISampleResult) -> Usage:
+    completion = sum(len(c.tokens) for c in result.choices)
     return Usage(
-        prompt_tokens=result["prompt_tokens"],
+        prompt_tokens=result.prompt_tokens,
         completion_tokens=completion,
-        total_tokens=result["prompt_tokens"] + completion,
+        total_tokens=result.prompt_tokens + completion,
     )
 
 
-def _chat_logprobs(c: dict[str, Any], top_n: int | None) -> dict[str, Any]:
+def _chat_logprobs(c: OpenAIChoice, top_n: int | None) -> dict[str, Any]:
     content = []
-    for i, (piece, lp) in enumerate(zip(c["token_strs"], c["logprobs"])):
-        alternatives = (c["top_logprobs"] or [[]] * len(c["tokens"]))[i][: top_n or 0]
+    for i, (piece, lp) in enumerate(zip(c.token_strs, c.logprobs)):
+        alternatives = (c.top_logprobs or [[]] * len(c.tokens))[i][: top_n or 0]
         content.append(
             {
                 "token": piece,
@@ -111,15 +107,15 @@ def _chat_logprobs(c: dict[str, Any], top_n: int | None) -> dict[str, Any]:
     return {"content": content}
 
 
-def _completion_logprobs(c: dict[str, Any]) -> dict[str, Any]:
+def _completion_logprobs(c: OpenAIChoice) -> dict[str, Any]:
     offsets, at = [], 0
-    for piece in c["token_strs"]:
+    for piece in c.token_strs:
         offsets.append(at)
         at += len(piece)
     return {
-        "tokens": c["token_strs"],
-        "token_logprobs": c["logprobs"],
-        "top_logprobs": [dict(row) for row in c["top_logprobs"]] if c["top_logprobs"] else None,
+        "tokens": c.token_strs,
+        "token_logprobs": c.logprobs,
+        "top_logprobs": [dict(row) for row in c.top_logprobs] if c.top_logprobs else None,
         "text_offset": offsets,
     }
 
@@ -128,14 +124,14 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def chat_response(request: ChatCompletionRequest, result: dict[str, Any], response_id: str) -> dict[str, Any]:
+def chat_response(request: ChatCompletionRequest, result: OpenAISampleResult, response_id: str) -> dict[str, Any]:
     choices = []
-    for i, c in enumerate(result["choices"]):
+    for i, c in enumerate(result.choices):
         choices.append(
             {
                 "index": i,
-                "message": {"role": "assistant", "content": c["text"]},
-                "finish_reason": c["finish_reason"],
+                "message": {"role": "assistant", "content": c.text},
+                "finish_reason": c.finish_reason,
                 "logprobs": _chat_logprobs(c, request.top_logprobs) if request.logprobs else None,
             }
         )
@@ -149,15 +145,15 @@ def chat_response(request: ChatCompletionRequest, result: dict[str, Any], respon
     }
 
 
-def completion_response(request: CompletionRequest, result: dict[str, Any], response_id: str) -> dict[str, Any]:
+def completion_response(request: CompletionRequest, result: OpenAISampleResult, response_id: str) -> dict[str, Any]:
     choices = [
         {
             "index": i,
-            "text": c["text"],
-            "finish_reason": c["finish_reason"],
+            "text": c.text,
+            "finish_reason": c.finish_reason,
             "logprobs": _completion_logprobs(c) if request.logprobs is not None else None,
         }
-        for i, c in enumerate(result["choices"])
+        for i, c in enumerate(result.choices)
     ]
     return {
         "id": response_id,
@@ -187,7 +183,7 @@ def chunk(
     }
 
 
-def stream_choices(request: ChatCompletionRequest | CompletionRequest, events: list[dict[str, Any]]) -> list[dict]:
+def stream_choices(request: ChatCompletionRequest | CompletionRequest, events: list[TokenEvent]) -> list[dict]:
     """The choices of one streamed chunk from the token events that arrived since the last one.
 
     Several decode steps can arrive together; OpenAI clients read one entry per choice index per chunk, so the
@@ -232,33 +228,34 @@ class SentText:
         self.text: dict[int, str] = {}
         self.finished: set[int] = set()
 
-    def add(self, events: list[dict[str, Any]]) -> None:
+    def add(self, events: list[TokenEvent]) -> None:
         for event in events:
             self.text[event["index"]] = self.text.get(event["index"], "") + event["text"]
             if event["finish_reason"] is not None:
                 self.finished.add(event["index"])
 
-    def missing(self, choices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def missing(self, choices: list[OpenAIChoice]) -> list[TokenEvent]:
         """Token events (no logprobs) carrying each choice's unsent text and finish reason."""
-        events = []
+        events: list[TokenEvent] = []
         for index, choice in enumerate(choices):
             sent = self.text.get(index, "")
-            rest = choice["text"][len(sent) :] if choice["text"].startswith(sent) else ""
+            rest = choice.text[len(sent) :] if choice.text.startswith(sent) else ""
             if rest or index not in self.finished:
                 events.append(
-                    {
-                        "index": index,
-                        "text": rest,
-                        "token_str": "",
-                        "logprob": None,
-                        "finish_reason": choice["finish_reason"],
-                    }
+                    TokenEvent(
+                        index=index,
+                        text=rest,
+                        token=None,
+                        token_str="",
+                        logprob=None,
+                        finish_reason=choice.finish_reason,
+                    )
                 )
         return events
 
 
 def list_models(state: AppState, session: Session, owner: str) -> list[ModelCard]:
-    cards = [ModelCard(id=name, created=0, owned_by="loom") for name in state.queue.models]
+    cards = [ModelCard(id=name, created=0, owned_by="loom") for name in state.catalogue.names]
     checkpoints = session.scalars(
         select(Checkpoint)
         .where(Checkpoint.owner == owner, Checkpoint.committed.is_(True), Checkpoint.ephemeral.is_(False))

@@ -45,7 +45,7 @@ def set_alias(name: str, body: AliasTarget, state: State, owner: Tenant) -> dict
         )
     with state.transaction() as session:
         readable_checkpoint(session, owner, parse_tinker_path(body.tinker_path, "tinker_path"))
-        if state.queue.resolve(name) is not None:
+        if state.catalogue.resolve(name) is not None:
             raise invalid(f"{name!r} is a base model id", "name")
         alias = session.scalar(select(ModelAlias).where(ModelAlias.owner == owner, ModelAlias.name == name))
         if alias is None:

@@ -15,11 +15,12 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from api.db.models import JobKind, JobState
+from api.db.models import JobState
 from api.deps import State, Tenant
 from api.errors import not_found
 from api.job_results import FINAL, wait_final
 from api.proto.codec import encode_forward_backward_output, encode_sample_response
+from contract.jobs import JobKind
 from loom.types import FutureRetrieveRequest, RequestFailedResponse, TryAgainResponse
 
 router = APIRouter(prefix="/api/v1")

@@ -17,6 +17,7 @@ from api.db.models import Checkpoint, TrainingRun
 from api.deps import State, Tenant, owned_run
 from api.errors import not_found
 from api.paths import parse_tinker_path, readable_checkpoint
+from contract.checkpoint_store import delete_checkpoint_uri
 from loom.types import Checkpoint as WireCheckpoint
 from loom.types import CheckpointsListResponse, Cursor, TrainingRunsResponse, WeightsInfoRequest, WeightsInfoResponse
 from loom.types import TrainingRun as WireTrainingRun
@@ -122,5 +123,5 @@ def delete_checkpoint(run_id: str, kind: str, name: str, state: State, owner: Te
             raise not_found(f"checkpoint tinker://{run_id}/{kind}/{name} not found")
         uri = row.storage_uri
         session.delete(row)
-    state.queue.delete_checkpoint_files(uri)
+    delete_checkpoint_uri(uri)
     return {"deleted": f"tinker://{run_id}/{kind}/{name}"}

@@ -15,10 +15,11 @@ from fastapi import APIRouter, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.db.models import JobKind, SamplingSession
+from api.db.models import SamplingSession, TrainingRun
 from api.deps import State, Tenant, enqueue, owned_session
 from api.errors import invalid, not_found
 from api.paths import parse_tinker_path, readable_checkpoint
+from contract.jobs import SampleJob, TinkerPrompt
 from loom.types import (
     CreateSamplingSessionRequest,
     CreateSamplingSessionResponse,
@@ -33,8 +34,6 @@ router = APIRouter(prefix="/api/v1")
 
 def _weights_base_model(session: Session, owner: str, model_path: str) -> tuple[str, str]:
     """(base model, storage uri) of a readable checkpoint."""
-    from api.db.models import TrainingRun
-
     checkpoint = readable_checkpoint(session, owner, parse_tinker_path(model_path, "model_path"))
     run = session.get(TrainingRun, checkpoint.run_id)
     return run.base_model, checkpoint.storage_uri
@@ -102,14 +101,20 @@ def asample(body: SampleRequest, request: Request, state: State, owner: Tenant) 
         check_sample(body, info.vocab_size, info.max_context_length)
     except InvalidRequest as exc:
         raise invalid(f"{exc.param}: {exc}", exc.param) from exc
-    payload = body.to_wire() | {"resolved": {"storage_uri": storage_uri}}
+    prompt = TinkerPrompt(
+        model_input=body.prompt,
+        prompt_logprobs=bool(body.prompt_logprobs),
+        topk_prompt_logprobs=body.topk_prompt_logprobs,
+    )
+    payload = SampleJob(
+        prompt=prompt, sampling_params=body.sampling_params, num_samples=body.num_samples, storage_uri=storage_uri
+    )
     seq_id = body.seq_id if body.sampling_session_id is not None else None
     with state.transaction() as session:
         job_id = enqueue(
             session,
             request,
             owner=owner,
-            kind=JobKind.SAMPLE,
             base_model=info.name,
             model_id=body.sampling_session_id,
             seq_id=seq_id,

@@ -70,7 +70,7 @@ def session_heartbeat(body: SessionHeartbeatRequest, state: State, owner: Tenant
 def get_server_capabilities(state: State, owner: Tenant) -> dict[str, Any]:
     models = [
         SupportedModel(model_name=m.name, max_context_length=m.max_context_length, trainable=True, sampleable=True)
-        for m in state.queue.models.values()
+        for m in state.catalogue.entries.values()
     ]
     return GetServerCapabilitiesResponse(supported_models=models).to_wire()
 

@@ -2,8 +2,10 @@
 save_weights, save_weights_for_sampler, load_weights, unload_model.
 
 Each mutating call checks ownership and validates the request against the base model *before* queueing, so bad
-input is a 400 with a machine-readable error instead of a failed future. Accepted requests become jobs in the
-run's ordered "train" lane (seq 0 is the run's creation); the response is a future the client polls.
+input is a 400 with a machine-readable error instead of a failed future; the worker trusts what it is handed.
+Accepted requests become jobs (`contract/jobs.py` payloads) in the run's ordered "train" lane: seq 0 is the run's
+creation, the client numbers its ops from 1, and `unload_model`, which Tinker does not number, takes the seq after
+the newest op submitted so far.
 
 Limits: checkpoint names are restricted to `[A-Za-z0-9._-]{1,128}`; `ttl_seconds` below 3600 is rejected as
 Tinker does.
@@ -11,7 +13,6 @@ Tinker does.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -21,11 +22,27 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.db.models import Checkpoint, JobKind, RunStatus, SamplingSession, TrainingRun
+from api.db.jobs import next_training_seq
+from api.db.models import Checkpoint, RunStatus, SamplingSession, TrainingRun
 from api.deps import State, Tenant, enqueue, owned_run, owned_session
 from api.errors import APIError, ErrorCode, invalid, invalid_from_validation
 from api.paths import parse_tinker_path, readable_checkpoint
 from api.proto.codec import ProtoDecodeError, decode_forward_backward_request
+from contract.jobs import (
+    DEFAULT_LORA_RANK,
+    CheckpointTarget,
+    CreateModelJob,
+    ForwardBackwardJob,
+    ForwardJob,
+    JobPayload,
+    LoadWeightsJob,
+    OptimStepJob,
+    RunLora,
+    SaveWeightsForSamplerJob,
+    SaveWeightsJob,
+    UnloadModelJob,
+    default_lora_seed,
+)
 from loom.types import (
     CreateModelRequest,
     ForwardBackwardRequest,
@@ -53,10 +70,14 @@ def _future(request_id: str, model_id: str | None = None) -> dict[str, Any]:
     return UntypedAPIFuture(request_id=request_id, model_id=model_id).to_wire()
 
 
-def _parse(model: type[BaseModel], data: Any) -> Any:
+def _parse(model: type[BaseModel], data: bytes | dict[str, Any]) -> Any:
+    """`model` from a JSON body (parsed and validated in one pass) or from a decoded protobuf body."""
     try:
-        return model.model_validate(data)
+        return model.model_validate_json(data) if isinstance(data, bytes) else model.model_validate(data)
     except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            raise invalid(f"body is not valid JSON: {first.get('msg')}") from exc
         raise invalid_from_validation(exc.errors()) from exc
 
 
@@ -100,15 +121,12 @@ def _create_run(
     return run
 
 
-def _enqueue_op(
-    session: Session, request: Request, run: TrainingRun, kind: JobKind, seq_id: int | None, payload: dict[str, Any]
-) -> str:
+def _enqueue_op(session: Session, request: Request, run: TrainingRun, seq_id: int, payload: JobPayload) -> str:
     """Queue an op of `run` in its ordered lane; returns the request id."""
     return enqueue(
         session,
         request,
         owner=run.owner,
-        kind=kind,
         base_model=run.base_model,
         model_id=run.id,
         seq_id=seq_id,
@@ -124,7 +142,7 @@ def _submitted(state: State, run: TrainingRun, request_id: str) -> dict[str, Any
 @router.post("/create_model")
 def create_model(body: CreateModelRequest, request: Request, state: State, owner: Tenant) -> dict[str, Any]:
     info = state.model(body.base_model)
-    lora = body.lora_config or LoraConfig(rank=32)
+    lora = body.lora_config or LoraConfig(rank=DEFAULT_LORA_RANK)
     if lora.rank > info.max_lora_rank:
         raise invalid(
             f"lora_config.rank {lora.rank} exceeds max LoRA rank {info.max_lora_rank} for {info.name}",
@@ -134,8 +152,17 @@ def create_model(body: CreateModelRequest, request: Request, state: State, owner
         raise invalid("lora_config trains nothing: enable train_attn, train_mlp or train_unembed", "lora_config")
     with state.transaction() as session:
         run = _create_run(session, owner, body.session_id, body.model_seq_id, info.name, lora, body.user_metadata or {})
-        payload = {"lora_config": lora.to_wire()}
-        job_id = _enqueue_op(session, request, run, JobKind.CREATE_MODEL, 0, payload)
+        seed = lora.seed if lora.seed is not None else default_lora_seed(run.id)
+        payload = CreateModelJob(
+            lora=RunLora(
+                rank=lora.rank,
+                seed=seed,
+                train_attn=lora.train_attn,
+                train_mlp=lora.train_mlp,
+                train_unembed=lora.train_unembed,
+            )
+        )
+        job_id = _enqueue_op(session, request, run, 0, payload)
     return _submitted(state, run, job_id)
 
 
@@ -145,7 +172,9 @@ def get_info(body: GetInfoRequest, state: State, owner: Tenant) -> dict[str, Any
         run = owned_run(session, owner, body.model_id)
     info = state.model(run.base_model)
     return GetInfoResponse(
-        model_data=ModelData(arch=info.arch, model_name=info.name, tokenizer_id=info.tokenizer_id),
+        model_data=ModelData(
+            arch=info.arch, model_name=info.name, tokenizer_id=str(info.folder(state.settings.model_cache_dir))
+        ),
         model_id=run.id,
         is_lora=True,
         lora_rank=run.lora_rank,
@@ -153,7 +182,8 @@ def get_info(body: GetInfoRequest, state: State, owner: Tenant) -> dict[str, Any
     ).to_wire()
 
 
-async def _forward_backward_body(request: Request) -> dict[str, Any]:
+async def _forward_backward_body(request: Request) -> bytes | dict[str, Any]:
+    """A JSON body as it came (parsed with its model, in one pass), or a protobuf body decoded to a dict."""
     content_type = request.headers.get("content-type", "")
     body = await request.body()
     if "application/x-protobuf" in content_type:
@@ -163,13 +193,10 @@ async def _forward_backward_body(request: Request) -> dict[str, Any]:
             raise invalid(f"malformed protobuf ForwardBackwardRequest: {exc}") from exc
     if "json" not in content_type and content_type:
         raise APIError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, f"unsupported content-type {content_type!r}")
-    try:
-        return json.loads(body)
-    except ValueError as exc:
-        raise invalid(f"body is not valid JSON: {exc}") from exc
+    return body
 
 
-def _queue_forward_backward(state: State, request: Request, owner: str, fb: ForwardBackwardRequest, kind: JobKind):
+def _queue_forward_backward(state: State, request: Request, owner: str, fb: ForwardBackwardRequest):
     seq_id = _seq(fb.seq_id)
     with state.transaction() as session:
         run = _active_run(session, owner, fb.model_id)
@@ -178,9 +205,9 @@ def _queue_forward_backward(state: State, request: Request, owner: str, fb: Forw
         check_forward_backward(fb.forward_backward_input, info.vocab_size, info.max_context_length)
     except InvalidRequest as exc:
         raise invalid(str(exc) if exc.param is None else f"{exc.param}: {exc}", exc.param) from exc
-    payload = {"forward_backward_input": fb.forward_backward_input.to_wire(), "forward_only": fb.is_forward_only}
+    job = ForwardJob if fb.is_forward_only else ForwardBackwardJob
     with state.transaction() as session:
-        job_id = _enqueue_op(session, request, run, kind, seq_id, payload)
+        job_id = _enqueue_op(session, request, run, seq_id, job(input=fb.forward_backward_input))
     return _submitted(state, run, job_id)
 
 
@@ -188,7 +215,7 @@ def _queue_forward_backward(state: State, request: Request, owner: str, fb: Forw
 async def forward_backward(request: Request, state: State, owner: Tenant) -> dict[str, Any]:
     raw = await _forward_backward_body(request)
     fb = await run_in_threadpool(_parse, ForwardBackwardRequest, raw)
-    return await run_in_threadpool(_queue_forward_backward, state, request, owner, fb, JobKind.FORWARD_BACKWARD)
+    return await run_in_threadpool(_queue_forward_backward, state, request, owner, fb)
 
 
 @router.post("/forward")
@@ -196,20 +223,19 @@ async def forward(request: Request, state: State, owner: Tenant) -> dict[str, An
     raw = await _forward_backward_body(request)
     fwd = await run_in_threadpool(_parse, ForwardRequest, raw)
     fb = fwd.to_forward_backward_request()
-    return await run_in_threadpool(_queue_forward_backward, state, request, owner, fb, JobKind.FORWARD)
+    return await run_in_threadpool(_queue_forward_backward, state, request, owner, fb)
 
 
 @router.post("/optim_step")
 def optim_step(body: OptimStepRequest, request: Request, state: State, owner: Tenant) -> dict[str, Any]:
     seq_id = _seq(body.seq_id)
-    params = body.adam_params.to_wire()
     try:
-        check_adam(params)
+        check_adam(body.adam_params.to_wire())
     except InvalidRequest as exc:
         raise invalid(f"{exc.param}: {exc}", exc.param) from exc
     with state.transaction() as session:
         run = _active_run(session, owner, body.model_id)
-        job_id = _enqueue_op(session, request, run, JobKind.OPTIM_STEP, seq_id, {"adam_params": params})
+        job_id = _enqueue_op(session, request, run, seq_id, OptimStepJob(adam=body.adam_params))
     return _submitted(state, run, job_id)
 
 
@@ -245,13 +271,13 @@ def save_weights(body: SaveWeightsRequest, request: Request, state: State, owner
             raise APIError(
                 409, ErrorCode.CONFLICT, f"checkpoint {checkpoint_id} already exists (pass overwrite=True)", "path"
             )
-        payload = {
-            "path": name,
-            "overwrite": body.overwrite,
-            "ttl_seconds": _ttl(body.ttl_seconds),
-            "resolved": {"checkpoint_id": checkpoint_id, "tinker_path": f"tinker://{run.id}/{checkpoint_id}"},
-        }
-        job_id = _enqueue_op(session, request, run, JobKind.SAVE_WEIGHTS, seq_id, payload)
+        target = CheckpointTarget(
+            checkpoint_id=checkpoint_id,
+            tinker_path=f"tinker://{run.id}/{checkpoint_id}",
+            ttl_seconds=_ttl(body.ttl_seconds),
+            overwrite=body.overwrite,
+        )
+        job_id = _enqueue_op(session, request, run, seq_id, SaveWeightsJob(target=target))
     return _submitted(state, run, job_id)
 
 
@@ -262,7 +288,7 @@ def save_weights_for_sampler(
     seq_id = _seq(body.seq_id)
     with state.transaction() as session:
         run = _active_run(session, owner, body.model_id)
-        resolved: dict[str, Any] = {}
+        sampler_id: str | None = None
         if body.path is not None:
             name = _checkpoint_name(body.path)
             if _name_taken(session, run.id, f"sampler_weights/{name}"):
@@ -270,24 +296,28 @@ def save_weights_for_sampler(
         elif body.sampling_session_seq_id is not None:
             name = f"ephemeral-{body.sampling_session_seq_id:06d}-seq{seq_id}"
             sampler_id = f"{run.session_id}:sample:{body.sampling_session_seq_id}"
-            resolved.update(ephemeral=True, sampling_session_id=sampler_id)
         else:
             raise invalid("save_weights_for_sampler needs a path or a sampling_session_seq_id", "path")
         checkpoint_id = f"sampler_weights/{name}"
         tinker_path = f"tinker://{run.id}/{checkpoint_id}"
-        resolved.update(checkpoint_id=checkpoint_id, tinker_path=tinker_path)
-        if "sampling_session_id" in resolved and session.get(SamplingSession, resolved["sampling_session_id"]) is None:
+        if sampler_id is not None and session.get(SamplingSession, sampler_id) is None:
             session.add(
                 SamplingSession(
-                    id=resolved["sampling_session_id"],
+                    id=sampler_id,
                     owner=owner,
                     session_id=run.session_id,
                     base_model=run.base_model,
                     model_path=tinker_path,
                 )
             )
-        payload = {"path": body.path, "ttl_seconds": _ttl(body.ttl_seconds), "resolved": resolved}
-        job_id = _enqueue_op(session, request, run, JobKind.SAVE_WEIGHTS_FOR_SAMPLER, seq_id, payload)
+        target = CheckpointTarget(
+            checkpoint_id=checkpoint_id,
+            tinker_path=tinker_path,
+            ttl_seconds=_ttl(body.ttl_seconds),
+            ephemeral=sampler_id is not None,
+        )
+        payload = SaveWeightsForSamplerJob(target=target, sampling_session_id=sampler_id)
+        job_id = _enqueue_op(session, request, run, seq_id, payload)
     return _submitted(state, run, job_id)
 
 
@@ -328,9 +358,10 @@ def load_weights(body: LoadWeightsRequest, request: Request, state: State, owner
                 f"checkpoint ({source.base_model}, rank {source.lora_rank}) does not fit run {run.id} ({run.base_model}, rank {run.lora_rank})",
                 "path",
             )
-        kind = JobKind.LOAD_WEIGHTS if seq_id else JobKind.CREATE_MODEL
-        payload = {"path": body.path, "optimizer": body.optimizer, "resolved": {"storage_uri": checkpoint.storage_uri}}
-        job_id = _enqueue_op(session, request, run, kind, seq_id, payload)
+        payload = LoadWeightsJob(
+            tinker_path=body.path, storage_uri=checkpoint.storage_uri, with_optimizer=body.optimizer
+        )
+        job_id = _enqueue_op(session, request, run, seq_id, payload)
     return _submitted(state, run, job_id)
 
 
@@ -339,5 +370,6 @@ def unload_model(body: UnloadModelRequest, request: Request, state: State, owner
     with state.transaction() as session:
         run = _active_run(session, owner, body.model_id)
         run.status = RunStatus.UNLOADED.value
-        job_id = _enqueue_op(session, request, run, JobKind.UNLOAD_MODEL, None, {})
+        # After every op submitted before it, so the run's earlier requests still run first.
+        job_id = _enqueue_op(session, request, run, next_training_seq(session, run.id), UnloadModelJob())
     return _submitted(state, run, job_id)

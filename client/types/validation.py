@@ -1,8 +1,8 @@
 """Checks a request must pass before any model runs it, given the base model's vocabulary and context size.
 
-One implementation serves three callers: the API (which turns a failure into a 400 at submit time), the worker
-(which re-checks payloads it reads from the queue), and SDK users who want to fail fast locally. Each check
-raises `InvalidRequest` naming the offending field in `param`.
+One implementation serves the API (which turns a failure into a 400 at submit time, so a worker is only ever
+handed valid work), the worker (for OpenAI prompts, which only it can render to tokens), and SDK users who want
+to fail fast locally. Each check raises `InvalidRequest` naming the offending field in `param`.
 
 Checked: known loss and loss_fn_config keys; required/unknown `loss_fn_inputs`; token ids inside the vocabulary;
 sequence length within the context; `target_tokens` shape (N,) or (N, K) with N = model_input length (2-D only
@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .model_input import Datum, EncodedTextChunk, ModelInput
-from .sampling import SampleRequest
+from .sampling import SampleRequest, SamplingParams
 from .tensors import TensorData
 from .training import ForwardBackwardInput
 
@@ -40,6 +40,12 @@ LOSS_CONFIG_KEYS: dict[str, frozenset[str]] = {
 }
 
 
+MAX_SAMPLES = 128
+"""The most sequences one sample request may ask for."""
+DEFAULT_MAX_TOKENS = 16
+"""The token limit of a sample request that names none (Tinker's default)."""
+
+
 class InvalidRequest(ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -55,6 +61,12 @@ def model_input_tokens(model_input: ModelInput, vocab_size: int, max_length: int
                 f"chunk type {chunk.type!r} is not supported by this text-only base model", f"{param}.chunks.{i}"
             )
         tokens.extend(chunk.tokens)
+    check_tokens(tokens, vocab_size, max_length, param)
+    return tokens
+
+
+def check_tokens(tokens: Sequence[int], vocab_size: int, max_length: int, param: str) -> None:
+    """A prompt or sequence: not empty, inside the vocabulary and the context."""
     if not tokens:
         raise InvalidRequest("model_input holds no tokens", param)
     for t in tokens:
@@ -62,7 +74,6 @@ def model_input_tokens(model_input: ModelInput, vocab_size: int, max_length: int
             raise InvalidRequest(f"token id {t} is outside the vocabulary [0, {vocab_size})", param)
     if len(tokens) > max_length:
         raise InvalidRequest(f"{len(tokens)} tokens exceed the model's context of {max_length}", param)
-    return tokens
 
 
 def _shape(tensor: TensorData) -> list[int]:
@@ -117,15 +128,28 @@ def check_forward_backward(fb: ForwardBackwardInput, vocab_size: int, max_length
         check_datum(datum, fb.loss_fn, vocab_size, max_length, f"data.{i}")
 
 
-def check_sample(request: SampleRequest, vocab_size: int, max_length: int, max_samples: int = 128) -> list[int]:
+def check_sample(request: SampleRequest, vocab_size: int, max_length: int) -> list[int]:
+    """The prompt tokens of an `asample` request that passes every check."""
     prompt = model_input_tokens(request.prompt, vocab_size, max_length, "prompt")
-    params = request.sampling_params
-    max_tokens = params.max_tokens if params.max_tokens is not None else 16
+    check_sampling(len(prompt), request.sampling_params, request.num_samples, vocab_size, max_length)
+    return prompt
+
+
+def check_sampling(
+    prompt_length: int,
+    params: SamplingParams,
+    num_samples: int,
+    vocab_size: int,
+    max_length: int,
+    max_samples: int = MAX_SAMPLES,
+) -> None:
+    """Sampling parameters, given the prompt's length and the model's vocabulary and context."""
+    max_tokens = params.max_tokens if params.max_tokens is not None else DEFAULT_MAX_TOKENS
     if max_tokens < 1:
         raise InvalidRequest("max_tokens must be at least 1", "sampling_params.max_tokens")
-    if len(prompt) + max_tokens > max_length:
+    if prompt_length + max_tokens > max_length:
         raise InvalidRequest(
-            f"prompt ({len(prompt)}) + max_tokens ({max_tokens}) exceed the context of {max_length}",
+            f"prompt ({prompt_length}) + max_tokens ({max_tokens}) exceed the context of {max_length}",
             "sampling_params.max_tokens",
         )
     if not math.isfinite(params.temperature) or params.temperature < 0:
@@ -134,13 +158,12 @@ def check_sample(request: SampleRequest, vocab_size: int, max_length: int, max_s
         raise InvalidRequest("top_p must be in (0, 1]", "sampling_params.top_p")
     if params.top_k == 0 or params.top_k < -1:
         raise InvalidRequest("top_k must be -1 (off) or >= 1", "sampling_params.top_k")
-    if request.num_samples > max_samples:
+    if num_samples > max_samples:
         raise InvalidRequest(f"num_samples is capped at {max_samples}", "num_samples")
     stop = params.stop if isinstance(params.stop, list) else []
     for s in stop:
         if isinstance(s, int) and not 0 <= s < vocab_size:
             raise InvalidRequest(f"stop token {s} is outside the vocabulary", "sampling_params.stop")
-    return prompt
 
 
 def check_adam(params: Mapping[str, float]) -> None:

@@ -20,9 +20,9 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
+from contract.checkpoint_s3 import env_client
 from tests.e2e.server import free_port
 from tests.integration.deepspeed_fixtures import ranks_leave_no_shm  # noqa: F401 - a fixture, used by name
-from worker.checkpoint_s3 import env_client
 
 ADMIN_URL = os.environ.get("LOOM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 

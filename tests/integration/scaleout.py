@@ -30,8 +30,8 @@ from tinker import types
 
 from api.db.models import Checkpoint, Job, TrainingRun, Worker
 from api.db.session import make_engine, make_session_factory
+from contract.checkpoint_store import open_checkpoint_store
 from tests.e2e.server import LoomServer, free_port
-from worker.checkpoint_store import open_checkpoint_store
 
 TINY = "loom/tiny-kimi-k2"
 DEAD_AFTER = 3.0

@@ -24,17 +24,18 @@ import pytest
 import torch
 from boto3.s3.transfer import TransferConfig
 
-from api.queue import PollingQueue
-from tests.unit.test_worker_engine import RUN_A, by_id, job, run_a_jobs
-from tests.unit.worker_fixtures import fresh_model
-from worker.checkpoint_s3 import S3CheckpointStore
-from worker.checkpoint_store import (
+from contract.checkpoint_s3 import S3CheckpointStore
+from contract.checkpoint_store import (
     MANIFEST,
     CheckpointCorrupt,
     CheckpointExists,
     LocalCheckpointStore,
+    delete_checkpoint_uri,
     open_checkpoint_store,
 )
+from contract.jobs import LoadWeightsJob
+from tests.unit.test_worker_engine import RUN_A, by_id, job, run_a_jobs
+from tests.unit.worker_fixtures import fresh_model, run_to_completion
 from worker.engine import Engine
 
 pytestmark = pytest.mark.integration
@@ -126,13 +127,13 @@ def test_cache_is_reused_repaired_and_bounded(bucket, store, tmp_path):
 
 def test_engine_checkpoint_round_trips_through_s3(bucket, tmp_path):
     engine = Engine(fresh_model("tiny_kimi_k2"), _store(bucket, tmp_path / "engine"))
-    saved = by_id(engine.run_to_completion(run_a_jobs()))[f"{RUN_A}:4"]
+    saved = by_id(run_to_completion(engine, run_a_jobs()))[f"{RUN_A}:4"]
     assert saved.error is None, saved.error
     record = saved.checkpoint
     assert record.storage_uri == f"s3://{bucket}/ckpts/alice/{RUN_A.replace(':', '_')}/weights/a1"
     other = Engine(fresh_model("tiny_kimi_k2"), _reader(bucket, tmp_path))
-    payload = {"path": record.tinker_path, "optimizer": True, "resolved": {"storage_uri": record.storage_uri}}
-    loaded = by_id(other.run_to_completion([job("load_weights", "alice", "sc:train:0", 0, payload)]))
+    payload = LoadWeightsJob(tinker_path=record.tinker_path, storage_uri=record.storage_uri, with_optimizer=True)
+    loaded = by_id(run_to_completion(other, [job("alice", "sc:train:0", 0, payload)]))
     assert loaded["sc:train:0:0"].error is None, loaded["sc:train:0:0"].error
     original, restored = engine.pool.run(RUN_A), other.pool.run("sc:train:0")
     assert restored.optimizer.steps == original.optimizer.steps == 1
@@ -283,14 +284,14 @@ def test_gc_aborts_stale_multipart_uploads_under_its_prefix(bucket, s3, store):
     assert open_uploads() == {foreign["UploadId"]}
 
 
-def test_delete_through_the_queue_removes_the_checkpoint(bucket, s3, store, tmp_path):
+def test_delete_by_uri_removes_the_checkpoint(bucket, s3, store, tmp_path):
     uri = _write(store, V1)
     assert _keys(s3, bucket)
-    PollingQueue([]).delete_checkpoint_files(uri)
+    delete_checkpoint_uri(uri)  # what the API's checkpoint DELETE route does
     assert _keys(s3, bucket) == set()
     with pytest.raises(CheckpointCorrupt):
         _reader(bucket, tmp_path).open(uri)
-    PollingQueue([]).delete_checkpoint_files(uri)  # idempotent
+    delete_checkpoint_uri(uri)  # idempotent
 
 
 def test_factory_picks_local_store_for_paths(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 
 from api.db.jobs import claim_ready_jobs, complete_job, get_job, submit_job
 from api.db.session import make_engine, make_session_factory, upgrade_to_head
+from tests.job_payloads import payload
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +22,7 @@ def test_non_finite_floats_survive_the_database(backend, request, tmp_path) -> N
         "loss_fn_outputs": [{"logprobs": {"data": [-math.inf, 0.5, math.inf]}}],
     }
     with factory.begin() as session:
-        job, _ = submit_job(session, owner="a", kind="sample", base_model="m", model_id=None, seq_id=None, payload={})
+        job, _ = submit_job(session, owner="a", base_model="m", model_id=None, seq_id=None, payload=payload("sample"))
     with factory.begin() as session:
         (claimed,) = claim_ready_jobs(session, base_models=["m"], worker_id="w", lease_seconds=60, limit=1)
         assert complete_job(session, claimed.id, claimed.fencing_token, result)

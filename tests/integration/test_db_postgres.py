@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.db.jobs import claim_ready_jobs, complete_job, submit_job
 from api.db.models import ClientSession, Job, TrainingRun
 from api.db.session import make_engine, make_session_factory, upgrade_to_head
+from tests.job_payloads import payload
 
 pytestmark = pytest.mark.integration
 
@@ -81,21 +82,19 @@ def test_concurrent_claimers_never_lease_the_same_job(session_factory: Factory) 
                 submit_job(
                     session,
                     owner="alice",
-                    kind="forward_backward",
                     base_model=BASE,
                     model_id=run,
                     seq_id=seq,
-                    payload={},
+                    payload=payload("forward_backward"),
                 )
         for index in range(unordered):
             submit_job(
                 session,
                 owner="alice",
-                kind="sample",
                 base_model=BASE,
                 model_id="sampler",
                 seq_id=index,
-                payload={},
+                payload=payload("sample"),
             )
     total = len(runs) * seqs_per_run + unordered
     deadline = time.monotonic() + 15
@@ -144,11 +143,10 @@ def test_concurrent_duplicate_submissions_apply_once(session_factory: Factory) -
                 job, was_created = submit_job(
                     session,
                     owner="alice",
-                    kind="optim_step",
                     base_model=BASE,
                     model_id=run,
                     seq_id=seq,
-                    payload={"adam": {"lr": 1e-4}},
+                    payload=payload("optim_step"),
                 )
                 assert job.id == f"{run}:{seq}"
             created.append(was_created)

@@ -73,20 +73,21 @@ def load_model(folder: Path):
     """Plain load, as worker/models/loader.py does (float32, sdpa, frozen, multi-LoRA wrapped)."""
     from transformers import AutoModelForCausalLM
 
+    from contract.catalogue import TINY_KIMI_K2
     from worker.lora.layers import install_multi_lora
-    from worker.models.registry import TINY_KIMI_K2
+    from worker.models.registry import lora_targets
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="sdpa")
     model.eval()
     model.requires_grad_(False)
-    router, targets = install_multi_lora(model, TINY_KIMI_K2.targets)
+    router, targets = install_multi_lora(model, lora_targets(TINY_KIMI_K2))
     return model, router, targets
 
 
 def attach_adapters(model, router, targets):
+    from contract.catalogue import TINY_KIMI_K2
     from worker.lora.adapter import LoraSpec, create_adapter
     from worker.models.loader import LoadedModel
-    from worker.models.registry import TINY_KIMI_K2
 
     adapters = {}
     for slot, seed in enumerate(RUN_SEEDS):
@@ -136,7 +137,7 @@ def _rank_step(lm, adapters) -> dict:
         "sizes_after": partition_sizes(lm.model),
         "per_param": per_param,
         "lora_partitioned": [n for a in adapters.values() for n, p in a.named_parameters() if hasattr(p, "ds_id")],
-        "lora_numel": sum(a.num_parameters() for a in adapters.values()),
+        "lora_numel": sum(p.numel() for a in adapters.values() for p in a.parameters()),
         "expert_targets": sum(t.num_experts > 1 for t in lm.targets),
         "step_seconds": time.perf_counter() - t0,
     }
@@ -152,7 +153,8 @@ def _rank_main(rank: int, world: int, port: int, folder: str, out_dir: str) -> N
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    from worker.models.registry import TINY_KIMI_K2
+    from contract.catalogue import TINY_KIMI_K2
+    from worker.models.registry import lora_targets
     from worker.sharded_base import init_distributed, load_sharded_base, shard_frozen_base
 
     init_distributed()
@@ -163,7 +165,7 @@ def _rank_main(rank: int, world: int, port: int, folder: str, out_dir: str) -> N
     sharded = shard_frozen_base(model)
     out["materialised"] = _rank_step(*attach_adapters(sharded.module, router, targets))
     # Partitioned while loading.
-    sharded, router, targets = load_sharded_base(folder, TINY_KIMI_K2.targets)
+    sharded, router, targets = load_sharded_base(folder, lora_targets(TINY_KIMI_K2))
     out["loaded"] = _rank_step(*attach_adapters(sharded.module, router, targets))
     torch.save(out, Path(out_dir) / f"rank{rank}.pt")
     torch.distributed.barrier()
@@ -221,7 +223,7 @@ def test_zero3_two_ranks_match_single_process(tmp_path: Path, ranks_leave_no_shm
                 assert partition == math.ceil(numel / WORLD), (path, name, numel, partition)
             assert before["local"] <= math.ceil(full_numel / WORLD) + len(out["per_param"]), (path, before)
             assert out["lora_partitioned"] == [], (path, out["lora_partitioned"])
-            assert out["lora_numel"] == sum(a.num_parameters() for a in adapters.values()), path
+            assert out["lora_numel"] == sum(p.numel() for a in adapters.values() for p in a.parameters()), path
             assert out["expert_targets"] == sum(t.num_experts > 1 for t in lm.targets) > 0, path
         assert sum(out["sizes_before"]["owned"] for out in outs) == full_numel, path
 

@@ -24,11 +24,11 @@ from tinker import types
 
 from api.db.jobs import ClaimedJob
 from api.db.models import JobState
+from contract.checkpoint_store import LocalCheckpointStore
 from examples.sl_loop import make_datum
 from tests.e2e.server import LoomServer, free_port
 from tests.e2e.wire import SMOL
 from tests.integration.vllm_fixtures import GAPS, assert_logprobs_close, assert_top_logprobs_close, require_vllm_venv
-from worker.checkpoint_store import LocalCheckpointStore
 from worker.engine import Engine
 from worker.models.loader import load_base_model
 from worker.models.registry import SMOLLM2

@@ -1,7 +1,7 @@
 """`loom worker --zero3`: one training worker whose frozen base is sharded over two CPU ranks (worker/lockstep.py).
 
 A real API (`loom serve`, LOOM_QUEUE=external, PostgreSQL) and a worker launched as `torchrun --standalone
---nproc-per-node 2 -m api.cli worker --role train --zero3` under the DeepSpeed Python (.venv-ds). The official
+--nproc-per-node 2 -m worker.cli run --role train --zero3` under the DeepSpeed Python (.venv-ds). The official
 tinker SDK trains a tiny Kimi K2 run (routed-expert LoRA included) for four pipelined steps and saves it. Then the
 sharded worker stops (SIGTERM to torchrun) and a plain one-process worker trains a second run with the same seed
 and requests. Checked:
@@ -70,7 +70,7 @@ def test_zero3_worker_trains_like_a_plain_worker(tmp_path: Path, postgres_url: s
     sharded_log, plain_log = tmp_path / "zero3.log", tmp_path / "plain.log"
     try:
         torchrun = str(Path(python).with_name("torchrun"))
-        command = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "api.cli", "worker", "--role", "train"]
+        command = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "worker.cli", "run", "--role", "train"]
         sharded = start([*command, "--zero3"], {**rank_env(python), **settings}, sharded_log)
         wait_until(lambda: "serving " + TINY in sharded_log.read_text(), 300, "the zero3 worker", 0.5)
         stored = re.findall(r"rank (\d)/2: stores ([\d.]+)M of ([\d.]+)M base parameters", sharded_log.read_text())

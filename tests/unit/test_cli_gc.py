@@ -1,19 +1,21 @@
 """`loom gc` on the local store: expired checkpoints go (row and files), orphans and crashed-write staging
-folders older than the grace period go, committed checkpoints and young files stay."""
+folders older than the grace period go, committed checkpoints and young files stay. Run as the real command, so
+the `loom` program's hand-over to the worker's (`python -m worker.cli gc`) is exercised too."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import select
 
-from api.cli import main
 from api.db.models import Checkpoint
 from api.db.types import utcnow
-from worker.checkpoint_store import LocalCheckpointStore
+from contract.checkpoint_store import LocalCheckpointStore
 
 
 def write(store: LocalCheckpointStore, run: str, name: str) -> str:
@@ -30,11 +32,13 @@ def age(path: Path, hours: float) -> None:
         os.utime(p, (then, then))
 
 
-def test_gc_deletes_expired_and_orphaned_files_only(tmp_path, monkeypatch, sqlite_url, session_factory, make_run):
+def test_gc_deletes_expired_and_orphaned_files_only(tmp_path, sqlite_url, session_factory, make_run):
     store = LocalCheckpointStore(tmp_path / "ckpt")
-    monkeypatch.setenv("LOOM_DATABASE_URL", sqlite_url)
-    monkeypatch.setenv("LOOM_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("LOOM_CHECKPOINT_DIR", str(store.root))
+    env = os.environ | {
+        "LOOM_DATABASE_URL": sqlite_url,
+        "LOOM_DATA_DIR": str(tmp_path / "data"),
+        "LOOM_CHECKPOINT_DIR": str(store.root),
+    }
     run = make_run()
     kept, expired, orphan = (write(store, run, name) for name in ("weights/kept", "weights/old", "weights/orphan"))
     young_orphan = write(store, run, "weights/young")
@@ -60,7 +64,15 @@ def test_gc_deletes_expired_and_orphaned_files_only(tmp_path, monkeypatch, sqlit
         age(folder(uri), hours=48)
     age(staging, hours=48)
 
-    main(["gc", "--grace-hours", "24"])
+    done = subprocess.run(
+        [sys.executable, "-m", "api.cli", "gc", "--grace-hours", "24"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "1 expired checkpoint(s) deleted" in done.stdout
 
     exists = {uri: folder(uri).exists() for uri in (kept, expired, orphan, young_orphan)}
     assert exists == {kept: True, expired: False, orphan: False, young_orphan: True}

@@ -2,13 +2,11 @@
 
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.db.jobs import (
-    ClaimedJob,
     JobConflict,
     claim_ready_jobs,
     complete_job,
@@ -20,6 +18,8 @@ from api.db.jobs import (
 )
 from api.db.models import Job, TrainingRun
 from api.db.types import utcnow
+from contract.jobs import ClaimedJob, JobPayload, OptimStepJob, UnreadablePayload
+from tests.job_payloads import payload
 
 BASE = "tiny-kimi-k2"
 LEASE_SECONDS = 60
@@ -33,7 +33,18 @@ def submit(
     seq_id: int | None,
     *,
     kind: str = "forward_backward",
-    payload: dict[str, Any] | None = None,
+    variant: int = 0,
+    owner: str = "alice",
+    idempotency_key: str | None = None,
+) -> tuple[str, bool]:
+    return submit_payload(factory, model_id, seq_id, payload(kind, variant), owner, idempotency_key)
+
+
+def submit_payload(
+    factory: Factory,
+    model_id: str | None,
+    seq_id: int | None,
+    job: JobPayload,
     owner: str = "alice",
     idempotency_key: str | None = None,
 ) -> tuple[str, bool]:
@@ -41,11 +52,10 @@ def submit(
         job, created = submit_job(
             session,
             owner=owner,
-            kind=kind,
             base_model=BASE,
             model_id=model_id,
             seq_id=seq_id,
-            payload=payload if payload is not None else {"seq": seq_id},
+            payload=job,
             idempotency_key=idempotency_key,
         )
         return job.id, created
@@ -160,7 +170,7 @@ def test_unordered_jobs_are_ready_at_once_and_ordered_by_submission(
 
 def test_claim_only_takes_the_workers_base_models(session_factory: Factory) -> None:
     with session_factory.begin() as session:
-        submit_job(session, owner="alice", kind="sample", base_model="other", model_id="s", seq_id=1, payload={})
+        submit_job(session, owner="alice", base_model="other", model_id="s", seq_id=1, payload=payload("sample"))
     assert claim(session_factory) == []
 
 
@@ -169,8 +179,8 @@ def test_claim_only_takes_the_workers_base_models(session_factory: Factory) -> N
 
 def test_duplicate_seq_returns_the_existing_job(session_factory: Factory, make_run: Callable[..., str]) -> None:
     run = make_run()
-    job_id, created = submit(session_factory, run, 1, payload={"data": [(1, 2)]})
-    replay_id, replay_created = submit(session_factory, run, 1, payload={"data": [[1, 2]]})
+    job_id, created = submit(session_factory, run, 1)
+    replay_id, replay_created = submit(session_factory, run, 1)
 
     assert (created, replay_created) == (True, False)
     assert replay_id == job_id
@@ -192,15 +202,15 @@ def test_reusing_a_seq_or_key_for_a_different_request_conflicts(
     session_factory: Factory, make_run: Callable[..., str]
 ) -> None:
     run = make_run()
-    job_id, _ = submit(session_factory, run, 1, payload={"lr": 1e-4})
+    job_id, _ = submit(session_factory, run, 1, kind="optim_step")
     submit(session_factory, None, None, kind="sample", idempotency_key="k1")
 
     with pytest.raises(JobConflict) as by_seq:
-        submit(session_factory, run, 1, payload={"lr": 2e-4})
+        submit(session_factory, run, 1, kind="optim_step", variant=1)
     with pytest.raises(JobConflict, match="kind"):
-        submit(session_factory, run, 1, kind="optim_step", payload={"lr": 1e-4})
+        submit(session_factory, run, 1, kind="forward_backward")
     with pytest.raises(JobConflict, match="payload"):
-        submit(session_factory, None, None, kind="sample", idempotency_key="k1", payload={"other": 1})
+        submit(session_factory, None, None, kind="sample", idempotency_key="k1", variant=1)
 
     assert by_seq.value.existing_job_id == job_id
     assert len(claim(session_factory)) == 2  # nothing was applied twice
@@ -213,11 +223,27 @@ def test_sample_seq_ids_live_in_their_own_lane(session_factory: Factory, make_ru
     assert train_created and sample_created
 
 
-def test_unknown_kind_and_training_op_without_run_are_rejected(session_factory: Factory) -> None:
-    with pytest.raises(ValueError, match="format_disk"):
-        submit(session_factory, None, None, kind="format_disk")
+def test_training_op_without_its_run_or_place_is_rejected(session_factory: Factory) -> None:
     with pytest.raises(ValueError, match="model_id"):
         submit(session_factory, None, 1, kind="optim_step")
+    with pytest.raises(ValueError, match="seq_id"):
+        submit(session_factory, "run", None, kind="unload_model")
+
+
+def test_claimed_payloads_are_typed_and_an_unreadable_one_fails_alone(
+    session_factory: Factory, make_run: Callable[..., str]
+) -> None:
+    run = make_run()
+    step_id, _ = submit(session_factory, run, 1, kind="optim_step", variant=2)
+    bad_id, _ = submit(session_factory, run, 2, kind="optim_step")
+    with session_factory.begin() as session:  # as a newer API might have written it
+        session.get_one(Job, bad_id).payload = {"adam": {}, "momentum_schedule": "cosine"}
+
+    step, bad = claim(session_factory)
+
+    assert (step.id, bad.id) == (step_id, bad_id)
+    assert isinstance(step.payload, OptimStepJob) and step.payload.adam.learning_rate == pytest.approx(3e-4)
+    assert isinstance(bad.payload, UnreadablePayload) and "momentum_schedule" in bad.payload.error
 
 
 # --- fencing and leases ----------------------------------------------------
@@ -312,7 +338,7 @@ def test_get_job_is_tenant_scoped(session_factory: Factory) -> None:
 def test_queue_position_counts_queued_jobs_ahead_on_the_same_base_model(session_factory: Factory) -> None:
     ids = [submit(session_factory, "sampler", seq, kind="sample")[0] for seq in range(3)]
     with session_factory.begin() as session:
-        submit_job(session, owner="bob", kind="sample", base_model="other", model_id="s", seq_id=0, payload={})
+        submit_job(session, owner="bob", base_model="other", model_id="s", seq_id=0, payload=payload("sample"))
 
     def positions() -> list[int]:
         with session_factory() as session:

@@ -15,7 +15,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from api.app import build_state, create_app
 from api.deps import AppState
 from api.errors import install_error_handlers
-from api.settings import Settings
+from contract.settings import Settings
 
 DOWN = OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
 

@@ -86,7 +86,7 @@ def test_runs_stick_to_their_first_claimer_until_it_is_reaped(session_factory, m
 def test_roles_split_training_and_sampling_work(session_factory, make_run) -> None:
     run = make_run()
     submit(session_factory, run, 1)
-    submit(session_factory, "sampler-1", None, kind="sample", payload={"p": 1})
+    submit(session_factory, "sampler-1", None, kind="sample")
     assert [j.kind for j in sticky_claim(session_factory, "s1", role="sample")] == ["sample"]
     assert [j.kind for j in sticky_claim(session_factory, "t1", role="train")] == ["forward_backward"]
 
@@ -112,7 +112,7 @@ def test_queued_work_names_every_destination(session_factory, make_run) -> None:
     sticky_claim(session_factory, "w1")
     submit(session_factory, placed, 2)
     submit(session_factory, unplaced, 1)
-    submit(session_factory, "sampler-1", None, kind="sample", payload={"p": 1})
+    submit(session_factory, "sampler-1", None, kind="sample")
     with session_factory() as session:
         assert queued_work(session, utcnow() - timedelta(seconds=60)) == set()  # nothing waited that long
         waiting = queued_work(session, utcnow() + timedelta(seconds=1))

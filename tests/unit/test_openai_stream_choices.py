@@ -9,6 +9,7 @@ import asyncio
 from api.openai_compat.protocol import ChatCompletionRequest, CompletionRequest
 from api.openai_compat.service import SentText, stream_choices
 from api.queue import StreamHub
+from contract.jobs import OpenAIChoice
 
 
 def _event(index: int, text: str, finish: str | None = None, logprob: float = -0.5) -> dict:
@@ -39,14 +40,18 @@ def test_whole_choices_without_token_logprobs_give_empty_logprob_lists() -> None
     assert choice["delta"]["content"] == "all" and choice["logprobs"] == {"content": []}
 
 
+def _choice(text: str, finish_reason: str) -> OpenAIChoice:
+    return OpenAIChoice(text=text, finish_reason=finish_reason, tokens=[], token_strs=[], logprobs=[])
+
+
 def test_a_stream_cut_short_is_completed_from_the_result() -> None:
     sent = SentText()
     sent.add([_event(0, "Red"), _event(1, "Blue"), _event(1, " sky", "stop"), _event(0, ", gr")])
-    result = [{"text": "Red, green", "finish_reason": "length"}, {"text": "Blue sky", "finish_reason": "stop"}]
+    result = [_choice("Red, green", "length"), _choice("Blue sky", "stop")]
     missing = sent.missing(result)
     assert [(e["index"], e["text"], e["finish_reason"]) for e in missing] == [(0, "een", "length")]
     assert SentText().missing(result) == [  # nothing streamed: each choice whole
-        {"index": i, "text": c["text"], "token_str": "", "logprob": None, "finish_reason": c["finish_reason"]}
+        {"index": i, "text": c.text, "token": None, "token_str": "", "logprob": None, "finish_reason": c.finish_reason}
         for i, c in enumerate(result)
     ]
     sent.add(missing)

@@ -24,6 +24,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from contract.checkpoint_store import MANIFEST, CheckpointCorrupt, CheckpointExists, LocalCheckpointStore
 from loom.types import AdamParams
 from tests.unit.worker_fixtures import ce_datum, make_adapter, ref_logits, register, shared_model, token_ids
 from worker.checkpoint_io import (
@@ -35,7 +36,6 @@ from worker.checkpoint_io import (
     save_adapter,
     save_optimizer,
 )
-from worker.checkpoint_store import MANIFEST, CheckpointCorrupt, CheckpointExists, LocalCheckpointStore
 from worker.optimizer import RunOptimizer
 from worker.trainer import WorkItem, run_forward_backward
 

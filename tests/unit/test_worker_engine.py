@@ -1,4 +1,4 @@
-"""worker.engine.Engine.execute over ClaimedJob objects carrying the Tinker wire payloads the API stores.
+"""worker.engine.Engine.execute over ClaimedJob objects carrying the typed payloads the API stores.
 
 Two tenants' training runs (tiny Kimi K2: MLA attention, dense MLP, shared + routed experts) are executed in
 one interleaved, shuffled tick: create_model → forward_backward → optim_step → forward_backward → save. Checked:
@@ -7,8 +7,11 @@ one interleaved, shuffled tick: create_model → forward_backward → optim_step
   losses rel 1e-5, logprobs atol 1e-4, grad norm rel 1e-4, saved LoRA factors atol 1e-5 (measured ~3e-9: with
   Tinker's default eps 1e-12 Adam's first step is ≈ lr·sign(g), insensitive to float reassociation noise; a
   larger eps such as 1e-6 amplifies that noise by lr/eps and was measured at ~5e-6);
-- bad jobs (token id ≥ vocab, NaN advantages, unknown run, invalid Adam params, unknown kind) fail as `user`
-  while the other jobs of the same tick — including later jobs of the same run — succeed;
+- bad jobs (unknown run, a payload this worker cannot read) fail alone while the other jobs of the same tick —
+  including later jobs of the same run — succeed (input the model cannot run never reaches a worker: the API
+  validates it, tests/e2e/test_bad_input.py);
+- a run's ops apply in seq order within one tick, `unload_model` included: a forward_backward followed by the
+  run's unload both succeed, and the run is gone afterwards;
 - a `save_weights_for_sampler` snapshot (ephemeral, with a sampling session) serves `sample` jobs; the
   snapshot is frozen while training goes on; a fresh engine loads it from the checkpoint store and samples the
   same tokens with the same seed; sampled logprobs equal the trainer's through the snapshot (atol 1e-4).
@@ -24,10 +27,26 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from api.db.jobs import ClaimedJob
-from loom.types import Datum, ForwardBackwardInput, ModelInput, SampleRequest, SamplingParams, TensorData
-from tests.unit.worker_fixtures import fresh_model, token_ids
-from worker.checkpoint_store import LocalCheckpointStore
+from contract.checkpoint_store import LocalCheckpointStore
+from contract.jobs import (
+    CheckpointTarget,
+    ClaimedJob,
+    CreateModelJob,
+    ForwardBackwardJob,
+    JobKind,
+    JobPayload,
+    OptimStepJob,
+    RunLora,
+    SampleJob,
+    SaveWeightsForSamplerJob,
+    SaveWeightsJob,
+    TinkerPrompt,
+    UnloadModelJob,
+    UnreadablePayload,
+    result_json,
+)
+from loom.types import AdamParams, Datum, ForwardBackwardInput, ModelInput, SamplingParams, TensorData
+from tests.unit.worker_fixtures import fresh_model, run_to_completion, token_ids
 from worker.engine import Engine
 from worker.trainer import TrainDatum, WorkItem, run_forward_backward
 
@@ -35,15 +54,13 @@ LP_ATOL = 1e-4
 BASE = "loom/tiny-kimi-k2"
 RUN_A, RUN_B = "sa:train:0", "sb:train:0"
 SAMPLER_SESSION = "sb:sample:0"
-ADAM = {"learning_rate": 5e-3}  # other AdamParams at Tinker defaults (eps 1e-12)
+ADAM = OptimStepJob(adam=AdamParams(learning_rate=5e-3))  # other AdamParams at Tinker defaults (eps 1e-12)
 
 
-def job(
-    kind: str, owner: str, model_id: str | None, seq: int | None, payload: dict, jid: str | None = None
-) -> ClaimedJob:
+def job(owner: str, model_id: str | None, seq: int | None, payload: JobPayload, jid: str | None = None) -> ClaimedJob:
     return ClaimedJob(
         id=jid or f"{model_id}:{seq}",
-        kind=kind,
+        kind=payload.kind,
         owner=owner,
         base_model=BASE,
         model_id=model_id,
@@ -53,7 +70,7 @@ def job(
     )
 
 
-def ce_payload(seqs: list[list[int]], forward_only: bool = False) -> dict:
+def ce_payload(seqs: list[list[int]]) -> ForwardBackwardJob:
     data = [
         Datum(
             model_input=ModelInput.from_ints(s[:-1]),
@@ -64,11 +81,10 @@ def ce_payload(seqs: list[list[int]], forward_only: bool = False) -> dict:
         )
         for s in seqs
     ]
-    fb = ForwardBackwardInput(data=data, loss_fn="cross_entropy")
-    return {"forward_backward_input": fb.to_wire(), "forward_only": forward_only}
+    return ForwardBackwardJob(input=ForwardBackwardInput(data=data, loss_fn="cross_entropy"))
 
 
-def rl_payload(seq: list[int], advantages: list[float], loss: str = "importance_sampling") -> dict:
+def rl_payload(seq: list[int], advantages: list[float], loss: str = "importance_sampling") -> ForwardBackwardJob:
     n = len(seq) - 1
     datum = Datum(
         model_input=ModelInput.from_ints(seq[:-1]),
@@ -78,14 +94,11 @@ def rl_payload(seq: list[int], advantages: list[float], loss: str = "importance_
             "advantages": TensorData.from_list(advantages, "float32"),
         },
     )
-    fb = ForwardBackwardInput(data=[datum], loss_fn=loss)
-    return {"forward_backward_input": fb.to_wire(), "forward_only": False}
+    return ForwardBackwardJob(input=ForwardBackwardInput(data=[datum], loss_fn=loss))
 
 
-def create_payload(rank: int, seed: int, unembed: bool) -> dict:
-    return {
-        "lora_config": {"rank": rank, "seed": seed, "train_mlp": True, "train_attn": True, "train_unembed": unembed}
-    }
+def create_payload(rank: int, seed: int, unembed: bool) -> CreateModelJob:
+    return CreateModelJob(lora=RunLora(rank=rank, seed=seed, train_mlp=True, train_attn=True, train_unembed=unembed))
 
 
 SEQ_A = [token_ids(9, seed=1), token_ids(6, seed=2)]
@@ -95,63 +108,51 @@ ADV_B = [1.0, 0.5, 2.0, 1.0, 0.25, 1.5, 1.0]
 
 def run_a_jobs() -> list[ClaimedJob]:
     return [
-        job("create_model", "alice", RUN_A, 0, create_payload(4, 1, True)),
-        job("forward_backward", "alice", RUN_A, 1, ce_payload(SEQ_A)),
-        job("optim_step", "alice", RUN_A, 2, {"adam_params": ADAM}),
-        job("forward_backward", "alice", RUN_A, 3, ce_payload(SEQ_A)),
+        job("alice", RUN_A, 0, create_payload(4, 1, True)),
+        job("alice", RUN_A, 1, ce_payload(SEQ_A)),
+        job("alice", RUN_A, 2, ADAM),
+        job("alice", RUN_A, 3, ce_payload(SEQ_A)),
         job(
-            "save_weights",
             "alice",
             RUN_A,
             4,
-            {
-                "path": "a1",
-                "overwrite": False,
-                "ttl_seconds": None,
-                "resolved": {"checkpoint_id": "weights/a1", "tinker_path": f"tinker://{RUN_A}/weights/a1"},
-            },
+            SaveWeightsJob(
+                target=CheckpointTarget(checkpoint_id="weights/a1", tinker_path=f"tinker://{RUN_A}/weights/a1")
+            ),
         ),
     ]
 
 
 def run_b_jobs() -> list[ClaimedJob]:
     return [
-        job("create_model", "bob", RUN_B, 0, create_payload(8, 2, False)),
-        job("forward_backward", "bob", RUN_B, 1, rl_payload(SEQ_B, ADV_B)),
-        job("optim_step", "bob", RUN_B, 2, {"adam_params": ADAM}),
-        job("forward_backward", "bob", RUN_B, 3, rl_payload(SEQ_B, ADV_B)),
+        job("bob", RUN_B, 0, create_payload(8, 2, False)),
+        job("bob", RUN_B, 1, rl_payload(SEQ_B, ADV_B)),
+        job("bob", RUN_B, 2, ADAM),
+        job("bob", RUN_B, 3, rl_payload(SEQ_B, ADV_B)),
         job(
-            "save_weights_for_sampler",
             "bob",
             RUN_B,
             4,
-            {
-                "path": None,
-                "ttl_seconds": None,
-                "resolved": {
-                    "checkpoint_id": "sampler_weights/ephemeral-000000-seq4",
-                    "tinker_path": f"tinker://{RUN_B}/sampler_weights/ephemeral-000000-seq4",
-                    "ephemeral": True,
-                    "sampling_session_id": SAMPLER_SESSION,
-                },
-            },
+            SaveWeightsForSamplerJob(
+                target=CheckpointTarget(
+                    checkpoint_id="sampler_weights/ephemeral-000000-seq4",
+                    tinker_path=f"tinker://{RUN_B}/sampler_weights/ephemeral-000000-seq4",
+                    ephemeral=True,
+                ),
+                sampling_session_id=SAMPLER_SESSION,
+            ),
         ),
     ]
 
 
 def sample_job(uri: str | None, seq: int, prompt: list[int], seed: int, num_samples: int = 2) -> ClaimedJob:
-    req = SampleRequest(
-        prompt=ModelInput.from_ints(prompt),
+    payload = SampleJob(
+        prompt=TinkerPrompt(model_input=ModelInput.from_ints(prompt), prompt_logprobs=True),
         sampling_params=SamplingParams(max_tokens=4, seed=seed, temperature=1.0),
         num_samples=num_samples,
-        sampling_session_id=SAMPLER_SESSION,
-        seq_id=seq,
-        prompt_logprobs=True,
+        storage_uri=uri,
     )
-    payload = req.to_wire()
-    if uri is not None:
-        payload["resolved"] = {"storage_uri": uri}
-    return job("sample", "bob", SAMPLER_SESSION, seq, payload, jid=f"{SAMPLER_SESSION}:{seq}")
+    return job("bob", SAMPLER_SESSION, seq, payload, jid=f"{SAMPLER_SESSION}:{seq}")
 
 
 def by_id(outcomes) -> dict:
@@ -160,13 +161,18 @@ def by_id(outcomes) -> dict:
     return {o.job.id: o for o in outcomes}
 
 
+def wire(outcome) -> dict:
+    """The result as the client receives it."""
+    return result_json(outcome.result)
+
+
 def fb_loss(outcome) -> float:
-    return outcome.result["metrics"]["loss:sum"]
+    return wire(outcome)["metrics"]["loss:sum"]
 
 
 def fb_logprobs(outcome) -> list[torch.Tensor]:
     return [
-        torch.tensor(o["logprobs"]["data"]).reshape(o["logprobs"]["shape"]) for o in outcome.result["loss_fn_outputs"]
+        torch.tensor(o["logprobs"]["data"]).reshape(o["logprobs"]["shape"]) for o in wire(outcome)["loss_fn_outputs"]
     ]
 
 
@@ -176,14 +182,14 @@ def world(tmp_path_factory):
     engine = Engine(fresh_model("tiny_kimi_k2"), store)
     jobs = run_a_jobs() + run_b_jobs()
     random.Random(0).shuffle(jobs)  # the engine must restore each run's seq order
-    mixed = by_id(engine.run_to_completion(jobs))
+    mixed = by_id(run_to_completion(engine, jobs))
     return {"store": store, "engine": engine, "jobs": jobs, "mixed": mixed}
 
 
 @pytest.fixture(scope="module")
 def alone(world):
     engine = Engine(fresh_model("tiny_kimi_k2"), LocalCheckpointStore(world["store"].root.parent / "alone"))
-    return by_id(engine.run_to_completion(list(reversed(run_a_jobs()))))
+    return by_id(run_to_completion(engine, list(reversed(run_a_jobs()))))
 
 
 def test_one_successful_outcome_per_job(world):
@@ -192,14 +198,13 @@ def test_one_successful_outcome_per_job(world):
     for jid, o in mixed.items():
         assert o.error is None and o.category is None, f"{jid}: {o.error}"
         assert o.result is not None
-    assert mixed[f"{RUN_A}:0"].result == {"model_id": RUN_A, "type": "create_model"}
-    assert mixed[f"{RUN_A}:2"].result["type"] == "optim_step"
-    assert mixed[f"{RUN_A}:2"].result["metrics"]["grad_norm:mean"] > 0
-    assert mixed[f"{RUN_A}:2"].result["metrics"]["learning_rate:mean"] == pytest.approx(5e-3)
+    assert wire(mixed[f"{RUN_A}:0"]) == {"model_id": RUN_A, "type": "create_model"}
+    assert wire(mixed[f"{RUN_A}:2"])["metrics"]["grad_norm:mean"] > 0
+    assert wire(mixed[f"{RUN_A}:2"])["metrics"]["learning_rate:mean"] == pytest.approx(5e-3)
     lps = fb_logprobs(mixed[f"{RUN_A}:1"])
     assert [lp.shape for lp in lps] == [torch.Size([8]), torch.Size([5])]
     assert fb_logprobs(mixed[f"{RUN_B}:1"])[0].shape == torch.Size([7])
-    assert mixed[f"{RUN_A}:1"].result["loss_fn_output_type"] == "ArrayRecord"
+    assert wire(mixed[f"{RUN_A}:1"])["loss_fn_output_type"] == "ArrayRecord"
 
 
 def test_fresh_adapter_loss_is_base_model_loss_and_finite(world):
@@ -228,8 +233,8 @@ def test_mixed_tick_equals_run_alone_in_fresh_engine(world, alone):
         assert fb_loss(m) == pytest.approx(fb_loss(a), rel=1e-5)
         for lm_, la in zip(fb_logprobs(m), fb_logprobs(a)):
             torch.testing.assert_close(lm_, la, atol=LP_ATOL, rtol=0)
-    gm = mixed[f"{RUN_A}:2"].result["metrics"]["grad_norm:mean"]
-    ga = alone[f"{RUN_A}:2"].result["metrics"]["grad_norm:mean"]
+    gm = wire(mixed[f"{RUN_A}:2"])["metrics"]["grad_norm:mean"]
+    ga = wire(alone[f"{RUN_A}:2"])["metrics"]["grad_norm:mean"]
     assert gm == pytest.approx(ga, rel=1e-4)
     cm, ca = mixed[f"{RUN_A}:4"].checkpoint, alone[f"{RUN_A}:4"].checkpoint
     tm = load_file(str(Path(cm.storage_uri.removeprefix("file://")) / "adapter_model.safetensors"))
@@ -246,7 +251,7 @@ def test_mixed_tick_equals_run_alone_in_fresh_engine(world, alone):
 
 def test_save_weights_outcome_records_checkpoint(world):
     o = world["mixed"][f"{RUN_A}:4"]
-    assert o.result == {"path": f"tinker://{RUN_A}/weights/a1", "type": "save_weights"}
+    assert wire(o) == {"path": f"tinker://{RUN_A}/weights/a1", "type": "save_weights"}
     c = o.checkpoint
     assert (c.run_id, c.owner, c.checkpoint_id, c.kind, c.ephemeral) == (
         RUN_A,
@@ -262,36 +267,45 @@ def test_save_weights_outcome_records_checkpoint(world):
     assert c.size_bytes > 0
 
 
-def test_bad_jobs_fail_as_user_errors_others_succeed(world):
+def test_bad_jobs_fail_alone_others_succeed(world):
     engine = world["engine"]
-    vocab = engine.vocab_size
-    bad_token = ce_payload([[5, 6, vocab, 7]])
-    nan_adv = rl_payload(SEQ_B, ADV_B)
-    nan_adv["forward_backward_input"]["data"][0]["loss_fn_inputs"]["advantages"]["data"][2] = float("nan")
+    unreadable = ClaimedJob(f"{RUN_B}:6", JobKind.OPTIM_STEP, "bob", BASE, RUN_B, 6, UnreadablePayload("boom"), 7)
     jobs = [
-        job("forward_backward", "bob", RUN_B, 5, bad_token),
-        job("forward_backward", "bob", RUN_B, 6, nan_adv),
-        job("forward_backward", "bob", RUN_B, 7, rl_payload(SEQ_B, ADV_B)),  # later job of the same run: fine
-        job("forward_backward", "eve", "nobody:train:0", 1, ce_payload(SEQ_A)),
-        job("optim_step", "eve", "nobody:train:0", 2, {"adam_params": ADAM}),
-        job("optim_step", "bob", RUN_B, 8, {"adam_params": {"learning_rate": -1.0}}),
-        job("teleport", "bob", RUN_B, 9, {}),
-        job("forward_backward", "alice", RUN_A, 5, ce_payload(SEQ_A)),
-        job("optim_step", "alice", RUN_A, 6, {"adam_params": ADAM}),
+        job("bob", RUN_B, 5, rl_payload(SEQ_B, ADV_B)),
+        unreadable,
+        job("bob", RUN_B, 7, rl_payload(SEQ_B, ADV_B)),  # later job of the same run: fine
+        job("eve", "nobody:train:0", 1, ce_payload(SEQ_A)),
+        job("eve", "nobody:train:0", 2, ADAM),
+        job("alice", RUN_A, 5, ce_payload(SEQ_A)),
+        job("alice", RUN_A, 6, ADAM),
     ]
-    out = by_id(engine.run_to_completion(jobs))
+    out = by_id(run_to_completion(engine, jobs))
     assert set(out) == {j.id for j in jobs}
-    bad = [f"{RUN_B}:5", f"{RUN_B}:6", "nobody:train:0:1", "nobody:train:0:2", f"{RUN_B}:8", f"{RUN_B}:9"]
-    for jid in bad:
-        assert out[jid].category == "user" and out[jid].error and out[jid].result is None, (jid, out[jid])
-    assert "vocabulary" in out[f"{RUN_B}:5"].error
-    assert "NaN" in out[f"{RUN_B}:6"].error
-    assert "not resident" in out["nobody:train:0:1"].error
-    for jid in (f"{RUN_B}:7", f"{RUN_A}:5", f"{RUN_A}:6"):
+    for jid in ("nobody:train:0:1", "nobody:train:0:2"):
+        assert out[jid].category == "user" and "not resident" in out[jid].error and out[jid].result is None
+    assert out[f"{RUN_B}:6"].category == "server" and "boom" in out[f"{RUN_B}:6"].error
+    for jid in (f"{RUN_B}:5", f"{RUN_B}:7", f"{RUN_A}:5", f"{RUN_A}:6"):
         assert out[jid].error is None and out[jid].result is not None, (jid, out[jid].error)
-    assert math.isfinite(fb_loss(out[f"{RUN_B}:7"]))
-    # run B's state was not touched by its failed jobs: same loss as its seq-3 forward (no step in between)
-    assert fb_loss(out[f"{RUN_B}:7"]) == pytest.approx(fb_loss(world["mixed"][f"{RUN_B}:3"]), rel=1e-5)
+    # run B's state was not touched by its failed job: the same loss as its seq-3 forward (no step in between)
+    for seq in (5, 7):
+        assert fb_loss(out[f"{RUN_B}:{seq}"]) == pytest.approx(fb_loss(world["mixed"][f"{RUN_B}:3"]), rel=1e-5)
+
+
+def test_unload_waits_for_the_runs_earlier_ops_in_the_same_tick(world):
+    """Before the job contract, `unload_model` had no seq_id and ran before every chain of its tick, so the run's
+    own forward_backward submitted before it failed with "not resident"."""
+    engine = world["engine"]
+    run = "sc:train:0"
+    jobs = [
+        job("carol", run, 2, UnloadModelJob()),
+        job("carol", run, 1, ce_payload(SEQ_A)),
+        job("carol", run, 0, create_payload(4, 3, False)),
+    ]
+    out = by_id(run_to_completion(engine, jobs))
+    assert all(o.error is None for o in out.values()), {k: o.error for k, o in out.items()}
+    assert math.isfinite(fb_loss(out[f"{run}:1"]))
+    assert wire(out[f"{run}:2"]) == {"model_id": run, "type": "unload_model"}
+    assert run not in engine.pool.runs
 
 
 def _sampler_checkpoint(world):
@@ -301,7 +315,7 @@ def _sampler_checkpoint(world):
 
 def test_save_for_sampler_outcome(world):
     o, c = _sampler_checkpoint(world)
-    assert o.result == {
+    assert wire(o) == {
         "path": f"tinker://{RUN_B}/sampler_weights/ephemeral-000000-seq4",
         "type": "save_weights_for_sampler",
         "sampling_session_id": SAMPLER_SESSION,
@@ -315,14 +329,14 @@ def test_save_for_sampler_outcome(world):
 def sampled(world):
     _, c = _sampler_checkpoint(world)
     prompt = token_ids(5, seed=40)
-    first = by_id(world["engine"].run_to_completion([sample_job(c.storage_uri, 1, prompt, seed=3)]))
+    first = by_id(run_to_completion(world["engine"], [sample_job(c.storage_uri, 1, prompt, seed=3)]))
     return {"prompt": prompt, "uri": c.storage_uri, "first": first[f"{SAMPLER_SESSION}:1"]}
 
 
 def test_sample_from_ephemeral_snapshot(world, sampled):
     o = sampled["first"]
     assert o.error is None, o.error
-    res = o.result
+    res = wire(o)
     assert res["type"] == "sample" and len(res["sequences"]) == 2
     engine = world["engine"]
     slot = engine.pool.samplers[sampled["uri"]]
@@ -339,17 +353,18 @@ def test_sample_from_ephemeral_snapshot(world, sampled):
 def test_snapshot_is_frozen_while_training_continues(world, sampled):
     engine = world["engine"]
     out = by_id(
-        engine.run_to_completion(
+        run_to_completion(
+            engine,
             [
-                job("forward_backward", "bob", RUN_B, 10, rl_payload(SEQ_B, ADV_B)),
-                job("optim_step", "bob", RUN_B, 11, {"adam_params": {"learning_rate": 5e-2}}),
+                job("bob", RUN_B, 10, rl_payload(SEQ_B, ADV_B)),
+                job("bob", RUN_B, 11, OptimStepJob(adam=AdamParams(learning_rate=5e-2))),
                 sample_job(sampled["uri"], 2, sampled["prompt"], seed=3),
-            ]
+            ],
         )
     )
     assert out[f"{RUN_B}:11"].error is None
-    again = out[f"{SAMPLER_SESSION}:2"].result
-    first = sampled["first"].result
+    again = wire(out[f"{SAMPLER_SESSION}:2"])
+    first = wire(sampled["first"])
     assert [s["tokens"] for s in again["sequences"]] == [s["tokens"] for s in first["sequences"]]
     for a, b in zip(again["sequences"], first["sequences"]):
         assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-6)
@@ -358,33 +373,34 @@ def test_snapshot_is_frozen_while_training_continues(world, sampled):
 def test_fresh_engine_loads_snapshot_from_store(world, sampled):
     engine = Engine(fresh_model("tiny_kimi_k2"), world["store"])
     assert not engine.pool.samplers
-    out = by_id(engine.run_to_completion([sample_job(sampled["uri"], 3, sampled["prompt"], seed=3)]))[
+    out = by_id(run_to_completion(engine, [sample_job(sampled["uri"], 3, sampled["prompt"], seed=3)]))[
         f"{SAMPLER_SESSION}:3"
     ]
     assert out.error is None, out.error
-    first = sampled["first"].result
-    assert [s["tokens"] for s in out.result["sequences"]] == [s["tokens"] for s in first["sequences"]]
-    for a, b in zip(out.result["sequences"], first["sequences"]):
+    first = wire(sampled["first"])
+    assert [s["tokens"] for s in wire(out)["sequences"]] == [s["tokens"] for s in first["sequences"]]
+    for a, b in zip(wire(out)["sequences"], first["sequences"]):
         assert a["logprobs"] == pytest.approx(b["logprobs"], abs=LP_ATOL)
     # and a different seed gives a different sample (the check above is not trivially true)
-    other = by_id(engine.run_to_completion([sample_job(sampled["uri"], 4, sampled["prompt"], seed=4)]))[
+    other = by_id(run_to_completion(engine, [sample_job(sampled["uri"], 4, sampled["prompt"], seed=4)]))[
         f"{SAMPLER_SESSION}:4"
     ]
-    assert [s["tokens"] for s in other.result["sequences"]] != [s["tokens"] for s in first["sequences"]]
+    assert [s["tokens"] for s in wire(other)["sequences"]] != [s["tokens"] for s in first["sequences"]]
 
 
 def test_sample_base_model_and_bad_uri(world, sampled, tmp_path):
     engine = world["engine"]
     missing = (tmp_path / "nope").as_uri()
     out = by_id(
-        engine.run_to_completion(
+        run_to_completion(
+            engine,
             [
                 sample_job(None, 5, sampled["prompt"], seed=3, num_samples=1),
                 sample_job(missing, 6, sampled["prompt"], seed=3, num_samples=1),
-            ]
+            ],
         )
     )
     base = out[f"{SAMPLER_SESSION}:5"]
-    assert base.error is None and len(base.result["sequences"]) == 1
+    assert base.error is None and len(wire(base)["sequences"]) == 1
     bad = out[f"{SAMPLER_SESSION}:6"]
     assert bad.category == "user" and bad.result is None

@@ -1,6 +1,6 @@
 """A run's state is rebuilt from the database's op log when it is absent or stale on a worker (run_recovery).
 
-Tiny Kimi K2, one run: create (no seed: derived from the run id) → fb → step → save_weights → fb → step, then
+Tiny Kimi K2, one run: create (the seed the API derives from the run id) → fb → step → save_weights → fb → step, then
 more ops. Checked against one engine executing every op once, in order:
 - a fresh consumer (the run moved after its worker died) restores from the committed save_weights checkpoint
   plus a replay of the two later ops, then runs the new ops; final LoRA factors equal (atol 1e-6);
@@ -26,9 +26,21 @@ from sqlalchemy import select
 from api.db.jobs import claim_ready_jobs, release_expired_leases, submit_job
 from api.db.models import Checkpoint, TrainingRun
 from api.db.types import utcnow
+from contract.checkpoint_store import LocalCheckpointStore
+from contract.jobs import (
+    CheckpointTarget,
+    CreateModelJob,
+    ForwardJob,
+    JobKind,
+    JobPayload,
+    RunLora,
+    SaveWeightsJob,
+    UnloadModelJob,
+    default_lora_seed,
+    result_json,
+)
 from tests.unit.test_worker_engine import ADAM, SEQ_A, ce_payload, job
-from tests.unit.worker_fixtures import fresh_model
-from worker.checkpoint_store import LocalCheckpointStore
+from tests.unit.worker_fixtures import fresh_model, run_to_completion
 from worker.consumer import Consumer
 from worker.engine import Engine
 from worker.run_recovery import RunNotRestorable, restore_plan
@@ -37,28 +49,26 @@ BASE = "loom/tiny-kimi-k2"
 ATOL = 1e-6
 
 
-def save_payload(run: str, name: str) -> dict:
-    return {
-        "path": name,
-        "overwrite": False,
-        "ttl_seconds": None,
-        "resolved": {"checkpoint_id": f"weights/{name}", "tinker_path": f"tinker://{run}/weights/{name}"},
-    }
+def save_payload(run: str, name: str) -> SaveWeightsJob:
+    return SaveWeightsJob(
+        target=CheckpointTarget(checkpoint_id=f"weights/{name}", tinker_path=f"tinker://{run}/weights/{name}")
+    )
 
 
-def ops(run: str) -> list[tuple[str, dict]]:
+def ops(run: str) -> list[JobPayload]:
     """seq 0..9: create, fb, step, save, fb, step, fb (forward only), fb, step, save."""
+    lora = RunLora(rank=4, seed=default_lora_seed(run), train_attn=True, train_mlp=True, train_unembed=True)
     return [
-        ("create_model", {"lora_config": {"rank": 4}}),
-        ("forward_backward", ce_payload(SEQ_A)),
-        ("optim_step", {"adam_params": ADAM}),
-        ("save_weights", save_payload(run, "mid")),
-        ("forward_backward", ce_payload(SEQ_A[:1])),
-        ("optim_step", {"adam_params": ADAM}),
-        ("forward_backward", ce_payload(SEQ_A, forward_only=True)),
-        ("forward_backward", ce_payload(SEQ_A[1:])),
-        ("optim_step", {"adam_params": ADAM}),
-        ("save_weights", save_payload(run, "end")),
+        CreateModelJob(lora=lora),
+        ce_payload(SEQ_A),
+        ADAM,
+        save_payload(run, "mid"),
+        ce_payload(SEQ_A[:1]),
+        ADAM,
+        ForwardJob(input=ce_payload(SEQ_A).input),
+        ce_payload(SEQ_A[1:]),
+        ADAM,
+        save_payload(run, "end"),
     ]
 
 
@@ -77,8 +87,8 @@ def run_id(session_factory, make_run) -> str:
 
 def reference_factors(lm, run: str, store_root) -> dict[str, torch.Tensor]:
     engine = Engine(lm, LocalCheckpointStore(store_root))
-    jobs = [job(kind, "alice", run, seq, payload) for seq, (kind, payload) in enumerate(ops(run))]
-    assert all(o.error is None for o in engine.run_to_completion(jobs))
+    jobs = [job("alice", run, seq, payload) for seq, payload in enumerate(ops(run))]
+    assert all(o.error is None for o in run_to_completion(engine, jobs))
     return factors(engine, run)
 
 
@@ -96,15 +106,18 @@ def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> 
     assert moved > 0
 
 
-def submit(factory, run: str, seq: int, kind: str, payload: dict) -> None:
+def submit(factory, run: str, seq: int, payload: JobPayload) -> None:
     with factory.begin() as session:
-        submit_job(session, owner="alice", kind=kind, base_model=BASE, model_id=run, seq_id=seq, payload=payload)
+        submit_job(session, owner="alice", base_model=BASE, model_id=run, seq_id=seq, payload=payload)
 
 
 def submit_ops(factory, run: str, seqs: range) -> None:
     for seq in seqs:
-        kind, payload = ops(run)[seq]
-        submit(factory, run, seq, kind, payload)
+        submit(factory, run, seq, ops(run)[seq])
+
+
+def make_consumer(engine: Engine, factory, worker_id: str) -> Consumer:
+    return Consumer(engine, factory, worker_id, lease_seconds=600)
 
 
 def drain(consumer: Consumer) -> None:
@@ -117,16 +130,16 @@ def test_a_run_moved_to_a_fresh_worker_continues_from_checkpoint_plus_replay(
 ) -> None:
     want = reference_factors(models["reference"], run_id, tmp_path / "ref")
     store = LocalCheckpointStore(tmp_path / "shared")
-    first = Consumer(Engine(models["first"], store), session_factory, "w1")
+    first = make_consumer(Engine(models["first"], store), session_factory, "w1")
     submit_ops(session_factory, run_id, range(0, 6))
     drain(first)
     with session_factory() as session:
         plan = restore_plan(session, run_id, 6)
     assert plan.checkpoint_uri is not None and plan.checkpoint_uri.endswith("weights/mid")
-    assert [(j.seq_id, j.kind) for j in plan.ops] == [(4, "forward_backward"), (5, "optim_step")]
+    assert [(j.seq_id, j.kind) for j in plan.ops] == [(4, JobKind.FORWARD_BACKWARD), (5, JobKind.OPTIM_STEP)]
     assert plan.last_seq == 5
 
-    second = Consumer(Engine(models["second"], store), session_factory, "w2")  # the first worker "died"
+    second = make_consumer(Engine(models["second"], store), session_factory, "w2")  # the first worker "died"
     submit_ops(session_factory, run_id, range(6, 10))
     drain(second)
     assert_same(factors(second.engine, run_id), want)
@@ -134,26 +147,26 @@ def test_a_run_moved_to_a_fresh_worker_continues_from_checkpoint_plus_replay(
 
 def test_ops_applied_but_not_recorded_are_not_applied_twice(session_factory, run_id, models, tmp_path) -> None:
     want = reference_factors(models["reference"], run_id, tmp_path / "ref")
-    consumer = Consumer(Engine(models["first"], LocalCheckpointStore(tmp_path / "store")), session_factory, "w1")
+    worker = make_consumer(Engine(models["first"], LocalCheckpointStore(tmp_path / "store")), session_factory, "w1")
     submit_ops(session_factory, run_id, range(0, 3))
-    drain(consumer)
+    drain(worker)
     submit_ops(session_factory, run_id, range(3, 10))
     with session_factory.begin() as session:  # claim and execute, then lose the lease before recording
         lost = claim_ready_jobs(session, base_models=[BASE], worker_id="w1", lease_seconds=60, limit=4)
     assert [j.seq_id for j in lost] == [3, 4, 5, 6]
-    consumer.engine.execute(lost)
+    worker.engine.execute(lost)
     with session_factory.begin() as session:
         assert release_expired_leases(session, utcnow() + timedelta(seconds=61)) == 4
-    assert consumer.engine.needs_restore(lost[0])
-    drain(consumer)
-    assert_same(factors(consumer.engine, run_id), want)
+    assert worker.engine.needs_restore(lost[0])
+    drain(worker)
+    assert_same(factors(worker.engine, run_id), want)
 
 
 def first_eight_ops_with_recovery_every_step(session_factory, run_id, lm, tmp_path) -> LocalCheckpointStore:
     """Ops 0-7 on a worker writing a recovery checkpoint after each optim_step (seq 2, then 5); its store."""
     store = LocalCheckpointStore(tmp_path / "shared")
     drain_ops(
-        Consumer(Engine(lm, store, recovery_every=1), session_factory, "w1"), session_factory, run_id, range(0, 8)
+        make_consumer(Engine(lm, store, recovery_every=1), session_factory, "w1"), session_factory, run_id, range(0, 8)
     )
     return store
 
@@ -170,11 +183,11 @@ def test_a_run_rebuilt_from_its_newest_recovery_checkpoint(session_factory, run_
         plan = restore_plan(session, run_id, 8)
         kept = session.scalars(select(Checkpoint).where(Checkpoint.checkpoint_id.startswith("recovery/"))).all()
     assert plan.checkpoint_uri is not None and plan.checkpoint_uri.endswith("recovery/5")
-    assert [(j.seq_id, j.kind) for j in plan.ops] == [(7, "forward_backward")]  # 6 is forward-only
+    assert [(j.seq_id, j.kind) for j in plan.ops] == [(7, JobKind.FORWARD_BACKWARD)]  # 6 is forward-only
     assert [(c.checkpoint_id, c.ephemeral, c.committed) for c in kept] == [("recovery/5", True, True)]
     assert [p.name for p in store.open(plan.checkpoint_uri).parent.iterdir()] == ["5"]
 
-    second = Consumer(Engine(models["second"], store), session_factory, "w2")
+    second = make_consumer(Engine(models["second"], store), session_factory, "w2")
     drain_ops(second, session_factory, run_id, range(8, 10))
     assert_same(factors(second.engine, run_id), want)
 
@@ -200,7 +213,7 @@ def test_a_corrupt_starting_checkpoint_falls_back_to_an_older_one(
     for plan in (newest, older):
         flip_a_byte(store.open(plan.checkpoint_uri))
 
-    second = Consumer(Engine(models["second"], store), session_factory, "w2")
+    second = make_consumer(Engine(models["second"], store), session_factory, "w2")
     with caplog.at_level("INFO", logger="worker.consumer"):
         drain_ops(second, session_factory, run_id, range(8, 10))
     assert len([r for r in caplog.records if "skipping" in r.message]) == 2
@@ -216,17 +229,15 @@ class RecoveryWritesFail(LocalCheckpointStore):
 
 def test_a_failed_recovery_checkpoint_does_not_fail_the_step(run_id, models, tmp_path) -> None:
     engine = Engine(models["first"], RecoveryWritesFail(tmp_path / "store"), recovery_every=1)
-    outcomes = engine.run_to_completion(
-        [job(kind, "alice", run_id, seq, p) for seq, (kind, p) in enumerate(ops(run_id)[:3])]
-    )
+    outcomes = run_to_completion(engine, [job("alice", run_id, seq, p) for seq, p in enumerate(ops(run_id)[:3])])
     assert [o.error for o in outcomes] == [None, None, None]
-    assert outcomes[2].result["type"] == "optim_step" and outcomes[2].checkpoint is None
+    assert "metrics" in result_json(outcomes[2].result) and outcomes[2].checkpoint is None
 
 
 def test_an_unloaded_run_is_not_restored(session_factory, run_id, models, tmp_path) -> None:
-    consumer = Consumer(Engine(models["first"], LocalCheckpointStore(tmp_path / "store")), session_factory, "w1")
+    worker = make_consumer(Engine(models["first"], LocalCheckpointStore(tmp_path / "store")), session_factory, "w1")
     submit_ops(session_factory, run_id, range(0, 2))
-    submit(session_factory, run_id, 2, "unload_model", {})
-    drain(consumer)
+    submit(session_factory, run_id, 2, UnloadModelJob())
+    drain(worker)
     with session_factory() as session, pytest.raises(RunNotRestorable, match="unloaded"):
         restore_plan(session, run_id, 3)

@@ -6,13 +6,15 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from worker.models.registry import SMOLLM2, model_dir
+from contract.catalogue import SMOLLM2
+from tests.unit.worker_fixtures import MODEL_CACHE
+from worker.models.registry import model_dir
 from worker.text_stream import TextStream
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(str(model_dir(SMOLLM2)))
+    return AutoTokenizer.from_pretrained(str(model_dir(SMOLLM2, MODEL_CACHE)))
 
 
 def run(tokenizer, text: str, stops: list[str]) -> tuple[list[str], TextStream]:

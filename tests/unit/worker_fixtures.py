@@ -14,12 +14,17 @@ import os
 
 import torch
 
+from contract.catalogue import SMOLLM2, TINY_KIMI_K2
+from contract.jobs import ClaimedJob
+from contract.settings import Settings
+from worker.engine import Engine
 from worker.lora.adapter import LoraAdapter, LoraSpec, create_adapter
 from worker.models.loader import LoadedModel, load_base_model
-from worker.models.registry import SMOLLM2, TINY_KIMI_K2
+from worker.outcomes import Outcome
 from worker.trainer import TrainDatum
 
 MODELS = {"smollm2": SMOLLM2, "tiny_kimi_k2": TINY_KIMI_K2}
+MODEL_CACHE = Settings().model_cache_dir
 
 _slots = itertools.count(1000)
 
@@ -32,11 +37,19 @@ if "OMP_NUM_THREADS" not in os.environ:
 
 @functools.cache
 def shared_model(key: str) -> LoadedModel:
-    return load_base_model(MODELS[key])
+    return load_base_model(MODELS[key], MODEL_CACHE)
 
 
 def fresh_model(key: str) -> LoadedModel:
-    return load_base_model(MODELS[key])
+    return load_base_model(MODELS[key], MODEL_CACHE)
+
+
+def run_to_completion(engine: Engine, jobs: list[ClaimedJob]) -> list[Outcome]:
+    """`engine.execute(jobs)`, then keep advancing until no sample is in flight (as the consumer's ticks do)."""
+    outcomes = engine.execute(jobs)
+    while engine.busy:
+        outcomes += engine.execute([])
+    return outcomes
 
 
 def make_adapter(

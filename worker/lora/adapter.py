@@ -76,9 +76,6 @@ class LoraAdapter:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for _, p in self.named_parameters()]
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def zero_grad(self) -> None:
         for p in self.parameters():
             p.grad = None

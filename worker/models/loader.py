@@ -9,14 +9,15 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from contract.catalogue import BaseModelEntry
 from worker.lora.adapter import TargetWeight
 from worker.lora.layers import AdapterRouter, install_multi_lora
-from worker.models.registry import BaseModelSpec, model_dir
+from worker.models.registry import lora_targets, model_dir
 
 
 @dataclass
 class LoadedModel:
-    spec: BaseModelSpec
+    spec: BaseModelEntry
     path: Path
     model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
@@ -30,11 +31,12 @@ class LoadedModel:
         return int(self.model.config.vocab_size)
 
 
-def load_base_model(spec: BaseModelSpec) -> LoadedModel:
-    path = model_dir(spec)
+def load_base_model(entry: BaseModelEntry, model_cache_dir: Path) -> LoadedModel:
+    """`entry`'s model from its folder under `model_cache_dir` (built there first if missing)."""
+    path = model_dir(entry, model_cache_dir)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa")
     model.eval()
     model.requires_grad_(False)
-    router, targets = install_multi_lora(model, spec.targets)
+    router, targets = install_multi_lora(model, lora_targets(entry))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return LoadedModel(spec, path, model, tokenizer, router, targets)
+    return LoadedModel(entry, path, model, tokenizer, router, targets)

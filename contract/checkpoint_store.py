@@ -6,10 +6,12 @@ never overwritten unless the caller asks for it. Readers verify the manifest bef
 torn or tampered checkpoint is refused rather than served. URIs are `file://` paths.
 
 `CheckpointStore` is what the engine needs of any backend; `open_checkpoint_store(location)` picks one
-(`s3://bucket/prefix` → `worker.checkpoint_s3.S3CheckpointStore`, anything else → a local root folder) and
-`delete_checkpoint_uri` deletes a checkpoint given either kind of URI.
+(`s3://bucket/prefix` → `contract.checkpoint_s3.S3CheckpointStore`, anything else → a local root folder) and
+`delete_checkpoint_uri` deletes a checkpoint given either kind of URI. Workers write and read checkpoints; the API
+deletes them and `loom gc` sweeps what no database row names, so the store lives in the contract both sides share.
 
-Limits: this backend is local-filesystem only (S3 lives in `worker/checkpoint_s3.py`, imported only when used).
+Limits: this backend is local-filesystem only (S3 lives in `contract/checkpoint_s3.py`, imported only when used,
+so boto3 is needed only where an `s3://` location is configured).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class CheckpointExists(RuntimeError):
     """A checkpoint with this name already exists and overwrite was not requested."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -81,7 +83,7 @@ class LocalCheckpointStore:
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=final.parent))
         try:
             fill(staging)
-            files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(staging.iterdir())}
+            files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(staging.iterdir())}
             (staging / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
             if final.exists():
                 shutil.rmtree(final)
@@ -100,7 +102,7 @@ class LocalCheckpointStore:
         manifest = json.loads(manifest_path.read_text())
         for name, meta in manifest["files"].items():
             path = folder / name
-            if not path.exists() or path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
+            if not path.exists() or path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
                 raise CheckpointCorrupt(f"{uri}: {name} does not match its manifest checksum")
         return folder
 
@@ -127,21 +129,25 @@ class LocalCheckpointStore:
         return report
 
 
-def open_checkpoint_store(location: str | Path, cache_dir: Path | None = None) -> CheckpointStore:
+def open_checkpoint_store(
+    location: str | Path, cache_dir: Path | None = None, max_cache_bytes: int | None = None
+) -> CheckpointStore:
     """`s3://bucket/prefix` → S3 (endpoint and credentials from the AWS environment; `cache_dir` holds verified
-    downloads); a path or `file://` URI → a local root folder."""
+    downloads, up to `max_cache_bytes`); a path or `file://` URI → a local root folder (no cache needed)."""
     text = str(location)
     if text.startswith("s3://"):
-        from worker.checkpoint_s3 import S3CheckpointStore
+        from contract.checkpoint_s3 import DEFAULT_CACHE_BYTES, S3CheckpointStore
 
-        return S3CheckpointStore.from_url(text, cache_dir)
+        if cache_dir is None:
+            raise ValueError(f"the S3 checkpoint store {text} needs a local cache folder for verified downloads")
+        return S3CheckpointStore.from_url(text, cache_dir, max_cache_bytes or DEFAULT_CACHE_BYTES)
     return LocalCheckpointStore(Path(text.removeprefix("file://")))
 
 
 def delete_checkpoint_uri(uri: str) -> None:
     """Delete a checkpoint's stored files, wherever its URI points (`file://` or `s3://`)."""
     if uri.startswith("s3://"):
-        from worker.checkpoint_s3 import delete_s3_uri
+        from contract.checkpoint_s3 import delete_s3_uri
 
         delete_s3_uri(uri)
     else:

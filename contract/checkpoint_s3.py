@@ -31,8 +31,8 @@ still in progress (its manifest would then name missing files, which `open` refu
 (no sub-folders). A path handed out by `open` may be evicted once other checkpoints fill the cache (also by
 another process sharing the cache folder): use it right away, as the engine does. Downloads within one store are
 serialised. Endpoint, region and credentials come from the standard AWS environment
-(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...); the cache folder from `LOOM_CHECKPOINT_CACHE_DIR` (default
-`~/.cache/loom/checkpoints`) and its bound from `LOOM_CHECKPOINT_CACHE_BYTES` (default 20 GiB).
+(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...), read by boto3 itself; the cache folder and its bound are passed in
+(the `checkpoint_cache_dir` / `checkpoint_cache_bytes` settings).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
-from worker.checkpoint_store import MANIFEST, CheckpointCorrupt, CheckpointExists, GcReport, _sha256
+from contract.checkpoint_store import MANIFEST, CheckpointCorrupt, CheckpointExists, GcReport, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def _parse_manifest(uri: str, raw: bytes) -> dict[str, Any]:
 def _first_mismatch(folder: Path, files: dict[str, dict[str, Any]]) -> str | None:
     for name, meta in files.items():
         path = folder / name
-        if not path.is_file() or path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
+        if not path.is_file() or path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
             return name
     return None
 
@@ -135,26 +135,24 @@ class S3CheckpointStore:
     def __init__(
         self,
         bucket: str,
-        prefix: str = "",
-        cache_dir: Path | None = None,
-        max_cache_bytes: int | None = None,
+        prefix: str,
+        cache_dir: Path,
+        max_cache_bytes: int = DEFAULT_CACHE_BYTES,
         client: Any = None,
         transfer: TransferConfig | None = None,
     ) -> None:
         self.bucket, self.prefix = bucket, prefix.strip("/")
-        env_dir = os.environ.get("LOOM_CHECKPOINT_CACHE_DIR")
-        self.cache_dir = cache_dir or (Path(env_dir) if env_dir else Path.home() / ".cache" / "loom" / "checkpoints")
+        self.cache_dir = cache_dir
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        env_bytes = os.environ.get("LOOM_CHECKPOINT_CACHE_BYTES")
-        self.max_cache_bytes = max_cache_bytes or (int(env_bytes) if env_bytes else DEFAULT_CACHE_BYTES)
+        self.max_cache_bytes = max_cache_bytes
         self.client = client or env_client()
         self.transfer = transfer or TransferConfig()
         self._lock = threading.Lock()
 
     @classmethod
-    def from_url(cls, url: str, cache_dir: Path | None = None) -> S3CheckpointStore:
+    def from_url(cls, url: str, cache_dir: Path, max_cache_bytes: int = DEFAULT_CACHE_BYTES) -> S3CheckpointStore:
         bucket, prefix = parse_s3_uri(url)
-        return cls(bucket, prefix, cache_dir)
+        return cls(bucket, prefix, cache_dir, max_cache_bytes)
 
     def _folder(self, owner: str, run_id: str, checkpoint_id: str) -> str:
         relative = f"{owner}/{run_id.replace(':', '_')}/{checkpoint_id}"
@@ -180,7 +178,7 @@ class S3CheckpointStore:
             for path in sorted(staging.iterdir()):
                 if not path.is_file() or path.name in RESERVED:
                     raise ValueError(f"checkpoint files must be plain files not named {MANIFEST}: {path.name}")
-                files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+                files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
             data_keys = [f"{folder}/{ATTEMPTS}/{attempt}/{name}" for name in files]
             for name, key in zip(files, data_keys):
                 self.client.upload_file(str(staging / name), self.bucket, key, Config=self.transfer)

@@ -1,0 +1,105 @@
+"""The checkpoint rows: recording what a worker stored, finding what a run can be rebuilt from, and retiring rows.
+
+A row is written (`record_checkpoint`) in the same transaction that marks the job that wrote it done, with
+`committed` true: the files at `storage_uri` are complete by then. Recovery checkpoints (`recovery/<seq_id>`) are
+hidden rows only workers use (`worker/run_recovery.py`); only the newest one per run is kept.
+
+Like the job store, every function works inside the caller's transaction and never commits; deleting the stored
+files a removed row pointed at is the caller's job, after its commit (`contract/checkpoint_store.py`).
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import ColumnElement, delete, select
+from sqlalchemy.orm import Session
+
+from api.db.models import Checkpoint, CheckpointKind
+from api.db.types import utcnow
+
+RECOVERY_PREFIX = "recovery/"
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """A checkpoint a worker wrote; recorded with the completion of the job that wrote it."""
+
+    run_id: str
+    owner: str
+    checkpoint_id: str
+    kind: CheckpointKind
+    tinker_path: str
+    storage_uri: str
+    size_bytes: int
+    ttl_seconds: int | None
+    ephemeral: bool
+
+
+def record_checkpoint(session: Session, record: CheckpointRecord) -> list[str]:
+    """Write (or, for an overwrite, replace) the committed row of `record`. Returns the storage URIs of rows this
+    retires: for a recovery checkpoint, the run's older recovery checkpoints (delete their files after commit)."""
+    session.execute(
+        delete(Checkpoint).where(Checkpoint.run_id == record.run_id, Checkpoint.checkpoint_id == record.checkpoint_id)
+    )
+    expires = utcnow() + timedelta(seconds=record.ttl_seconds) if record.ttl_seconds else None
+    session.add(
+        Checkpoint(
+            run_id=record.run_id,
+            owner=record.owner,
+            checkpoint_id=record.checkpoint_id,
+            kind=record.kind.value,
+            tinker_path=record.tinker_path,
+            storage_uri=record.storage_uri,
+            size_bytes=record.size_bytes,
+            expires_at=expires,
+            committed=True,
+            ephemeral=record.ephemeral,
+        )
+    )
+    if not record.checkpoint_id.startswith(RECOVERY_PREFIX):
+        return []
+    older = session.scalars(
+        select(Checkpoint).where(_recovery_of(record.run_id), Checkpoint.checkpoint_id != record.checkpoint_id)
+    ).all()
+    for row in older:
+        session.delete(row)
+    return [row.storage_uri for row in older]
+
+
+def committed_training_checkpoint(session: Session, run_id: str, tinker_path: str) -> str | None:
+    """The storage URI of the run's committed training checkpoint at `tinker_path`, if it still exists."""
+    return session.scalar(
+        select(Checkpoint.storage_uri).where(
+            Checkpoint.tinker_path == tinker_path,
+            Checkpoint.run_id == run_id,
+            Checkpoint.kind == CheckpointKind.TRAINING.value,
+            Checkpoint.committed.is_(True),
+        )
+    )
+
+
+def _recovery_of(run_id: str) -> ColumnElement[bool]:
+    return (Checkpoint.run_id == run_id) & Checkpoint.checkpoint_id.startswith(RECOVERY_PREFIX)
+
+
+def committed_recovery_checkpoints(session: Session, run_id: str) -> dict[str, str]:
+    """checkpoint id (`recovery/<seq_id>`) -> storage URI of the run's committed recovery checkpoints."""
+    rows = session.execute(
+        select(Checkpoint.checkpoint_id, Checkpoint.storage_uri).where(
+            _recovery_of(run_id), Checkpoint.committed.is_(True)
+        )
+    )
+    return {checkpoint_id: uri for checkpoint_id, uri in rows}
+
+
+def delete_expired(session: Session) -> Sequence[str]:
+    """Delete every checkpoint row whose TTL has passed; returns their storage URIs."""
+    return session.scalars(
+        delete(Checkpoint).where(Checkpoint.expires_at < utcnow()).returning(Checkpoint.storage_uri)
+    ).all()
+
+
+def committed_uris(session: Session) -> list[str]:
+    """The storage URIs every committed checkpoint row points at (what `gc` must keep)."""
+    return list(session.scalars(select(Checkpoint.storage_uri).where(Checkpoint.committed.is_(True))))

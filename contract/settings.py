@@ -1,0 +1,144 @@
+"""Every setting of a Loom process, read once from the environment (`LOOM_<FIELD>`) by its entry point.
+
+Each process (`loom serve`, `loom worker`, `loom gc`, ...) builds one `Settings()` when it starts and passes the
+values down; no other module reads the environment. Every field is documented here and only here (its
+`description`); `loom settings` prints them with their current values. All are optional: the defaults are the
+embedded laptop setup (SQLite, in-process workers, checkpoints under `./.loom`).
+
+Limits: values are read once at start-up; changing the environment later changes nothing. Cloud credentials
+(`AWS_*`) are read by boto3 itself, not here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CACHE_ROOT = Path.home() / ".cache" / "loom"
+DEFAULT_TOKEN_BUDGET = 1 << 18
+"""KV-cache tokens of one decode batch, unless the `token_budget` setting says otherwise."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOOM_", extra="ignore", validate_default=True)
+
+    # -- storage -------------------------------------------------------------------------------------------------
+    data_dir: Path = Field(
+        Path(".loom"), description="where the SQLite database, the local checkpoint store and the embedded API key live"
+    )
+    database_url: str | None = Field(
+        None, description="any SQLAlchemy URL (PostgreSQL: `postgresql+psycopg://...`); default SQLite in the data dir"
+    )
+    checkpoint_dir: Path | None = Field(
+        None, description="local checkpoint store root; default `<data dir>/checkpoints`"
+    )
+    checkpoint_url: str | None = Field(
+        None,
+        description="where workers store checkpoints: a local folder, or `s3://bucket/prefix` (endpoint and "
+        "credentials from the standard `AWS_*` variables, e.g. `AWS_ENDPOINT_URL`); default the checkpoint dir",
+    )
+    checkpoint_cache_dir: Path = Field(
+        CACHE_ROOT / "checkpoints", description="with `s3://`: where verified checkpoint downloads are kept"
+    )
+    checkpoint_cache_bytes: int = Field(20 << 30, gt=0, description="with `s3://`: the bound on that cache (bytes)")
+    home: Path = Field(
+        CACHE_ROOT, description="Loom's cache root; base models are materialised once under `<home>/models`"
+    )
+
+    # -- what is served, and how work travels ----------------------------------------------------------------------
+    base_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated base models to serve (ids or aliases); default all built-in"
+    )
+    queue: Literal["embedded", "external", "celery"] = Field(
+        "embedded",
+        description="`embedded` (workers in the API process), `external` (separate `loom worker`s polling the "
+        "database) or `celery` (workers woken through Celery on Redis, runs pinned to workers)",
+    )
+    broker_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="with `celery`: the Redis carrying wake-ups and completion/stream events",
+    )
+    worker_dead_seconds: float = Field(
+        15.0, gt=0, description="with `celery`: a worker silent this long is reaped (its runs move, requests retried)"
+    )
+    visibility_timeout: float = Field(
+        3600.0, gt=0, description="with `celery`: seconds before Redis redelivers an unacknowledged wake-up"
+    )
+    lease_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="how long a worker's claim on a job lasts; it must outlast the longest tick, except with "
+        "`celery`, whose heartbeat renews every lease a worker holds (deployments there use a short one)",
+    )
+    heartbeat_file: Path | None = Field(
+        None, description="with `celery`: a worker touches this file every heartbeat (container liveness probes)"
+    )
+    worker_poll_seconds: float = Field(
+        0.1, gt=0, description="how often a separate `loom worker` (`external` queue) polls the database when idle"
+    )
+
+    # -- API limits ----------------------------------------------------------------------------------------------
+    max_body_bytes: int = Field(64 << 20, gt=0, description="larger request bodies get 413")
+    long_poll_seconds: float = Field(
+        30.0, gt=0, description="how long `retrieve_future` holds a poll before answering `try_again`"
+    )
+    max_streams_per_key: int = Field(8, gt=0, description="concurrent OpenAI streams per tenant; more get 429")
+
+    # -- workers ---------------------------------------------------------------------------------------------------
+    sampler_backend: Literal["loom", "vllm"] = Field(
+        "loom", description="how workers sample: `loom` (Loom's engine) or `vllm` (a vLLM server per base model)"
+    )
+    token_budget: int = Field(
+        DEFAULT_TOKEN_BUDGET,
+        gt=0,
+        description="KV-cache tokens one worker's decode batch may hold (prompt + generated, all rows)",
+    )
+    recovery_every: int = Field(
+        50,
+        ge=0,
+        description="optimizer steps between a run's hidden recovery checkpoints, which bound the replay when a run "
+        "is rebuilt on another worker (0 = never)",
+    )
+    vllm_venv: Path = Field(
+        Path(__file__).resolve().parent.parent / ".venv-vllm",
+        description="with `vllm`: the virtual environment vLLM runs from",
+    )
+    vllm_max_adapters: int = Field(4, gt=0, description="with `vllm`: checkpoints sampled at once (LoRA slots)")
+    vllm_concurrency: int = Field(32, gt=0, description="with `vllm`: requests open to vLLM at once")
+
+    @field_validator("base_models", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("sampler_backend", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() or "loom" if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _derived_locations(self) -> Settings:
+        self.data_dir = self.data_dir.resolve()
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'loom.db'}"
+        if self.checkpoint_dir is None:
+            self.checkpoint_dir = self.data_dir / "checkpoints"
+        if self.checkpoint_url is None:
+            self.checkpoint_url = str(self.checkpoint_dir)
+        return self
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.home / "models"
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(environment variable, current value, description) of every setting."""
+        return [
+            (f"LOOM_{name.upper()}", str(getattr(self, name)), field.description or "")
+            for name, field in type(self).model_fields.items()
+        ]
