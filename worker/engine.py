@@ -71,9 +71,10 @@ class Engine:
         self.recovery_every = recovery_every
         self.pool = AdapterPool(lm)
         if sampler_backend == "vllm":
-            from worker.vllm_sampling import VllmSamplingEngine  # starts a vLLM server for this model
+            from worker.vllm.engine import VllmSamplingEngine  # starts a vLLM server for this model
+            from worker.vllm.server import DEFAULT_VENV
 
-            self.sampling = VllmSamplingEngine(lm, store, on_stream)
+            self.sampling = VllmSamplingEngine(lm, store, on_stream, venv=DEFAULT_VENV)
         elif sampler_backend == "loom":
             self.sampling = SamplingEngine(lm, self.pool, store, on_stream, token_budget)
         else:

@@ -4,7 +4,7 @@
 its own daemon thread. The caller gets `WorkerHandle`s to wake (after a submission) and to stop them.
 
 The sampler backend is `LOOM_SAMPLER_BACKEND` (read here, like every worker-side setting): `loom` (default, our
-continuous-batching engine) or `vllm` (a vLLM server per base model, worker/vllm_sampling.py).
+continuous-batching engine) or `vllm` (a vLLM server per base model, worker/vllm/).
 `LOOM_RECOVERY_EVERY` (default 50; 0 turns it off): every that many optimizer steps of a run, its worker writes a
 hidden recovery checkpoint, so a run rebuilt after a crash replays at most that many steps (worker/run_recovery.py).
 

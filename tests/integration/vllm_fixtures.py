@@ -1,4 +1,4 @@
-"""Helpers for tests that run the vLLM sampling backend (worker/vllm_backend.py) against a real vLLM server.
+"""Helpers for tests that run the vLLM sampling backend (worker/vllm/) against a real vLLM server.
 
 `require_vllm_venv()` finds the separate vLLM virtual environment made by scripts/setup-vllm. When it is missing
 the test is skipped, except under `CI=true`, where the script is run (it takes a few minutes the first time).
@@ -21,7 +21,7 @@ from worker.adapter_pool import AdapterPool, ResidentRun
 from worker.lora.adapter import LoraSpec
 from worker.models.loader import LoadedModel
 from worker.trainer import TrainDatum, WorkItem, run_forward_backward
-from worker.vllm_backend import REPO_ROOT, default_venv
+from worker.vllm.server import DEFAULT_VENV, REPO_ROOT
 
 SETUP_SCRIPT = REPO_ROOT / "scripts" / "setup-vllm"
 
@@ -63,7 +63,7 @@ def _ready(venv: Path) -> bool:
 
 def require_vllm_venv() -> Path:
     """The vLLM venv, set up by scripts/setup-vllm; skips the test if absent (runs the script under CI=true)."""
-    venv = default_venv()
+    venv = DEFAULT_VENV
     if os.environ.get("CI") == "true":
         result = subprocess.run([str(SETUP_SCRIPT)], capture_output=True, text=True)
         if result.returncode != 0:
