@@ -45,6 +45,7 @@ from worker.lora.adapter import LoraSpec
 from worker.models.loader import LoadedModel
 from worker.outcomes import CheckpointRecord, Outcome
 from worker.run_recovery import STARTS, RestorePlan, UnusableCheckpoint, recovery_checkpoint_id
+from worker.sampling_backend import SamplingBackend
 from worker.sampling_engine import SamplingEngine, StreamSink
 from worker.trainer import WorkItem, run_forward_backward
 
@@ -70,6 +71,7 @@ class Engine:
         self.store = store
         self.recovery_every = recovery_every
         self.pool = AdapterPool(lm)
+        self.sampling: SamplingBackend
         if sampler_backend == "vllm":
             from worker.vllm.engine import VllmSamplingEngine  # starts a vLLM server for this model
             from worker.vllm.server import DEFAULT_VENV
@@ -341,7 +343,7 @@ class Engine:
 
     def in_flight(self) -> set[str]:
         """Ids of the sample jobs this engine holds between calls."""
-        return {f.job.id for f in self.sampling.waiting} | set(self.sampling.running)
+        return self.sampling.in_flight()
 
     def _sample(self, jobs: list[ClaimedJob]) -> list[Outcome]:
         outcomes: list[Outcome] = []

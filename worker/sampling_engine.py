@@ -10,6 +10,7 @@ Sampler adapters in use by live rows are pinned in the adapter pool so the LRU n
 
 The module-level helpers (`render_job`, `job_work`, `token_event`, `openai_result`) turn jobs into work and rows
 into results; `worker.vllm.engine.VllmSamplingEngine` uses them too, so both backends give the same shapes.
+`SamplingEngine` implements `worker.sampling_backend.SamplingBackend`.
 
 Limits: one decode batch per model; a job is admitted whole (all its `num_samples` rows at once).
 """
@@ -117,6 +118,10 @@ class SamplingEngine:
     def busy(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def in_flight(self) -> set[str]:
+        """Ids of the jobs queued or running between calls."""
+        return {f.job.id for f in self.waiting} | set(self.running)
+
     def submit(self, job: ClaimedJob) -> None:
         """Validate and queue a sample job; raises `UserInputError` for input this model cannot run."""
         payload, openai = render_job(self.lm, job)
@@ -159,10 +164,11 @@ class SamplingEngine:
                 ]
             self.running[flight.job.id] = flight
 
-    def advance(self) -> list[tuple[ClaimedJob, dict[str, Any]]]:
-        """Admit, decode for one time slice, and return (job, result) for every job that finished."""
+    def advance(self) -> list[tuple[ClaimedJob, dict[str, Any] | Exception]]:
+        """Admit, decode for one time slice, and return (job, result) for every job that finished (never an
+        exception: a failed decode step raises)."""
         self._admit()
-        finished_jobs = []
+        finished_jobs: list[tuple[ClaimedJob, dict[str, Any] | Exception]] = []
         deadline = time.monotonic() + self.slice_seconds
         while len(self.batch) and time.monotonic() < deadline:
             emitted, finished = self.batch.step()

@@ -1,4 +1,4 @@
-"""Sample jobs through vLLM: `VllmSamplingEngine` has `SamplingEngine`'s interface (submit / advance / reset / busy).
+"""Sample jobs through vLLM: `VllmSamplingEngine` implements `worker.sampling_backend.SamplingBackend`.
 
 Chosen by `LOOM_SAMPLER_BACKEND=vllm` (worker/service.py, worker/engine.py). The engine starts a `VllmServer` for
 the worker's base model when it is built (float32, dynamic LoRA; it boots in the background while training jobs
@@ -110,7 +110,7 @@ class _Flight:
 
 
 class VllmSamplingEngine:
-    """Continuous batching through a vLLM server; same interface as `worker.sampling_engine.SamplingEngine`."""
+    """Continuous batching through a vLLM server; a `SamplingBackend` like `worker.sampling_engine.SamplingEngine`."""
 
     def __init__(
         self,
@@ -169,6 +169,10 @@ class VllmSamplingEngine:
     @property
     def busy(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def in_flight(self) -> set[str]:
+        """Ids of the jobs queued or running between calls."""
+        return {f.job.id for f in self.waiting} | set(self.running)
 
     # -- jobs in --------------------------------------------------------------------------------------------
 
