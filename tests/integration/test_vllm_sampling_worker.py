@@ -22,16 +22,17 @@ import pytest
 import tinker
 from tinker import types
 
-from api.db.jobs import ClaimedJob
 from api.db.models import JobState
+from contract.catalogue import SMOLLM2
 from contract.checkpoint_store import LocalCheckpointStore
+from contract.jobs import ClaimedJob, JobKind, parse_payload, result_json
 from examples.sl_loop import make_datum
 from tests.e2e.server import LoomServer, free_port
 from tests.e2e.wire import SMOL
 from tests.integration.vllm_fixtures import GAPS, assert_logprobs_close, assert_top_logprobs_close, require_vllm_venv
+from tests.unit.worker_fixtures import MODEL_CACHE, run_to_completion
 from worker.engine import Engine
 from worker.models.loader import load_base_model
-from worker.models.registry import SMOLLM2
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -51,7 +52,7 @@ class Env:
     def reference(self) -> Engine:
         if self._reference is None:
             self._reference = Engine(
-                load_base_model(SMOLLM2), LocalCheckpointStore(self.server.data_dir / "checkpoints")
+                load_base_model(SMOLLM2, MODEL_CACHE), LocalCheckpointStore(self.server.data_dir / "checkpoints")
             )
         return self._reference
 
@@ -71,18 +72,21 @@ class Env:
             if job_id in self.checked or payload["sampling_params"].get("temperature", 1.0) > 0:
                 continue
             self.checked.add(job_id)
-            jobs.append((ClaimedJob(job_id, "sample", owner, base_model, None, None, payload, 0), json.loads(result)))
+            typed = parse_payload(JobKind.SAMPLE, payload)
+            jobs.append(
+                (ClaimedJob(job_id, JobKind.SAMPLE, owner, base_model, None, None, typed, 0), json.loads(result))
+            )
         return jobs
 
     def check_against_loom(self, at_least: int) -> None:
         """Replay the new greedy jobs through our engine; results must match vLLM's."""
         jobs = self.finished_jobs()
         assert len(jobs) >= at_least, [j.payload for j, _ in jobs]
-        ours = {o.job.id: o for o in self.reference.run_to_completion([job for job, _ in jobs])}
+        ours = {o.job.id: o for o in run_to_completion(self.reference, [job for job, _ in jobs])}
         for job, theirs in jobs:
             outcome = ours[job.id]
             assert outcome.error is None, outcome.error
-            _assert_same(theirs, outcome.result, f"job {job.id} {json.dumps(job.payload)[:300]}")
+            _assert_same(theirs, result_json(outcome.result), f"job {job.id} {str(job.payload)[:300]}")
 
 
 def _assert_same(vllm: dict, loom: dict, what: str) -> None:
@@ -93,11 +97,11 @@ def _assert_same(vllm: dict, loom: dict, what: str) -> None:
             assert (b["tokens"], b["stop_reason"]) == (a["tokens"], a["stop_reason"]), what
             assert_logprobs_close(a["logprobs"], b["logprobs"], what)
         for key in ("prompt_logprobs", "topk_prompt_logprobs"):
-            assert (vllm[key] is None) == (loom[key] is None), f"{what}: {key}"
-        if loom["prompt_logprobs"] is not None:
+            assert (vllm.get(key) is None) == (loom.get(key) is None), f"{what}: {key}"
+        if loom.get("prompt_logprobs") is not None:
             assert vllm["prompt_logprobs"][0] is None and loom["prompt_logprobs"][0] is None
             assert_logprobs_close(loom["prompt_logprobs"][1:], vllm["prompt_logprobs"][1:], what + " prompt_logprobs")
-        if loom["topk_prompt_logprobs"] is not None:
+        if loom.get("topk_prompt_logprobs") is not None:
             assert_top_logprobs_close(loom["topk_prompt_logprobs"], vllm["topk_prompt_logprobs"], what + " topk")
         return
     assert vllm["prompt_tokens"] == loom["prompt_tokens"], what
@@ -106,7 +110,7 @@ def _assert_same(vllm: dict, loom: dict, what: str) -> None:
         for key in ("text", "finish_reason", "tokens", "token_strs"):
             assert b[key] == a[key], f"{what}: {key}\nours {a[key]!r}\nvllm {b[key]!r}"
         assert_logprobs_close(a["logprobs"], b["logprobs"], what)
-        if a["top_logprobs"] is not None or b["top_logprobs"] is not None:
+        if a.get("top_logprobs") is not None or b.get("top_logprobs") is not None:
             assert_top_logprobs_close(a["top_logprobs"], b["top_logprobs"], what + " top_logprobs")
 
 

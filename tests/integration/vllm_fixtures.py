@@ -1,4 +1,4 @@
-"""Helpers for tests that run the vLLM sampling backend (worker/vllm_backend.py) against a real vLLM server.
+"""Helpers for tests that run the vLLM sampling backend (worker/vllm/) against a real vLLM server.
 
 `require_vllm_venv()` finds the separate vLLM virtual environment made by scripts/setup-vllm. When it is missing
 the test is skipped, except under `CI=true`, where the script is run (it takes a few minutes the first time).
@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from contract.settings import Settings
 from loom.types import AdamParams
 from worker.adapter_pool import AdapterPool, ResidentRun
 from worker.lora.adapter import LoraSpec
 from worker.models.loader import LoadedModel
 from worker.trainer import TrainDatum, WorkItem, run_forward_backward
-from worker.vllm_backend import REPO_ROOT, default_venv
 
-SETUP_SCRIPT = REPO_ROOT / "scripts" / "setup-vllm"
+SETUP_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "setup-vllm"
 
 LP_ATOL = 1e-3
 """Logprob tolerance between our engine and vLLM (float32 on both sides; see test_vllm_backend.py)."""
@@ -63,7 +63,7 @@ def _ready(venv: Path) -> bool:
 
 def require_vllm_venv() -> Path:
     """The vLLM venv, set up by scripts/setup-vllm; skips the test if absent (runs the script under CI=true)."""
-    venv = default_venv()
+    venv = Settings().vllm_venv
     if os.environ.get("CI") == "true":
         result = subprocess.run([str(SETUP_SCRIPT)], capture_output=True, text=True)
         if result.returncode != 0:
