@@ -1,6 +1,7 @@
 """Engines, session factories and schema migration for a database URL.
 
-SQLite (the embedded default) is configured for a multi-threaded server:
+SQLite (the embedded default; the database file's folder is created if missing) is configured for a
+multi-threaded server:
 WAL journal, a 30 s busy timeout, foreign keys on, connections shareable across
 threads, and every transaction opened with ``BEGIN IMMEDIATE``. Taking the write
 lock up front makes SQLite transactions serializable and avoids the
