@@ -32,8 +32,14 @@ from dataclasses import dataclass, field
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.db.checkpoints import record_checkpoint
-from api.db.jobs import claim_ready_jobs, complete_job, fail_job, release_expired_leases, requeue_leased
-from api.db.models import ErrorCategory, Job
+from api.db.jobs import (
+    claim_ready_jobs,
+    complete_job,
+    fail_job,
+    release_expired_leases,
+    requeue_leases_not_held,
+)
+from api.db.models import ErrorCategory
 from api.db.types import utcnow
 from contract.checkpoint_store import CheckpointCorrupt, delete_checkpoint_uri
 from contract.jobs import ClaimedJob, JobKind, result_json
@@ -140,12 +146,7 @@ class Consumer:
         """Give back jobs leased to this worker for this model that the engine does not hold (a claim whose
         commit landed although the database connection failed before it answered)."""
         with self.session_factory.begin() as session:
-            requeue_leased(
-                session,
-                (Job.lease_owner == self.worker_id)
-                & (Job.base_model == self.base_model)
-                & Job.id.not_in(self.engine.in_flight()),
-            )
+            requeue_leases_not_held(session, self.worker_id, self.base_model, self.engine.in_flight())
         self._unsure_claim = False
 
     def _record(self, outcomes: Sequence[Outcome]) -> list[str]:

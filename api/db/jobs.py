@@ -30,7 +30,7 @@ so a worker that lost its lease cannot overwrite anything.
 """
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime, timedelta
 from itertools import groupby
 from typing import Any
@@ -350,6 +350,13 @@ def requeue_leased(session: Session, condition: Any, *, max_attempts: int = 3) -
             job.lease_expires_at = None
     session.flush()
     return len(expired)
+
+
+def requeue_leases_not_held(session: Session, worker_id: str, base_model: str, held: Collection[str]) -> int:
+    """Requeue the jobs of `base_model` leased to `worker_id` except those in `held` (the ones the worker knows
+    it has): what a claim whose commit landed unseen (the connection failed before the answer) leased to it."""
+    condition = (Job.lease_owner == worker_id) & (Job.base_model == base_model) & Job.id.not_in(list(held))
+    return requeue_leased(session, condition)
 
 
 def _leased_job(session: Session, job_id: str, fencing_token: int) -> Job | None:
