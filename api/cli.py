@@ -25,7 +25,7 @@ from sqlalchemy import select
 from api.db.keys import authenticate, create_api_key, revoke_api_key
 from api.db.models import Checkpoint, TrainingRun
 from api.db.session import make_engine, make_session_factory, upgrade_to_head
-from contract.settings import Settings
+from contract.settings import Settings, load_settings
 
 WORKER_COMMANDS = {"worker": "run", "gc": "gc"}
 """`loom` subcommand -> the worker program's subcommand it hands over to."""
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         _hand_to_worker(argv[0], argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args.func(args, Settings())
+    args.func(args, load_settings())
 
 
 if __name__ == "__main__":

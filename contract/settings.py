@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CACHE_ROOT = Path.home() / ".cache" / "loom"
@@ -145,3 +145,12 @@ class Settings(BaseSettings):
             (f"LOOM_{name.upper()}", str(getattr(self, name)), field.description or "")
             for name, field in type(self).model_fields.items()
         ]
+
+
+def load_settings() -> Settings:
+    """The process's settings; a bad value ends the process with one line per offending variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = [f"LOOM_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()]
+        raise SystemExit("invalid settings:\n  " + "\n  ".join(problems)) from None

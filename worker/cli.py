@@ -21,7 +21,7 @@ from api.db.checkpoints import committed_uris, delete_expired
 from api.db.session import make_engine, make_session_factory, upgrade_to_head
 from contract.catalogue import BaseModelEntry, Catalogue
 from contract.checkpoint_store import delete_checkpoint_uri
-from contract.settings import Settings
+from contract.settings import Settings, load_settings
 from worker.engine import Engine
 from worker.service import checkpoint_store, start_workers
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     gc.set_defaults(func=cmd_gc)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args.func(args, Settings())
+    args.func(args, load_settings())
 
 
 if __name__ == "__main__":
