@@ -2,7 +2,8 @@
 the official tinker SDK. Each test's pass criterion: 0 requests lost, 0 applied twice, and the final adapter
 weights equal a fault-free run of the same requests (same seed) within 1e-6.
 
-- A worker SIGKILLed while it holds the lease of a forward_backward: the reaper releases it after
+- A worker SIGKILLed while it holds the lease of a forward_backward (stopped first, at a moment it holds leases,
+  so the kill lands mid-step however fast the step is): the reaper releases it after
   `DEAD_AFTER`, the run moves to the other worker, which rebuilds it from the op log and retries the request.
   Run twice: rebuilt by replaying every op (no recovery checkpoints yet), and with `LOOM_RECOVERY_EVERY=1`,
   rebuilt from the newest hidden recovery checkpoint (only that one is kept, older ones' files are deleted).
@@ -81,6 +82,25 @@ def leased_job(cluster: Cluster, model_id: str, kind: str, min_seq: int) -> Job 
         )
 
 
+def freeze_holding_leases(cluster: Cluster, model_id: str, min_seq: int) -> tuple[str, set[int]]:
+    """Stop (SIGSTOP) the worker running one of the run's forward_backward ops from `min_seq` on, at a moment it
+    still holds leases (a tick of the tiny model can end between seeing a lease and signalling its process); returns
+    the worker and the seq_ids it holds, which cannot change while it is stopped."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = leased_job(cluster, model_id, "forward_backward", min_seq)
+        if job is None:
+            time.sleep(0.01)
+            continue
+        process = cluster.process_of(job.lease_owner)
+        process.send_signal(signal.SIGSTOP)
+        held = {j.seq_id for j in cluster.jobs(model_id) if j.state == "leased" and j.lease_owner == job.lease_owner}
+        if held:
+            return job.lease_owner, held
+        process.send_signal(signal.SIGCONT)  # it finished them just before: catch a later tick
+    raise TimeoutError(f"no worker was caught holding a lease of {model_id} from seq {min_seq} on")
+
+
 @pytest.mark.parametrize(
     "cluster", [{}, {"LOOM_RECOVERY_EVERY": "1"}], ids=["replay", "recovery-checkpoint"], indirect=True
 )
@@ -92,14 +112,13 @@ def test_sigkill_mid_step_moves_the_run_and_loses_nothing(cluster: Cluster) -> N
     model_id = client.model_id
     train(client, steps=2)  # seq 1-4, recorded before the fault
     outcome: dict = {}
-    trainer = threading.Thread(target=lambda: outcome.update(losses=train(client, steps=6)))
+    trainer = threading.Thread(target=lambda: outcome.update(losses=train(client, steps=6)), daemon=True)
     trainer.start()
-    wait_until(lambda: leased_job(cluster, model_id, "forward_backward", 9) is not None, 120, "step 3 leased", 0.01)
-    victim = leased_job(cluster, model_id, "forward_backward", 9).lease_owner
+    victim, held = freeze_holding_leases(cluster, model_id, min_seq=9)
     cluster.process_of(victim).send_signal(signal.SIGKILL)
     cluster.process_of(victim).wait()
     retried = {j.seq_id for j in cluster.jobs(model_id) if j.state == "leased" and j.lease_owner == victim}
-    assert 9 in retried  # a worker leases a run's whole ready chain at once
+    assert retried == held and max(retried) >= 9  # what it held when killed (a chain reaching seq 9 or later)
     trainer.join(180)
     assert not trainer.is_alive() and "losses" in outcome
     survivor = cluster.placement(model_id)
