@@ -166,23 +166,26 @@ class TinkerPrompt(ContractModel):
     topk_prompt_logprobs: int = Field(default=0, ge=0)
 
 
-class ChatPrompt(ContractModel):
+class _OpenAIReply(ContractModel):
+    """How an OpenAI job is answered: token events as they come (`stream`), and alternatives per token."""
+
+    stream: bool = False
+    top_logprobs: int = Field(default=0, ge=0)
+
+
+class ChatPrompt(_OpenAIReply):
     """OpenAI chat messages (and tool schemas), rendered to tokens by the worker with the model's chat template."""
 
     type: Literal["chat"] = "chat"
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None = None
-    stream: bool = False
-    top_logprobs: int = Field(default=0, ge=0)
 
 
-class CompletionPrompt(ContractModel):
+class CompletionPrompt(_OpenAIReply):
     """An OpenAI completion prompt: text the worker tokenizes, or token ids."""
 
     type: Literal["completion"] = "completion"
     prompt: str | list[int]
-    stream: bool = False
-    top_logprobs: int = Field(default=0, ge=0)
 
 
 Prompt = Annotated[TinkerPrompt | ChatPrompt | CompletionPrompt, Field(discriminator="type")]

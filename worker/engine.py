@@ -40,7 +40,6 @@ from contract.jobs import (
     ClaimedJob,
     CreateModelJob,
     ForwardBackwardJob,
-    ForwardJob,
     JobKind,
     JobResult,
     LoadWeightsJob,
@@ -62,7 +61,7 @@ from loom.types import (
 )
 from worker.adapter_pool import AdapterPool, ResidentRun, RunNotResident, frozen_copy
 from worker.checkpoint_io import CheckpointFormatError, save_adapter, save_optimizer
-from worker.job_payloads import UserInputError, forward_backward_result, train_data
+from worker.job_payloads import UserInputError, forward_backward_result, work_item
 from worker.lora.adapter import LoraSpec
 from worker.models.loader import LoadedModel
 from worker.outcomes import Outcome
@@ -192,10 +191,8 @@ class Engine:
                 raise UnusableCheckpoint(plan.checkpoint_uri, exc) from exc
         for job in plan.ops:
             match job.payload:
-                case ForwardBackwardJob(input=fb):
-                    run = self.pool.run(job.model_id)
-                    item = WorkItem(run.slot, train_data(fb), fb.loss_fn, fb.loss_fn_config or {}, False)
-                    run_forward_backward(self.lm, [item])
+                case ForwardBackwardJob() as fb:
+                    run_forward_backward(self.lm, [work_item(self.pool.run(job.model_id).slot, fb)])
                 case OptimStepJob(adam=adam):
                     self.pool.run(job.model_id).optimizer.step(adam)  # no recovery checkpoint: already covered
                 case _:
@@ -218,9 +215,7 @@ class Engine:
             except RunNotResident as exc:
                 outcomes.append(Outcome.user_error(job, exc))
                 continue
-            fb = job.payload.input
-            forward_only = isinstance(job.payload, ForwardJob)
-            items.append(WorkItem(run.slot, train_data(fb), fb.loss_fn, fb.loss_fn_config or {}, forward_only))
+            items.append(work_item(run.slot, job.payload))
             admitted.append(job)
         if not items:
             return outcomes

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from contract.jobs import ChatPrompt, CompletionPrompt, SampleJob, TinkerPrompt
+from contract.jobs import ChatPrompt, CompletionPrompt, ForwardBackwardJob, ForwardJob, SampleJob, TinkerPrompt
 from loom.types import ForwardBackwardInput, ForwardBackwardOutput, SampledSequence, SampleResponse, TensorData
 from loom.types.validation import DEFAULT_MAX_TOKENS, InvalidRequest, check_sampling, check_tokens
 from worker.models.loader import LoadedModel
 from worker.openai_jobs import PromptError, render_prompt
 from worker.sampler import SampleOutput, SampleWork
-from worker.trainer import ItemResult, TrainDatum
+from worker.trainer import ItemResult, TrainDatum, WorkItem
 
 
 class UserInputError(ValueError):
@@ -34,6 +34,12 @@ def train_data(fb: ForwardBackwardInput) -> list[TrainDatum]:
             inputs[key] = torch.tensor(tensor.dense_data(), dtype=dtype).reshape(tensor.dense_shape)
         datums.append(TrainDatum(tokens, inputs))
     return datums
+
+
+def work_item(slot: int, job: ForwardBackwardJob) -> WorkItem:
+    """One request's share of a mixed forward/backward pass on adapter `slot` (a `ForwardJob` computes no gradients)."""
+    fb = job.input
+    return WorkItem(slot, train_data(fb), fb.loss_fn, fb.loss_fn_config or {}, isinstance(job, ForwardJob))
 
 
 def forward_backward_result(result: ItemResult) -> ForwardBackwardOutput:

@@ -75,10 +75,10 @@ def _parse(model: type[BaseModel], data: bytes | dict[str, Any]) -> Any:
     try:
         return model.model_validate_json(data) if isinstance(data, bytes) else model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0] if exc.errors() else {}
-        if first.get("type") == "json_invalid":
-            raise invalid(f"body is not valid JSON: {first.get('msg')}") from exc
-        raise invalid_from_validation(exc.errors()) from exc
+        errors = exc.errors()
+        if errors and errors[0]["type"] == "json_invalid":
+            raise invalid(f"body is not valid JSON: {errors[0]['msg']}") from exc
+        raise invalid_from_validation(errors) from exc
 
 
 def _seq(seq_id: int | None) -> int:
