@@ -19,9 +19,11 @@ from enum import StrEnum
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.db.session import database_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -80,13 +82,6 @@ def invalid_from_validation(errors: list[dict]) -> APIError:
     first = errors[0] if errors else {}
     param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
     return invalid(f"{param or 'body'}: {first.get('msg', 'invalid value')}", param)
-
-
-def database_unavailable(exc: BaseException) -> bool:
-    """True for errors that mean "the database cannot serve right now" rather than a bug in the request."""
-    if isinstance(exc, (OperationalError, PoolTimeoutError)):
-        return True
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 def unavailable_response(message: str = "the database is temporarily unavailable; retry shortly") -> JSONResponse:

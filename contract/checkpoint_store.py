@@ -69,6 +69,9 @@ class LocalCheckpointStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _folder(self, owner: str, run_id: str, checkpoint_id: str) -> Path:
+        for part in (owner, run_id, *checkpoint_id.split("/")):
+            if part in ("", ".", "..") or "\\" in part or part.startswith("/"):
+                raise ValueError(f"{part!r} cannot name a folder of checkpoint {checkpoint_id!r}")
         safe_run = run_id.replace(":", "_")
         return self.root / owner / safe_run / checkpoint_id
 

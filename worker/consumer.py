@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db.checkpoints import record_checkpoint
+from api.db.checkpoints import CheckpointNameTaken, record_checkpoint
 from api.db.jobs import (
     claim_ready_jobs,
     complete_job,
@@ -40,6 +40,7 @@ from api.db.jobs import (
     requeue_leases_not_held,
 )
 from api.db.models import ErrorCategory
+from api.db.session import database_unavailable
 from api.db.types import utcnow
 from contract.checkpoint_store import CheckpointCorrupt, delete_checkpoint_uri
 from contract.jobs import ClaimedJob, JobKind, result_json
@@ -57,27 +58,53 @@ log = logging.getLogger(__name__)
 class Recorded:
     written: list[str] = field(default_factory=list)
     """Ids of the jobs whose result or failure took effect (the lease was still ours)."""
-    superseded_uris: list[str] = field(default_factory=list)
-    """Stored recovery checkpoints whose rows this write removed; delete their files once it commits."""
+    retired_uris: list[str] = field(default_factory=list)
+    """Stored checkpoints no row names after this write (replaced, superseded, or written by a job that could not
+    be recorded as done); delete their files once it commits."""
 
 
 def record_outcomes(session: Session, outcomes: Sequence[Outcome]) -> Recorded:
-    """Write results, failures and the checkpoints of jobs that completed, in the caller's transaction."""
+    """Write results, failures and the checkpoints of jobs that completed, in the caller's transaction.
+
+    Each outcome is written in a savepoint of its own: one that cannot be recorded (a value the database refuses, a
+    checkpoint name another save took first) fails that job alone and never the others. Errors of the database
+    connection itself propagate, so the caller retries the whole write."""
     recorded = Recorded()
     for outcome in outcomes:
         job = outcome.job
-        if outcome.result is not None:
-            ok = complete_job(session, job.id, job.fencing_token, result_json(outcome.result))
-            if ok and outcome.checkpoint is not None:
-                recorded.superseded_uris += record_checkpoint(session, outcome.checkpoint)
-        else:
-            category = outcome.category or ErrorCategory.UNKNOWN
-            ok = fail_job(session, job.id, job.fencing_token, outcome.error or "failed", category)
+        try:
+            with session.begin_nested():
+                ok, retired = _record_one(session, outcome)
+        except Exception as exc:
+            if database_unavailable(exc):
+                raise
+            if outcome.checkpoint is not None:
+                recorded.retired_uris.append(outcome.checkpoint.storage_uri)
+            category = ErrorCategory.USER if isinstance(exc, CheckpointNameTaken) else ErrorCategory.SERVER
+            if category is ErrorCategory.SERVER:
+                log.exception("the outcome of %s could not be recorded", job.id)
+            message = str(exc) if category is ErrorCategory.USER else f"its result could not be recorded: {exc!r}"
+            with session.begin_nested():
+                ok = fail_job(session, job.id, job.fencing_token, message, category)
+            retired = []
+        recorded.retired_uris += retired
         if ok:
             recorded.written.append(job.id)
         else:
             log.warning("lease on %s was lost before its result could be written", job.id)
     return recorded
+
+
+def _record_one(session: Session, outcome: Outcome) -> tuple[bool, list[str]]:
+    """Write one outcome; returns whether the lease was still ours, and the storage URIs its checkpoint retired."""
+    job = outcome.job
+    if outcome.result is None:
+        category = outcome.category or ErrorCategory.UNKNOWN
+        return fail_job(session, job.id, job.fencing_token, outcome.error or "failed", category), []
+    ok = complete_job(session, job.id, job.fencing_token, result_json(outcome.result))
+    if not ok:
+        return False, [] if outcome.checkpoint is None else [outcome.checkpoint.storage_uri]
+    return True, [] if outcome.checkpoint is None else record_checkpoint(session, outcome.checkpoint)
 
 
 class Consumer:
@@ -157,7 +184,7 @@ class Consumer:
             try:
                 with self.session_factory.begin() as session:
                     recorded = record_outcomes(session, outcomes)
-                self._delete_stored(recorded.superseded_uris)
+                self._delete_stored(recorded.retired_uris)
                 return recorded.written
             except Exception:
                 if time.monotonic() + delay > deadline:
@@ -173,7 +200,7 @@ class Consumer:
             try:
                 delete_checkpoint_uri(uri)
             except Exception:
-                log.warning("could not delete superseded recovery checkpoint %s (left to loom gc)", uri, exc_info=True)
+                log.warning("could not delete retired checkpoint files %s (left to loom gc)", uri, exc_info=True)
 
     def _restore_stale_runs(self, jobs: Sequence[ClaimedJob]) -> set[str]:
         """Rebuild every run whose chain would start on absent or stale state; returns the runs that could not

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from operator import attrgetter
 from pathlib import Path
 
-from api.db.checkpoints import CheckpointRecord
+from api.db.checkpoints import CheckpointRecord, storage_key
 from api.db.models import CheckpointKind
 from contract.checkpoint_store import CheckpointCorrupt, CheckpointExists, CheckpointStore
 from contract.jobs import (
@@ -253,7 +253,8 @@ class Engine:
     def _store_checkpoint(
         self, job: ClaimedJob, kind: CheckpointKind, target: CheckpointTarget, fill: Callable[[Path], None]
     ) -> CheckpointRecord:
-        uri, size = self.store.write(job.owner, job.model_id, target.checkpoint_id, fill, overwrite=target.overwrite)
+        key = storage_key(target.checkpoint_id, job.seq_id, job.fencing_token)
+        uri, size = self.store.write(job.owner, job.model_id, key, fill)
         return CheckpointRecord(
             run_id=job.model_id,
             owner=job.owner,
@@ -264,6 +265,7 @@ class Engine:
             size_bytes=size,
             ttl_seconds=target.ttl_seconds,
             ephemeral=target.ephemeral,
+            overwrite=target.overwrite,
         )
 
     def _sampler_files(self, run: ResidentRun) -> Callable[[Path], None]:

@@ -1,8 +1,11 @@
 """The checkpoint rows: recording what a worker stored, finding what a run can be rebuilt from, and retiring rows.
 
 A row is written (`record_checkpoint`) in the same transaction that marks the job that wrote it done, with
-`committed` true: the files at `storage_uri` are complete by then. Recovery checkpoints (`recovery/<seq_id>`) are
-hidden rows only workers use (`worker/run_recovery.py`); only the newest one per run is kept.
+`committed` true: the files at `storage_uri` are complete by then. Every write stores its files under a location of
+its own (`storage_key`: the checkpoint id plus the writing job's seq and lease), so files and row commit together or
+not at all: a crash before the commit leaves only files no row names (`loom gc` removes them), and a retried write
+never collides with its own leftovers. Recovery checkpoints (`recovery/<seq_id>`) are hidden rows only workers use
+(`worker/run_recovery.py`); only the newest one per run is kept.
 
 Like the job store, every function works inside the caller's transaction and never commits; deleting the stored
 files a removed row pointed at is the caller's job, after its commit (`contract/checkpoint_store.py`).
@@ -21,6 +24,15 @@ from api.db.types import utcnow
 RECOVERY_PREFIX = "recovery/"
 
 
+class CheckpointNameTaken(Exception):
+    """Another save recorded a checkpoint of this name first, and this one did not ask to overwrite it."""
+
+
+def storage_key(checkpoint_id: str, seq_id: int, fencing_token: int) -> str:
+    """Where one attempt of the job at `seq_id` stores checkpoint `checkpoint_id` (unique per lease of that job)."""
+    return f"{checkpoint_id}~{seq_id}.{fencing_token}"
+
+
 @dataclass(frozen=True)
 class CheckpointRecord:
     """A checkpoint a worker wrote; recorded with the completion of the job that wrote it."""
@@ -34,14 +46,23 @@ class CheckpointRecord:
     size_bytes: int
     ttl_seconds: int | None
     ephemeral: bool
+    overwrite: bool = False
+    """Replace a checkpoint recorded under the same id (else `record_checkpoint` raises `CheckpointNameTaken`)."""
 
 
 def record_checkpoint(session: Session, record: CheckpointRecord) -> list[str]:
     """Write (or, for an overwrite, replace) the committed row of `record`. Returns the storage URIs of rows this
-    retires: for a recovery checkpoint, the run's older recovery checkpoints (delete their files after commit)."""
-    session.execute(
-        delete(Checkpoint).where(Checkpoint.run_id == record.run_id, Checkpoint.checkpoint_id == record.checkpoint_id)
-    )
+    retires (delete their files after commit): a replaced checkpoint's, and for a recovery checkpoint the run's older
+    recovery checkpoints. Raises `CheckpointNameTaken` if the id is recorded already and `record` does not overwrite."""
+    replaced = session.scalars(
+        select(Checkpoint).where(Checkpoint.run_id == record.run_id, Checkpoint.checkpoint_id == record.checkpoint_id)
+    ).all()
+    if replaced and not record.overwrite:
+        raise CheckpointNameTaken(f"checkpoint {record.checkpoint_id} already exists for run {record.run_id}")
+    for row in replaced:
+        session.delete(row)
+    session.flush()
+    retired = [row.storage_uri for row in replaced if row.storage_uri != record.storage_uri]
     expires = utcnow() + timedelta(seconds=record.ttl_seconds) if record.ttl_seconds else None
     session.add(
         Checkpoint(
@@ -58,13 +79,13 @@ def record_checkpoint(session: Session, record: CheckpointRecord) -> list[str]:
         )
     )
     if not record.checkpoint_id.startswith(RECOVERY_PREFIX):
-        return []
+        return retired
     older = session.scalars(
         select(Checkpoint).where(_recovery_of(record.run_id), Checkpoint.checkpoint_id != record.checkpoint_id)
     ).all()
     for row in older:
         session.delete(row)
-    return [row.storage_uri for row in older]
+    return retired + [row.storage_uri for row in older]
 
 
 def committed_training_checkpoint(session: Session, run_id: str, tinker_path: str) -> str | None:

@@ -39,6 +39,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.db import json_codec
@@ -52,6 +54,13 @@ POSTGRES_OPTIONS = (
     "-c statement_timeout=30000"  # ms; Loom's statements are short, a longer one is a stuck one
     " -c idle_in_transaction_session_timeout=60000"  # frees the row locks of a client that vanished mid-transaction
 )
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True for errors that mean "the database cannot serve right now" rather than a bug in the request or value."""
+    if isinstance(exc, (OperationalError, PoolTimeoutError)):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 def make_engine(url: str, *, read_only: bool = False) -> Engine:

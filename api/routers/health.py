@@ -16,8 +16,9 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from api.db.session import database_unavailable
 from api.deps import AppState, State
-from api.errors import database_unavailable, unavailable_response
+from api.errors import unavailable_response
 
 router = APIRouter()
 

@@ -130,7 +130,8 @@ def test_engine_checkpoint_round_trips_through_s3(bucket, tmp_path):
     saved = by_id(run_to_completion(engine, run_a_jobs()))[f"{RUN_A}:4"]
     assert saved.error is None, saved.error
     record = saved.checkpoint
-    assert record.storage_uri == f"s3://{bucket}/ckpts/alice/{RUN_A.replace(':', '_')}/weights/a1"
+    # one location per write attempt: the checkpoint id, the writing job's seq (4) and its lease's fencing token (1)
+    assert record.storage_uri == f"s3://{bucket}/ckpts/alice/{RUN_A.replace(':', '_')}/weights/a1~4.1"
     other = Engine(fresh_model("tiny_kimi_k2"), _reader(bucket, tmp_path))
     payload = LoadWeightsJob(tinker_path=record.tinker_path, storage_uri=record.storage_uri, with_optimizer=True)
     loaded = by_id(run_to_completion(other, [job("alice", "sc:train:0", 0, payload)]))

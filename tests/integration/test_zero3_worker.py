@@ -34,7 +34,7 @@ def train_and_save(name: str, checkpoints: Path) -> tuple[list[float], dict[str,
     client = training_client(seed=7)
     losses = train(client, steps=4)
     client.save_state(name).result()
-    (weights,) = checkpoints.glob(f"**/weights/{name}/adapter_model.safetensors")
+    (weights,) = checkpoints.glob(f"**/weights/{name}~*/adapter_model.safetensors")
     return losses, load_file(weights)
 
 

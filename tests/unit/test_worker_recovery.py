@@ -106,9 +106,9 @@ def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> 
     assert moved > 0
 
 
-def submit(factory, run: str, seq: int, payload: JobPayload) -> None:
+def submit(factory, run: str, seq: int, payload: JobPayload, owner: str = "alice") -> None:
     with factory.begin() as session:
-        submit_job(session, owner="alice", base_model=BASE, model_id=run, seq_id=seq, payload=payload)
+        submit_job(session, owner=owner, base_model=BASE, model_id=run, seq_id=seq, payload=payload)
 
 
 def submit_ops(factory, run: str, seqs: range) -> None:
@@ -135,7 +135,7 @@ def test_a_run_moved_to_a_fresh_worker_continues_from_checkpoint_plus_replay(
     drain(first)
     with session_factory() as session:
         plan = restore_plan(session, run_id, 6)
-    assert plan.checkpoint_uri is not None and plan.checkpoint_uri.endswith("weights/mid")
+    assert plan.checkpoint_uri is not None and "/weights/mid~" in plan.checkpoint_uri
     assert [(j.seq_id, j.kind) for j in plan.ops] == [(4, JobKind.FORWARD_BACKWARD), (5, JobKind.OPTIM_STEP)]
     assert plan.last_seq == 5
 
@@ -182,10 +182,10 @@ def test_a_run_rebuilt_from_its_newest_recovery_checkpoint(session_factory, run_
     with session_factory() as session:
         plan = restore_plan(session, run_id, 8)
         kept = session.scalars(select(Checkpoint).where(Checkpoint.checkpoint_id.startswith("recovery/"))).all()
-    assert plan.checkpoint_uri is not None and plan.checkpoint_uri.endswith("recovery/5")
+    assert plan.checkpoint_uri is not None and "/recovery/5~" in plan.checkpoint_uri
     assert [(j.seq_id, j.kind) for j in plan.ops] == [(7, JobKind.FORWARD_BACKWARD)]  # 6 is forward-only
     assert [(c.checkpoint_id, c.ephemeral, c.committed) for c in kept] == [("recovery/5", True, True)]
-    assert [p.name for p in store.open(plan.checkpoint_uri).parent.iterdir()] == ["5"]
+    assert [p.name for p in store.open(plan.checkpoint_uri).parent.iterdir()] == ["5~5.1"]  # the older ones are gone
 
     second = make_consumer(Engine(models["second"], store), session_factory, "w2")
     drain_ops(second, session_factory, run_id, range(8, 10))
@@ -208,7 +208,7 @@ def test_a_corrupt_starting_checkpoint_falls_back_to_an_older_one(
         newest = restore_plan(session, run_id, 8)
         older = restore_plan(session, run_id, 8, frozenset({newest.checkpoint_uri}))
         log_only = restore_plan(session, run_id, 8, frozenset({newest.checkpoint_uri, older.checkpoint_uri}))
-    assert newest.checkpoint_uri.endswith("recovery/5") and older.checkpoint_uri.endswith("weights/mid")
+    assert "/recovery/5~" in newest.checkpoint_uri and "/weights/mid~" in older.checkpoint_uri
     assert log_only.checkpoint_uri is None and log_only.ops[0].kind == "create_model"
     for plan in (newest, older):
         flip_a_byte(store.open(plan.checkpoint_uri))
