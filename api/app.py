@@ -102,7 +102,9 @@ def build_state(settings: Settings, progress=print) -> AppState:
     else:
         from api.celery_queue import CeleryQueue
 
-        queue = CeleryQueue(sessions, settings.broker_url, dead_after=settings.worker_dead_seconds)
+        queue = CeleryQueue(
+            sessions, settings.broker_url, dead_after=settings.worker_dead_seconds, max_attempts=settings.max_attempts
+        )
     readers = make_session_factory(make_engine(settings.database_url, read_only=True))
     return AppState(settings, catalogue, sessions, queue, readers)
 

@@ -49,11 +49,13 @@ class CeleryQueue(SignalledQueue):
         reconcile_seconds: float = 2.0,
         resend_after: float = 2.0,
         message_ttl: float = 300.0,
+        max_attempts: int = 3,
     ) -> None:
         super().__init__(poll_interval=1.0)
         self.session_factory = session_factory
         self.broker_url = broker_url
         self.dead_after = dead_after
+        self.max_attempts = max_attempts
         self.reconcile_seconds = reconcile_seconds
         self.resend_after = resend_after
         self.message_ttl = message_ttl
@@ -94,8 +96,8 @@ class CeleryQueue(SignalledQueue):
         """One pass: reap dead workers, expire leases, re-send wake-ups for work that has waited."""
         now = utcnow()
         with self.session_factory.begin() as session:
-            dead = reap_dead_workers(session, now, self.dead_after)
-            release_expired_leases(session, now)
+            dead = reap_dead_workers(session, now, self.dead_after, self.max_attempts)
+            release_expired_leases(session, now, max_attempts=self.max_attempts)
             waiting = queued_work(session, now - timedelta(seconds=self.resend_after))
         if dead:
             log.warning("reaped silent worker(s) %s; their runs move to other workers", ", ".join(dead))

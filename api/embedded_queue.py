@@ -41,7 +41,8 @@ class EmbeddedQueue(SignalledQueue):
 
         with self.session_factory.begin() as session:
             # In embedded mode no other worker exists: leases left by a previous process are dead.
-            requeued = release_expired_leases(session, utcnow() + timedelta(days=365))
+            later = utcnow() + timedelta(days=365)
+            requeued = release_expired_leases(session, later, max_attempts=self.settings.max_attempts)
         if requeued:
             self.progress(f"requeued {requeued} request(s) left running by a previous server process")
         self._handles = start_workers(

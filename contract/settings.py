@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     heartbeat_file: Path | None = Field(
         None, description="with `celery`: a worker touches this file every heartbeat (container liveness probes)"
     )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="times a request may be leased to a worker that then died (crashed, killed, timed out) before "
+        "it is failed as a poison request instead of being retried",
+    )
     worker_poll_seconds: float = Field(
         0.1, gt=0, description="how often a separate `loom worker` (`external` queue) polls the database when idle"
     )

@@ -14,6 +14,11 @@ database's op log (`worker/run_recovery.py`), so a run can move between workers 
 starting checkpoint that fails verification is skipped for an older one; a run that cannot be rebuilt at all (its
 log was unloaded, or the checkpoint it was loaded from is corrupt) gets clear errors for its requests.
 
+Poison requests: a job whose earlier lease was lost (its worker crashed, was killed or timed out) is retried in a
+tick of its own (`claim_ready_jobs(retries=...)`), so a request that kills its worker takes only itself down; after
+`max_attempts` such losses it is failed with a clear error instead of being retried. Recording is per outcome: one
+that the database refuses fails that job alone, never the tick.
+
 Placement: with `sticky` (scaled-out deployments), a worker takes a run's ops only if the run is placed on it
 or unplaced (then it becomes placed here); `role` picks training work, sampling work or both.
 
@@ -116,6 +121,7 @@ class Consumer:
         on_finished: Callable[[list[str]], None] = lambda ids: None,
         *,
         lease_seconds: float,
+        max_attempts: int = 3,
         batch_limit: int = 256,
         role: str = "all",
         sticky: bool = False,
@@ -129,6 +135,7 @@ class Consumer:
         self.worker_id = worker_id
         self.on_finished = on_finished
         self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
         self.batch_limit = batch_limit
         self.wake = threading.Event()
         self._unsure_claim = False
@@ -167,13 +174,15 @@ class Consumer:
                 training=self.role != "sample",
                 sampling=self.role != "train",
                 sticky=self.sticky,
+                retries="drain" if self.engine.busy else "alone",
             )
 
     def _requeue_unknown_leases(self) -> None:
         """Give back jobs leased to this worker for this model that the engine does not hold (a claim whose
         commit landed although the database connection failed before it answered)."""
         with self.session_factory.begin() as session:
-            requeue_leases_not_held(session, self.worker_id, self.base_model, self.engine.in_flight())
+            held = self.engine.in_flight()
+            requeue_leases_not_held(session, self.worker_id, self.base_model, held, self.max_attempts)
         self._unsure_claim = False
 
     def _record(self, outcomes: Sequence[Outcome]) -> list[str]:
@@ -243,7 +252,7 @@ class Consumer:
 
     def recover(self) -> int:
         with self.session_factory.begin() as session:
-            return release_expired_leases(session, utcnow())
+            return release_expired_leases(session, utcnow(), max_attempts=self.max_attempts)
 
     def run_forever(self, stop: threading.Event, idle_wait: float = 1.0, recover_every: float = 5.0) -> None:
         """Tick until `stop` is set; between empty ticks sleep until `wake` is set or `idle_wait` passes. Expired

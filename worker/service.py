@@ -113,6 +113,7 @@ def start_workers(
             lease_owner,
             on_finished,
             lease_seconds=settings.lease_seconds,
+            max_attempts=settings.max_attempts,
             role=role,
             sticky=sticky,
         )

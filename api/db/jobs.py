@@ -32,8 +32,8 @@ so a worker that lost its lease cannot overwrite anything.
 import uuid
 from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime, timedelta
-from itertools import groupby
-from typing import Any
+from itertools import groupby, takewhile
+from typing import Any, Literal
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -42,6 +42,9 @@ from sqlalchemy.orm import Session
 from api.db.models import TRAINING_LANE, ErrorCategory, Job, JobState, TrainingRun, lane_for
 from api.db.types import utcnow
 from contract.jobs import ClaimedJob, JobKind, JobPayload, parse_payload
+
+RetryPolicy = Literal["mixed", "alone", "drain"]
+"""How `claim_ready_jobs` treats jobs whose earlier lease was lost."""
 
 
 class JobConflict(Exception):
@@ -153,6 +156,7 @@ def claim_ready_jobs(
     training: bool = True,
     sampling: bool = True,
     sticky: bool = False,
+    retries: RetryPolicy = "mixed",
 ) -> list[ClaimedJob]:
     """Lease up to ``limit`` ready jobs for the given base models to ``worker_id``.
 
@@ -166,6 +170,14 @@ def claim_ready_jobs(
     the run is placed on (``TrainingRun.worker_id``), and at most one unplaced run
     per call becomes placed on the claimer (a conditional update, so two claimers
     cannot both win it).
+
+    ``retries`` says how jobs whose earlier lease was lost (``attempt > 0``: the
+    worker running them died) are claimed. ``"mixed"``: like any other job.
+    ``"alone"`` (an idle worker): the oldest such job is claimed by itself, so a
+    request that kills its worker can only take itself down, never the requests
+    that happened to share its tick. ``"drain"`` (a worker still decoding): while
+    such a job is ready nothing new is claimed, so the worker becomes idle and
+    takes it alone next. In both, chains are cut before a retried job.
     """
     if limit <= 0 or not base_models:
         return []
@@ -180,6 +192,8 @@ def claim_ready_jobs(
                 new_placements -= 1
     units += [[job] for job in _ready_unordered(session, base_models, limit, training, sampling)]
     units.sort(key=lambda unit: (unit[0].created_at, unit[0].id))
+    if retries != "mixed":
+        units = _isolate_retries(units, retries)
     picked: list[Job] = []
     for unit in units:
         picked.extend(unit[: limit - len(picked)])
@@ -195,6 +209,15 @@ def claim_ready_jobs(
         job.started_at = now
     session.flush()
     return [claimed(job) for job in picked]
+
+
+def _isolate_retries(units: list[list[Job]], retries: RetryPolicy) -> list[list[Job]]:
+    """The units to claim under ``retries`` ("alone" or "drain"): see `claim_ready_jobs`."""
+    retried_heads = [unit[0] for unit in units if unit[0].attempt > 0]
+    if retried_heads:
+        return [retried_heads[:1]] if retries == "alone" else []
+    cut = [[*takewhile(lambda job: job.attempt == 0, unit)] for unit in units]
+    return [unit for unit in cut if unit]
 
 
 def claimed(job: Job) -> ClaimedJob:
@@ -352,11 +375,13 @@ def requeue_leased(session: Session, condition: Any, *, max_attempts: int = 3) -
     return len(expired)
 
 
-def requeue_leases_not_held(session: Session, worker_id: str, base_model: str, held: Collection[str]) -> int:
+def requeue_leases_not_held(
+    session: Session, worker_id: str, base_model: str, held: Collection[str], max_attempts: int = 3
+) -> int:
     """Requeue the jobs of `base_model` leased to `worker_id` except those in `held` (the ones the worker knows
     it has): what a claim whose commit landed unseen (the connection failed before the answer) leased to it."""
     condition = (Job.lease_owner == worker_id) & (Job.base_model == base_model) & Job.id.not_in(list(held))
-    return requeue_leased(session, condition)
+    return requeue_leased(session, condition, max_attempts=max_attempts)
 
 
 def _leased_job(session: Session, job_id: str, fencing_token: int) -> Job | None:

@@ -8,7 +8,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.db.jobs import (
     JobConflict,
+    RetryPolicy,
     claim_ready_jobs,
+    claimed,
     complete_job,
     fail_job,
     get_job,
@@ -61,10 +63,17 @@ def submit_payload(
         return job.id, created
 
 
-def claim(factory: Factory, *, limit: int = 16, worker_id: str = "w1") -> list[ClaimedJob]:
+def claim(
+    factory: Factory, *, limit: int = 16, worker_id: str = "w1", retries: RetryPolicy = "mixed"
+) -> list[ClaimedJob]:
     with factory.begin() as session:
         return claim_ready_jobs(
-            session, base_models=[BASE], worker_id=worker_id, lease_seconds=LEASE_SECONDS, limit=limit
+            session,
+            base_models=[BASE],
+            worker_id=worker_id,
+            lease_seconds=LEASE_SECONDS,
+            limit=limit,
+            retries=retries,
         )
 
 
@@ -91,6 +100,11 @@ def load(factory: Factory, job_id: str) -> Job:
         job = session.get(Job, job_id)
         assert job is not None
         return job
+
+
+def load_claimed(factory: Factory, job_id: str) -> ClaimedJob:
+    with factory() as session:
+        return claimed(session.get(Job, job_id))
 
 
 def seqs(claimed: list[ClaimedJob]) -> list[int | None]:
@@ -294,6 +308,36 @@ def test_lease_expiry_requeues_then_fails_after_max_attempts(
     assert "lost 3 times" in job.error and "not retried again" in job.error
     assert next_seq_id(session_factory, run) == 2
     assert seqs(claim(session_factory)) == [2]
+
+
+def test_a_job_whose_worker_died_is_retried_alone_on_an_idle_worker(
+    session_factory: Factory, make_run: Callable[..., str]
+) -> None:
+    alice, bob = make_run(), make_run(owner="bob")
+    submit(session_factory, alice, 1)
+    submit(session_factory, alice, 2)
+    sample, _ = submit(session_factory, None, None, kind="sample", owner="bob")
+    assert len(claim(session_factory, limit=2)) == 2  # alice:1 and alice:2 share a tick whose worker dies
+    assert expire_leases(session_factory) == 2
+    submit(session_factory, bob, 1, owner="bob")
+
+    assert claim(session_factory, retries="drain") == []  # a worker still decoding takes nothing new
+    assert seqs(claim(session_factory, retries="alone")) == [1]  # the oldest retried job, by itself
+    assert expire_leases(session_factory) == 1  # it took its worker down again: only it paid for that
+    assert seqs(claim(session_factory, retries="alone")) == [1]
+    assert complete(session_factory, load_claimed(session_factory, f"{alice}:1"))
+    assert seqs(claim(session_factory, retries="alone")) == [2]  # the other job of the dead tick, alone too
+    assert complete(session_factory, load_claimed(session_factory, f"{alice}:2"))
+    assert {job.id for job in claim(session_factory, retries="alone")} == {sample, f"{bob}:1"}
+
+
+def test_a_chain_is_cut_before_a_retried_job(session_factory: Factory, make_run: Callable[..., str]) -> None:
+    run = make_run()
+    for seq in (1, 2, 3):
+        submit(session_factory, run, seq)
+    with session_factory.begin() as session:
+        session.get(Job, f"{run}:2").attempt = 1  # leased once by a worker that died, then requeued
+    assert seqs(claim(session_factory, retries="drain")) == [1]
 
 
 def test_user_error_failure_advances_the_run(session_factory: Factory, make_run: Callable[..., str]) -> None:
