@@ -7,8 +7,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from api.cli import main as loom_cli
-from tests.e2e.server import LoomServer, free_port
+from tests.e2e.server import LoomServer, create_key, free_port
 
 
 @pytest.fixture(scope="session")
@@ -21,22 +20,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoomServer]:
 @pytest.fixture(scope="session")
 def other_tenant_key(server: LoomServer) -> str:
     """An API key of a second tenant ("mallory"), made with the real CLI against the server's database."""
-    import contextlib
-    import io
-    import os
-
-    buffer = io.StringIO()
-    old = os.environ.get("LOOM_DATA_DIR")
-    os.environ["LOOM_DATA_DIR"] = str(server.data_dir)
-    try:
-        with contextlib.redirect_stdout(buffer):
-            loom_cli(["keys", "create", "--owner", "mallory"])
-    finally:
-        if old is None:
-            os.environ.pop("LOOM_DATA_DIR")
-        else:
-            os.environ["LOOM_DATA_DIR"] = old
-    return buffer.getvalue().split()[-1]
+    return create_key(server.data_dir, "mallory")
 
 
 @pytest.fixture

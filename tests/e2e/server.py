@@ -5,6 +5,8 @@ Limits: model weights come from the shared model cache (~/.cache/loom/models, bu
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import socket
@@ -15,6 +17,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+
+def create_key(data_dir: Path, owner: str) -> str:
+    """A new API key of tenant `owner`, made with the real CLI against the database in `data_dir`."""
+    from api.cli import main as loom_cli
+
+    buffer = io.StringIO()
+    old = os.environ.get("LOOM_DATA_DIR")
+    os.environ["LOOM_DATA_DIR"] = str(data_dir)
+    try:
+        with contextlib.redirect_stdout(buffer):
+            loom_cli(["keys", "create", "--owner", owner])
+    finally:
+        if old is None:
+            os.environ.pop("LOOM_DATA_DIR")
+        else:
+            os.environ["LOOM_DATA_DIR"] = old
+    return buffer.getvalue().split()[-1]
 
 
 def free_port() -> int:
