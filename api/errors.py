@@ -40,6 +40,8 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limit_exceeded"
     CONFLICT = "conflict"
     BODY_TOO_LARGE = "body_too_large"
+    REQUEST_TOO_LARGE = "request_too_large"
+    """The request is well-formed but costs more than a worker of its base model can ever run (`api/admission.py`)."""
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     INTERNAL = "internal_error"
     SERVICE_UNAVAILABLE = "service_unavailable"

@@ -28,6 +28,11 @@ class BaseModelEntry:
     """The transformers architecture (`config.json` `architectures[0]`)."""
     vocab_size: int
     max_context_length: int
+    train_bytes_per_token: int
+    """Peak activation memory of a training pass per padded token (fp32, measured by
+    `benchmarks/train_pass_memory.py`); what admission multiplies the pass budget by."""
+    kv_bytes_per_token: int
+    """KV-cache bytes per token of a decode batch (fp32: 2 × layers × KV heads × head dim × 4)."""
     max_lora_rank: int = 64
     aliases: tuple[str, ...] = field(default=())
 
@@ -42,6 +47,8 @@ SMOLLM2 = BaseModelEntry(
     arch="LlamaForCausalLM",
     vocab_size=49152,
     max_context_length=8192,
+    train_bytes_per_token=3_200_000,
+    kv_bytes_per_token=2 * 30 * 3 * 64 * 4,
     aliases=("smollm2-135m-instruct",),
 )
 TINY_KIMI_K2 = BaseModelEntry(
@@ -50,6 +57,8 @@ TINY_KIMI_K2 = BaseModelEntry(
     arch="DeepseekV3ForCausalLM",
     vocab_size=129280,
     max_context_length=4096,
+    train_bytes_per_token=2_500_000,
+    kv_bytes_per_token=2 * 3 * 4 * (32 + 16 + 32) * 4,
     aliases=("tiny-kimi-k2",),
 )
 

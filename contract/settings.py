@@ -102,6 +102,12 @@ class Settings(BaseSettings):
         gt=0,
         description="KV-cache tokens one worker's decode batch may hold (prompt + generated, all rows)",
     )
+    train_token_budget: int = Field(
+        2048,
+        gt=0,
+        description="padded tokens (rows × longest row) one worker trains in one pass; a tick's forward_backward "
+        "rows are split into passes of this size, and a sequence longer than it is refused at submit (413)",
+    )
     recovery_every: int = Field(
         50,
         ge=0,

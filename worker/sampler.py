@@ -185,7 +185,7 @@ class DecodeBatch:
             [self.width + max((r.work.max_tokens for r in self.rows), default=0)]
             + [len(w.prompt) + w.max_tokens for w in works]
         )
-        return not self.rows or rows * longest <= self.token_budget
+        return rows * longest <= self.token_budget
 
     @torch.no_grad()
     def admit(self, works: Sequence[SampleWork], tags: Sequence[Any]) -> list[SampleOutput]:

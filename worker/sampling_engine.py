@@ -27,7 +27,7 @@ from contract.checkpoint_store import CheckpointStore
 from contract.jobs import ClaimedJob, OpenAIPrompt, OpenAISampleResult, SampleJob, TinkerPrompt
 from contract.settings import DEFAULT_TOKEN_BUDGET
 from worker.adapter_pool import AdapterPool
-from worker.job_payloads import prompt_tokens, sample_result, sample_work
+from worker.job_payloads import UserInputError, prompt_tokens, sample_result, sample_work
 from worker.models.loader import LoadedModel
 from worker.openai_jobs import choice
 from worker.sampler import DecodeBatch, Row, SampleOutput, SampleWork
@@ -113,6 +113,14 @@ class SamplingEngine:
         uri = payload.storage_uri
         slot = None if uri is None else self.pool.sampler_slot(uri, self.store.open)
         work = job_work(self.lm, payload, slot)
+        need = work.num_samples * (len(work.prompt) + work.max_tokens)
+        if (
+            need > self.batch.token_budget
+        ):  # the API checks Tinker prompts; only the worker knows an OpenAI one's length
+            raise UserInputError(
+                f"{work.num_samples} samples × ({len(work.prompt)} prompt + {work.max_tokens} new) tokens = {need} "
+                f"exceed the {self.batch.token_budget} tokens one decode batch holds; ask for fewer samples or tokens"
+            )
         work.cache_key = (job.owner, slot)  # slots are never reused, so a slot names exact weights
         if slot is not None:
             self.pool.pin(slot)

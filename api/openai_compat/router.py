@@ -24,6 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from api.admission import WorkerBudget
 from api.db.models import JobState
 from api.deps import AppState, State, Tenant, enqueue
 from api.errors import APIError, ErrorCode, error_body
@@ -63,6 +64,8 @@ def _submit(
 ) -> tuple[str, str]:
     with state.transaction() as session:
         model = service.resolve_model(state, session, owner, body.model)
+        budget = WorkerBudget.of(state.model(model.base_model), state.settings)
+        budget.check_sample(0, body.token_limit, body.n, "n")  # the prompt's length is known only to the worker
         job_id = enqueue(
             session,
             request,

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from api.admission import WorkerBudget
 from api.db.models import SamplingSession, TrainingRun
 from api.deps import State, Tenant, enqueue, owned_session
 from api.errors import invalid, not_found
@@ -27,7 +28,7 @@ from loom.types import (
     SampleRequest,
     UntypedAPIFuture,
 )
-from loom.types.validation import InvalidRequest, check_sample
+from loom.types.validation import DEFAULT_MAX_TOKENS, InvalidRequest, check_sample
 
 router = APIRouter(prefix="/api/v1")
 
@@ -98,9 +99,11 @@ def asample(body: SampleRequest, request: Request, state: State, owner: Tenant) 
             base_model, storage_uri = _weights_base_model(session, owner, model_path)
     info = state.model(base_model)
     try:
-        check_sample(body, info.vocab_size, info.max_context_length)
+        prompt_tokens = check_sample(body, info.vocab_size, info.max_context_length)
     except InvalidRequest as exc:
         raise invalid(f"{exc.param}: {exc}", exc.param) from exc
+    max_tokens = body.sampling_params.max_tokens or DEFAULT_MAX_TOKENS
+    WorkerBudget.of(info, state.settings).check_sample(len(prompt_tokens), max_tokens, body.num_samples, "num_samples")
     prompt = TinkerPrompt(
         model_input=body.prompt,
         prompt_logprobs=bool(body.prompt_logprobs),

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import APIRouter
 from sqlalchemy import update
 
+from api.admission import WorkerBudget
 from api.db.models import ClientSession
 from api.db.types import utcnow
 from api.deps import State, Tenant, owned_session
@@ -27,7 +28,6 @@ from loom.types import (
     HealthResponse,
     SessionHeartbeatRequest,
     SessionHeartbeatResponse,
-    SupportedModel,
     TelemetryResponse,
 )
 
@@ -68,10 +68,7 @@ def session_heartbeat(body: SessionHeartbeatRequest, state: State, owner: Tenant
 
 @router.get("/get_server_capabilities")
 def get_server_capabilities(state: State, owner: Tenant) -> dict[str, Any]:
-    models = [
-        SupportedModel(model_name=m.name, max_context_length=m.max_context_length, trainable=True, sampleable=True)
-        for m in state.catalogue.entries.values()
-    ]
+    models = [WorkerBudget.of(m, state.settings).capabilities() for m in state.catalogue.entries.values()]
     return GetServerCapabilitiesResponse(supported_models=models).to_wire()
 
 

@@ -22,6 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from api.admission import WorkerBudget
 from api.db.jobs import next_training_seq
 from api.db.models import Checkpoint, RunStatus, SamplingSession, TrainingRun
 from api.deps import State, Tenant, enqueue, owned_run, owned_session
@@ -205,6 +206,7 @@ def _queue_forward_backward(state: State, request: Request, owner: str, fb: Forw
         check_forward_backward(fb.forward_backward_input, info.vocab_size, info.max_context_length)
     except InvalidRequest as exc:
         raise invalid(str(exc) if exc.param is None else f"{exc.param}: {exc}", exc.param) from exc
+    WorkerBudget.of(info, state.settings).check_forward_backward(fb.forward_backward_input)
     job = ForwardJob if fb.is_forward_only else ForwardBackwardJob
     with state.transaction() as session:
         job_id = _enqueue_op(session, request, run, seq_id, job(input=fb.forward_backward_input))

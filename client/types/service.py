@@ -50,6 +50,17 @@ class SupportedModel(WireModel):
     max_context_length: int | None = None
     trainable: bool | None = None
     sampleable: bool | None = None
+    # Loom's admission limits (the official SDK keeps them as extra fields):
+    max_train_sequence_tokens: int | None = None
+    """The longest sequence a forward_backward datum may hold (one training pass)."""
+    train_pass_tokens: int | None = None
+    """Padded tokens (rows × longest row) a worker trains in one pass."""
+    max_train_request_tokens: int | None = None
+    """The most tokens one forward_backward request may carry."""
+    estimated_train_pass_bytes: int | None = None
+    """Estimated activation memory of one full training pass."""
+    sample_batch_tokens: int | None = None
+    """KV-cache tokens one decode batch holds: a sample request's samples × (prompt + max_tokens) must fit."""
 
 
 class GetServerCapabilitiesResponse(WireModel):

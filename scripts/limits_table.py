@@ -1,0 +1,83 @@
+"""Print (or, with --write, put into README.md) the "Limits" table, generated from the constants the checks use.
+
+Sources: `loom.types.limits` (bounds every request must keep), `api/admission.py` (cost limits per base model,
+from the default `Settings`), and the settings that bound requests and retries. A unit test fails when README.md
+holds a table other than this script's output, so the documented limits cannot drift from the enforced ones.
+
+Usage: `.venv/bin/python scripts/limits_table.py [--write]`.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from api.admission import GIB, TRAIN_PASSES_PER_REQUEST, WorkerBudget  # noqa: E402
+from contract.catalogue import BUILTIN_MODELS  # noqa: E402
+from contract.settings import Settings  # noqa: E402
+from loom.types import limits  # noqa: E402
+
+START, END = "<!-- limits:start -->", "<!-- limits:end -->"
+
+
+def default(setting: str) -> int:
+    """A setting's default (never the environment's value: the README documents the defaults)."""
+    return Settings.model_fields[setting].default
+
+
+def table() -> str:
+    rows = [
+        ("ids, `seq_id`, `model_seq_id`, offsets", f"0 … 2^63 − 1 ({limits.INT64_MAX})"),
+        ("seeds (LoRA, sampling)", f"0 … {limits.MAX_SEED}"),
+        ("`seq_id` ahead of the run's newest op", f"at most {limits.SEQ_ID_WINDOW}"),
+        ("checkpoint `ttl_seconds`", f"{limits.MIN_TTL_SECONDS} … {limits.MAX_TTL_SECONDS} (omit: kept forever)"),
+        ("checkpoint names", f"`{limits.CHECKPOINT_NAME_PATTERN}`"),
+        ("Adam `learning_rate`", f"0 … {limits.MAX_LEARNING_RATE:g}"),
+        ("datums per forward_backward", str(limits.MAX_DATUMS)),
+        ("2-D `target_tokens` K (cross_entropy)", str(limits.MAX_TARGET_K)),
+        ("samples per request (`num_samples`, `n`)", str(limits.MAX_SAMPLES)),
+        ("items per list page (`limit`)", str(limits.MAX_PAGE_SIZE)),
+        ("request body", f"{default('max_body_bytes') >> 20} MiB (`LOOM_MAX_BODY_BYTES`); no `Content-Encoding`"),
+        (
+            "training pass (padded rows × longest row)",
+            f"{default('train_token_budget')} tokens (`LOOM_TRAIN_TOKEN_BUDGET`); "
+            f"a request may carry {TRAIN_PASSES_PER_REQUEST} passes' worth",
+        ),
+        ("decode batch (samples × (prompt + max_tokens))", f"{default('token_budget')} tokens (`LOOM_TOKEN_BUDGET`)"),
+        ("retries of a request whose worker died", f"{default('max_attempts')} attempts (`LOOM_MAX_ATTEMPTS`)"),
+    ]
+    lines = ["| limit | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows), ""]
+    lines += [
+        "| base model | context | longest training sequence | tokens per forward_backward | est. pass memory |",
+        "|---|---|---|---|---|",
+    ]
+    for model in BUILTIN_MODELS.values():
+        budget = WorkerBudget(model, default("train_token_budget"), default("token_budget"))
+        lines.append(
+            f"| `{model.name}` | {model.max_context_length} | {budget.max_train_sequence} | "
+            f"{budget.max_train_request_tokens} | {budget.train_pass_bytes / GIB:.1f} GiB |"
+        )
+    return "\n".join(lines)
+
+
+def with_table(readme: str) -> str:
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(readme):
+        raise SystemExit(f"README.md has no {START} … {END} section")
+    return pattern.sub(lambda _: f"{START}\n{table()}\n{END}", readme)
+
+
+def main(argv: list[str]) -> None:
+    if "--write" in argv:
+        path = ROOT / "README.md"
+        path.write_text(with_table(path.read_text()))
+    else:
+        print(table())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
