@@ -3,8 +3,8 @@
 A worker trains in passes of at most `train_token_budget` padded tokens (rows × longest row; the trainer splits a
 tick's rows into such micro-batches) and decodes with at most `token_budget` KV-cache tokens (rows × longest row).
 So a request is refused with 413 `request_too_large`, naming the limit, when one of its sequences alone exceeds a
-training pass, when it carries more tokens than `TRAIN_PASSES_PER_REQUEST` passes hold (one request may not hold a
-worker for longer than that while other tenants wait), or when its samples cannot fit one decode batch. The same
+training pass, when it carries more tokens than one worker tick packs (`TRAIN_PASSES_PER_TICK` passes: one
+request may not hold a worker for longer than that while other tenants wait), or when its samples cannot fit one decode batch. The same
 numbers, with the estimated peak memory of a full pass, are reported per base model by `get_server_capabilities`.
 
 Limits: costs are estimates from token counts: `train_bytes_per_token` and `kv_bytes_per_token` are per-model
@@ -18,11 +18,8 @@ from dataclasses import dataclass
 
 from api.errors import APIError, ErrorCode
 from contract.catalogue import BaseModelEntry
-from contract.settings import Settings
+from contract.settings import TRAIN_PASSES_PER_TICK, Settings
 from loom.types import ForwardBackwardInput, SupportedModel
-
-TRAIN_PASSES_PER_REQUEST = 8
-"""The most training passes' worth of tokens one forward_backward request may carry."""
 
 GIB = 1 << 30
 
@@ -46,7 +43,7 @@ class WorkerBudget:
 
     @property
     def max_train_request_tokens(self) -> int:
-        return TRAIN_PASSES_PER_REQUEST * self.train_token_budget
+        return TRAIN_PASSES_PER_TICK * self.train_token_budget
 
     @property
     def train_pass_bytes(self) -> int:
@@ -70,7 +67,7 @@ class WorkerBudget:
         if sum(lengths) > self.max_train_request_tokens:
             raise _too_large(
                 f"the request holds {sum(lengths)} tokens; one forward_backward on {self.model.name} may hold at "
-                f"most {self.max_train_request_tokens} ({TRAIN_PASSES_PER_REQUEST} passes of "
+                f"most {self.max_train_request_tokens} ({TRAIN_PASSES_PER_TICK} passes of "
                 f"{self.train_token_budget}): split it into several requests",
                 "data",
             )

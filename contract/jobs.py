@@ -68,6 +68,11 @@ class JobPayload(ContractModel):
         """The JSON-ready form the job store keeps (`None` fields left out; they are the defaults)."""
         return self.model_dump(mode="json", exclude_none=True)
 
+    def cost_tokens(self) -> int:
+        """Tokens of a worker tick's training budget this job spends (what a claim packs a tick up to): a forward
+        pass's tokens; 0 for cheap ops and for samples (the decode batch admits those by its own KV budget)."""
+        return 0
+
 
 # -- training ops ----------------------------------------------------------------------------------------------
 
@@ -100,6 +105,9 @@ class ForwardBackwardJob(JobPayload):
 
     kind = JobKind.FORWARD_BACKWARD
     input: ForwardBackwardInput
+
+    def cost_tokens(self) -> int:
+        return sum(datum.model_input.length for datum in self.input.data)
 
 
 class ForwardJob(ForwardBackwardJob):

@@ -20,6 +20,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 CACHE_ROOT = Path.home() / ".cache" / "loom"
 DEFAULT_TOKEN_BUDGET = 1 << 18
 """KV-cache tokens of one decode batch, unless the `token_budget` setting says otherwise."""
+TRAIN_PASSES_PER_TICK = 8
+"""Training passes' worth of tokens (`train_token_budget` each) one worker tick packs, and so the most one
+forward_backward request may carry."""
 
 
 class Settings(BaseSettings):

@@ -16,9 +16,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from api.admission import GIB, TRAIN_PASSES_PER_REQUEST, WorkerBudget  # noqa: E402
+from api.admission import GIB, WorkerBudget  # noqa: E402
 from contract.catalogue import BUILTIN_MODELS  # noqa: E402
-from contract.settings import Settings  # noqa: E402
+from contract.settings import TRAIN_PASSES_PER_TICK, Settings  # noqa: E402
 from loom.types import limits  # noqa: E402
 
 START, END = "<!-- limits:start -->", "<!-- limits:end -->"
@@ -45,7 +45,7 @@ def table() -> str:
         (
             "training pass (padded rows × longest row)",
             f"{default('train_token_budget')} tokens (`LOOM_TRAIN_TOKEN_BUDGET`); "
-            f"a request may carry {TRAIN_PASSES_PER_REQUEST} passes' worth",
+            f"a worker tick packs, and a request may carry, {TRAIN_PASSES_PER_TICK} passes' worth",
         ),
         ("decode batch (samples × (prompt + max_tokens))", f"{default('token_budget')} tokens (`LOOM_TOKEN_BUDGET`)"),
         ("retries of a request whose worker died", f"{default('max_attempts')} attempts (`LOOM_MAX_ATTEMPTS`)"),

@@ -1,6 +1,7 @@
 """The worker's job loop: lease ready jobs from the database, run them through the engine, record outcomes.
 
-One `Consumer` serves one base model. Each tick claims every ready job (up to `batch_limit`) in one short
+One `Consumer` serves one base model. Each tick claims every ready job (up to `batch_limit` jobs and, with
+`tick_tokens`, up to that many tokens of forward passes; the rest waits for the next tick) in one short
 transaction, executes them (outside any transaction), then records all results, checkpoint rows and failures
 in a second transaction guarded by the lease fencing tokens, and finally calls `on_finished` with the ids so
 waiting long-polls wake at once. Leases outlive a tick comfortably; expired leases of a crashed worker are
@@ -122,6 +123,7 @@ class Consumer:
         *,
         lease_seconds: float,
         max_attempts: int = 3,
+        tick_tokens: int | None = None,
         batch_limit: int = 256,
         role: str = "all",
         sticky: bool = False,
@@ -136,6 +138,7 @@ class Consumer:
         self.on_finished = on_finished
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
+        self.tick_tokens = tick_tokens
         self.batch_limit = batch_limit
         self.wake = threading.Event()
         self._unsure_claim = False
@@ -175,6 +178,7 @@ class Consumer:
                 sampling=self.role != "train",
                 sticky=self.sticky,
                 retries="drain" if self.engine.busy else "alone",
+                token_budget=self.tick_tokens,
             )
 
     def _requeue_unknown_leases(self) -> None:

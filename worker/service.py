@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from contract.catalogue import BaseModelEntry
 from contract.checkpoint_store import CheckpointStore, open_checkpoint_store
-from contract.settings import Settings
+from contract.settings import TRAIN_PASSES_PER_TICK, Settings
 from worker.consumer import Consumer
 from worker.engine import Engine
 from worker.models.loader import LoadedModel, load_base_model
@@ -114,6 +114,7 @@ def start_workers(
             on_finished,
             lease_seconds=settings.lease_seconds,
             max_attempts=settings.max_attempts,
+            tick_tokens=settings.train_token_budget * TRAIN_PASSES_PER_TICK,
             role=role,
             sticky=sticky,
         )

@@ -98,7 +98,13 @@ def submit_job(
     }
     existing = _find_existing(session, owner, lane, model_id, seq_id, idempotency_key)
     if existing is None:
-        job = Job(id=_job_id(lane, model_id, seq_id), lane=lane, idempotency_key=idempotency_key, **request)
+        job = Job(
+            id=_job_id(lane, model_id, seq_id),
+            lane=lane,
+            idempotency_key=idempotency_key,
+            cost_tokens=payload.cost_tokens(),
+            **request,
+        )
         try:
             with session.begin_nested():
                 session.add(job)
@@ -157,6 +163,7 @@ def claim_ready_jobs(
     sampling: bool = True,
     sticky: bool = False,
     retries: RetryPolicy = "mixed",
+    token_budget: int | None = None,
 ) -> list[ClaimedJob]:
     """Lease up to ``limit`` ready jobs for the given base models to ``worker_id``.
 
@@ -178,6 +185,11 @@ def claim_ready_jobs(
     that happened to share its tick. ``"drain"`` (a worker still decoding): while
     such a job is ready nothing new is claimed, so the worker becomes idle and
     takes it alone next. In both, chains are cut before a retried job.
+
+    With ``token_budget``, the jobs picked cost at most that many tokens in all
+    (``Job.cost_tokens``; the first job is always taken, whatever its cost): a
+    unit that does not fit is left for a later claim (a chain is cut where it
+    stops fitting) and later, smaller units may still fill the tick.
     """
     if limit <= 0 or not base_models:
         return []
@@ -195,8 +207,13 @@ def claim_ready_jobs(
     if retries != "mixed":
         units = _isolate_retries(units, retries)
     picked: list[Job] = []
+    spent = 0
     for unit in units:
-        picked.extend(unit[: limit - len(picked)])
+        for job in unit[: limit - len(picked)]:
+            if token_budget is not None and picked and spent + job.cost_tokens > token_budget:
+                break  # this chain's rest waits (its order must hold); a later unit may still fit
+            picked.append(job)
+            spent += job.cost_tokens
         if len(picked) == limit:
             break
     now = utcnow()

@@ -204,6 +204,8 @@ class Job(Base):
     lease_owner: Mapped[str | None]
     lease_expires_at: Mapped[datetime | None]
     fencing_token: Mapped[int] = mapped_column(default=0)
+    cost_tokens: Mapped[int] = mapped_column(default=0, server_default="0")
+    """Tokens a worker tick spends on this job (`JobPayload.cost_tokens`); ticks are packed up to a budget."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

@@ -16,12 +16,11 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from api.admission import TRAIN_PASSES_PER_REQUEST
 from api.app import build_state, create_app
 from api.db.keys import create_api_key
 from api.db.models import Job
 from contract.catalogue import TINY_KIMI_K2
-from contract.settings import Settings
+from contract.settings import TRAIN_PASSES_PER_TICK, Settings
 from tests.job_payloads import fb_input
 
 PASS, KV = 64, 256
@@ -63,12 +62,12 @@ def test_a_sequence_longer_than_a_training_pass_is_refused_before_it_is_queued(a
     assert f"at most {PASS} tokens per sequence" in error["message"]
     assert queued(state) == before
 
-    too_many = forward_backward(client, model_id, [PASS] * TRAIN_PASSES_PER_REQUEST + [1])
+    too_many = forward_backward(client, model_id, [PASS] * TRAIN_PASSES_PER_TICK + [1])
     assert too_many.status_code == 413 and too_many.json()["error"]["param"] == "data"
-    assert f"at most {PASS * TRAIN_PASSES_PER_REQUEST}" in too_many.json()["error"]["message"]
+    assert f"at most {PASS * TRAIN_PASSES_PER_TICK}" in too_many.json()["error"]["message"]
     assert queued(state) == before
 
-    assert forward_backward(client, model_id, [PASS] * TRAIN_PASSES_PER_REQUEST).status_code == 200
+    assert forward_backward(client, model_id, [PASS] * TRAIN_PASSES_PER_TICK).status_code == 200
     assert queued(state) == before + 1
 
 
@@ -94,7 +93,7 @@ def test_capabilities_report_the_limits_admission_enforces(api) -> None:
     body = client.get("/api/v1/get_server_capabilities").json()
     (model,) = body["supported_models"]
     assert model["max_train_sequence_tokens"] == PASS and model["train_pass_tokens"] == PASS
-    assert model["max_train_request_tokens"] == PASS * TRAIN_PASSES_PER_REQUEST
+    assert model["max_train_request_tokens"] == PASS * TRAIN_PASSES_PER_TICK
     assert model["estimated_train_pass_bytes"] == PASS * TINY_KIMI_K2.train_bytes_per_token
     assert model["sample_batch_tokens"] == KV
     parsed = tinker.types.GetServerCapabilitiesResponse.model_validate(body)

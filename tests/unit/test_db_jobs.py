@@ -20,8 +20,8 @@ from api.db.jobs import (
 )
 from api.db.models import Job, TrainingRun
 from api.db.types import utcnow
-from contract.jobs import ClaimedJob, JobPayload, OptimStepJob, UnreadablePayload
-from tests.job_payloads import payload
+from contract.jobs import ClaimedJob, ForwardBackwardJob, JobPayload, OptimStepJob, UnreadablePayload
+from tests.job_payloads import fb_input, payload
 
 BASE = "tiny-kimi-k2"
 LEASE_SECONDS = 60
@@ -391,3 +391,27 @@ def test_queue_position_counts_queued_jobs_ahead_on_the_same_base_model(session_
     assert positions() == [0, 1, 2]
     claim(session_factory, limit=1)
     assert positions() == [0, 0, 1]
+
+
+def test_a_tick_packs_forward_passes_up_to_its_token_budget(
+    session_factory: Factory, make_run: Callable[..., str]
+) -> None:
+    big, small = make_run(), make_run(owner="bob")
+    for seq in (1, 2):
+        submit_payload(session_factory, big, seq, ForwardBackwardJob(input=fb_input(list(range(1, 42)))))  # 40 tokens
+    submit_payload(session_factory, small, 1, ForwardBackwardJob(input=fb_input([1, 2, 3, 4, 5])), owner="bob")
+    with session_factory() as session:
+        assert session.get(Job, f"{big}:1").cost_tokens == 40 and session.get(Job, f"{small}:1").cost_tokens == 4
+
+    def claim_within(budget: int) -> list[str]:
+        with session_factory.begin() as session:
+            jobs = claim_ready_jobs(
+                session, base_models=[BASE], worker_id="w1", lease_seconds=LEASE_SECONDS, limit=16, token_budget=budget
+            )
+        return [job.id for job in jobs]
+
+    # big:2 would overflow the tick, so big's chain stops at 1; bob's later, small request still fills the tick
+    assert claim_within(50) == [f"{big}:1", f"{small}:1"]
+    for job_id in (f"{big}:1", f"{small}:1"):
+        assert complete(session_factory, load_claimed(session_factory, job_id))
+    assert claim_within(10) == [f"{big}:2"]  # the first job is always taken, whatever its cost

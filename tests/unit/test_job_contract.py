@@ -19,13 +19,14 @@ from pathlib import Path
 import pytest
 from alembic import command
 from fastapi.testclient import TestClient
-from sqlalchemy import insert, select, text
+from sqlalchemy import MetaData, Table, insert, select, text
 
 from api.app import build_state, create_app
 from api.db.jobs import claimed
 from api.db.keys import create_api_key
 from api.db.models import Job
 from api.db.session import alembic_config, make_engine, make_session_factory
+from api.db.types import utcnow
 from contract.checkpoint_store import LocalCheckpointStore
 from contract.jobs import (
     CreateModelJob,
@@ -177,15 +178,16 @@ def test_migration_0004_converts_stored_payloads_both_ways(tmp_path: Path) -> No
     engine = make_engine(url)
     with engine.begin() as connection:
         connection.execute(text("INSERT INTO sessions (id, owner, tags, user_metadata, created_at, last_heartbeat_at) VALUES ('s1', 'alice', '[]', '{}', '2026-01-01', '2026-01-01')"))  # fmt: skip
+        jobs_0003 = Table("jobs", MetaData(), autoload_with=connection)  # the table as revision 0003 left it
         for job_id, kind, model_id, seq_id, payload in OLD_ROWS:
             lane = "train" if kind != "sample" else "sample"
             connection.execute(
-                insert(Job.__table__).values(
+                insert(jobs_0003).values(
                     id=job_id, owner="alice", kind=kind, lane=lane, base_model=BASE, model_id=model_id,
-                    seq_id=seq_id, payload=payload, state="done", attempt=1, fencing_token=1,
+                    seq_id=seq_id, payload=payload, state="done", attempt=1, fencing_token=1, created_at=utcnow(),
                 )
             )  # fmt: skip
-    command.upgrade(alembic_config(url), "0004")
+    command.upgrade(alembic_config(url), "head")  # through 0004, and the schema the ORM reads
     with make_session_factory(engine)() as session:
         jobs = {row.id: claimed(row) for row in session.scalars(select(Job))}
 
@@ -208,7 +210,8 @@ def test_migration_0004_converts_stored_payloads_both_ways(tmp_path: Path) -> No
 
     command.downgrade(alembic_config(url), "0003")
     with engine.connect() as connection:
-        back = {row.id: (row.kind, row.payload) for row in connection.execute(select(Job.__table__))}
+        rows = connection.execute(select(jobs_0003))
+        back = {row.id: (row.kind, row.payload) for row in rows}
     assert back["f"] == ("forward", {"forward_backward_input": FB, "forward_only": True})
     assert back["o"] == ("optim_step", {"adam_params": {"learning_rate": 0.5}})
     assert back["l"] == ("create_model", OLD_ROWS[5][4])
