@@ -20,6 +20,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 CACHE_ROOT = Path.home() / ".cache" / "loom"
 DEFAULT_TOKEN_BUDGET = 1 << 18
 """KV-cache tokens of one decode batch, unless the `token_budget` setting says otherwise."""
+DEFAULT_TRAIN_TOKEN_BUDGET = 2048
+"""Padded tokens (rows × longest row) of one training micro-batch, unless `train_token_budget` says otherwise."""
 
 
 class Settings(BaseSettings):
@@ -95,6 +97,13 @@ class Settings(BaseSettings):
         DEFAULT_TOKEN_BUDGET,
         gt=0,
         description="KV-cache tokens one worker's decode batch may hold (prompt + generated, all rows)",
+    )
+    train_token_budget: int = Field(
+        DEFAULT_TRAIN_TOKEN_BUDGET,
+        gt=0,
+        description="padded tokens (rows × longest row) of one training micro-batch: a worker splits each "
+        "forward/backward pass into micro-batches of at most this many, which bounds its peak memory (a single "
+        "longer sequence still runs, alone)",
     )
     recovery_every: int = Field(
         50,
