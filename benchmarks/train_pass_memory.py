@@ -13,11 +13,13 @@ Printed per configuration: padded tokens of the largest micro-batch, peak GB, th
 loaded model, that increment per padded token, and the ratio of peaks off/on (the result: how much the budget
 saves; ≈ 1 where the pass already fits).
 
-Limits: CPU only; peak RSS includes allocator caching, so increments are upper bounds; attention memory grows
-with length² per row where SDPA falls back to materialising scores, so bytes per padded token depend on the
-row length (reported per configuration). About 2 minutes and < 10 GB on a 2-core machine.
+Limits: CPU only; peak RSS includes allocator caching, so increments are upper bounds, and identical passes
+were measured up to ~1 GB apart (64×16 fits either budget, so its off/on ratio is that noise); attention memory
+grows with length² per row where SDPA falls back to materialising scores, so bytes per padded token depend on
+the row length (reported per configuration). About 2 minutes and < 10 GB on a 2-core machine (`--quick`: the
+1×512 and mixed configurations only, about 1 minute).
 
-    .venv/bin/python benchmarks/train_pass_memory.py [--budget 1024]
+    .venv/bin/python benchmarks/train_pass_memory.py [--quick] [--budget 1024]
 """
 
 from __future__ import annotations
@@ -79,14 +81,16 @@ def measure(config: str, budget: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget", type=int, default=1024, help="padded tokens per micro-batch when on")
+    parser.add_argument("--quick", action="store_true", help="only the 1x512 and the mixed configuration")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "BUDGET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child[0], int(args.child[1]))
         return
     print(f"SmolLM2-135M fp32, one forward_backward, budget on = {args.budget} padded tokens, off = unbounded")
+    print(f"load average at start: {os.getloadavg()[0]:.1f}")
     print(f"{'config':<12} {'budget':<6} {'mbatches':>8} {'padded':>7} {'peak GB':>8} {'pass GB':>8} {'KB/tok':>8}")
-    for config in CONFIGS:
+    for config in ["1x512", "1x384+5x16"] if args.quick else CONFIGS:
         peaks = {}
         for label, budget in (("off", OFF), ("on", args.budget)):
             m = measure(config, budget)
@@ -97,6 +101,7 @@ def main() -> None:
                 f"{increment / GB:>8.2f} {increment / m['padded'] / 1024:>8.0f}"
             )
         print(f"{config:<12} peak off/on = {peaks['off'] / peaks['on']:.2f}x")
+    print(f"load average at end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
