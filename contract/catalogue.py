@@ -47,7 +47,7 @@ SMOLLM2 = BaseModelEntry(
     arch="LlamaForCausalLM",
     vocab_size=49152,
     max_context_length=8192,
-    train_bytes_per_token=3_200_000,
+    train_bytes_per_token=4_200_000,  # 4,005 KiB/token measured at 1×512 (benchmarks/train_pass_memory.py)
     kv_bytes_per_token=2 * 30 * 3 * 64 * 4,
     aliases=("smollm2-135m-instruct",),
 )
@@ -57,7 +57,7 @@ TINY_KIMI_K2 = BaseModelEntry(
     arch="DeepseekV3ForCausalLM",
     vocab_size=129280,
     max_context_length=4096,
-    train_bytes_per_token=2_500_000,
+    train_bytes_per_token=2_300_000,  # 2,179 KiB/token measured at 1×512
     kv_bytes_per_token=2 * 3 * 4 * (32 + 16 + 32) * 4,
     aliases=("tiny-kimi-k2",),
 )

@@ -20,6 +20,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 CACHE_ROOT = Path.home() / ".cache" / "loom"
 DEFAULT_TOKEN_BUDGET = 1 << 18
 """KV-cache tokens of one decode batch, unless the `token_budget` setting says otherwise."""
+DEFAULT_TRAIN_TOKEN_BUDGET = 2048
+"""Padded tokens (rows × longest row) of one training micro-batch, unless `train_token_budget` says otherwise."""
 TRAIN_PASSES_PER_TICK = 8
 """Training passes' worth of tokens (`train_token_budget` each) one worker tick packs, and so the most one
 forward_backward request may carry."""
@@ -106,10 +108,11 @@ class Settings(BaseSettings):
         description="KV-cache tokens one worker's decode batch may hold (prompt + generated, all rows)",
     )
     train_token_budget: int = Field(
-        2048,
+        DEFAULT_TRAIN_TOKEN_BUDGET,
         gt=0,
-        description="padded tokens (rows × longest row) one worker trains in one pass; a tick's forward_backward "
-        "rows are split into passes of this size, and a sequence longer than it is refused at submit (413)",
+        description="padded tokens (rows × longest row) of one training micro-batch: a worker splits each "
+        "forward/backward pass into micro-batches of at most this many, which bounds its peak memory; a sequence "
+        "longer than it is refused at submit (413)",
     )
     recovery_every: int = Field(
         50,

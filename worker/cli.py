@@ -37,7 +37,12 @@ def _zero3_engine(entries: list[BaseModelEntry], settings: Settings, role: str) 
     if len(entries) != 1 or role != "train":
         raise SystemExit("loom worker --zero3 serves exactly one base model (set LOOM_BASE_MODELS) with --role train")
     engine, leader = sharded_engine(
-        entries[0], checkpoint_store(settings), settings.recovery_every, settings.model_cache_dir, _progress
+        entries[0],
+        checkpoint_store(settings),
+        settings.recovery_every,
+        settings.train_token_budget,
+        settings.model_cache_dir,
+        _progress,
     )
     if leader:
         return engine

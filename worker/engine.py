@@ -11,7 +11,12 @@ consumer to call again.
 
 Every request gets its own `Outcome`: a typed result, or an error with a category (`user` for bad input or a
 missing run/checkpoint, `server` for anything unexpected, an unreadable payload included). One tenant's bad
-request never fails another's.
+request never fails another's: a mixed pass that fails is rerun to find the offending requests, which fail
+alone while the others complete as in a clean pass without them (`worker/fault_isolation.py`); a decode row
+whose logits diverge or whose token choice fails fails its own request only (`worker/sampler.py`); an
+`optim_step` that would make a run's weights non-finite is refused and leaves the run as it was
+(`worker/optimizer.py`). Training passes run in micro-batches of at most `train_token_budget` padded tokens,
+which bounds a worker's peak memory whatever the mix of requests (`worker/trainer.py`).
 
 Each resident run remembers the seq_id of the newest op applied to it (`applied_seq`). Before executing a
 run's chain the consumer checks `needs_restore`; a run that is absent (worker restarted, run moved here) or
@@ -19,9 +24,9 @@ stale (an op was applied but its result was never recorded) is rebuilt with `res
 op log (see `worker/run_recovery.py`), so every acknowledged op takes effect exactly once. With `recovery_every`,
 every that-many optimizer steps of a run also write a hidden recovery checkpoint, which bounds that replay.
 
-Limits: a failure inside a mixed pass (after per-request validation) fails every request of that pass as a
-server error and drops the affected runs' state (rebuilt from the log on their next op); a failure inside a
-decode step fails the jobs then in the decode batch.
+Limits: a failure of the batched forward of a decode step (or of a prefill) itself, as opposed to one row's
+token choice, still fails every job then in the decode batch, and the batch starts afresh. A request that fails
+a mixed pass costs one extra pass per request of that pass to find it.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from contract.jobs import (
     UnloadModelJob,
     UnreadablePayload,
 )
-from contract.settings import DEFAULT_TOKEN_BUDGET
+from contract.settings import DEFAULT_TOKEN_BUDGET, DEFAULT_TRAIN_TOKEN_BUDGET
 from loom.types import (
     CreateModelResponse,
     LoadWeightsResponse,
@@ -61,18 +66,29 @@ from loom.types import (
 )
 from worker.adapter_pool import AdapterPool, ResidentRun, RunNotResident, frozen_copy
 from worker.checkpoint_io import CheckpointFormatError, save_adapter, save_optimizer
+from worker.fault_isolation import ItemFailure, isolated_forward_backward
 from worker.job_payloads import UserInputError, forward_backward_result, work_item
 from worker.lora.adapter import LoraSpec
 from worker.models.loader import LoadedModel
+from worker.optimizer import NonFiniteUpdate
 from worker.outcomes import Outcome
 from worker.run_recovery import RestorePlan, UnusableCheckpoint, recovery_checkpoint_id
+from worker.sampler import NonFiniteLogits
 from worker.sampling_backend import SamplingBackend
 from worker.sampling_engine import SamplingEngine, StreamSink
-from worker.trainer import WorkItem, run_forward_backward
+from worker.trainer import ItemResult, WorkItem, run_forward_backward
 
 log = logging.getLogger(__name__)
 
-USER_ERRORS = (UserInputError, RunNotResident, CheckpointExists, CheckpointCorrupt, CheckpointFormatError)
+USER_ERRORS = (
+    UserInputError,
+    RunNotResident,
+    CheckpointExists,
+    CheckpointCorrupt,
+    CheckpointFormatError,
+    NonFiniteUpdate,
+    NonFiniteLogits,
+)
 
 
 class Engine:
@@ -84,14 +100,17 @@ class Engine:
         *,
         on_stream: StreamSink | None = None,
         token_budget: int = DEFAULT_TOKEN_BUDGET,
+        train_token_budget: int = DEFAULT_TRAIN_TOKEN_BUDGET,
         recovery_every: int = 0,
     ) -> None:
         """`sampling`: the sampling backend (default: Loom's own `SamplingEngine` over this engine's adapter pool,
-        with a KV budget of `token_budget` tokens, streaming to `on_stream`). `recovery_every`: save a hidden
-        recovery checkpoint of a run every that many optimizer steps (0: never), so rebuilding it elsewhere
-        replays at most that many steps (worker/run_recovery.py)."""
+        with a KV budget of `token_budget` tokens, streaming to `on_stream`). `train_token_budget`: padded tokens
+        of one training micro-batch (`worker/trainer.py`). `recovery_every`: save a hidden recovery checkpoint
+        of a run every that many optimizer steps (0: never), so rebuilding it elsewhere replays at most that
+        many steps (worker/run_recovery.py)."""
         self.lm = lm
         self.store = store
+        self.train_token_budget = train_token_budget
         self.recovery_every = recovery_every
         self.pool = AdapterPool(lm)
         self.sampling: SamplingBackend = sampling or SamplingEngine(lm, self.pool, store, on_stream, token_budget)
@@ -192,7 +211,8 @@ class Engine:
         for job in plan.ops:
             match job.payload:
                 case ForwardBackwardJob() as fb:
-                    run_forward_backward(self.lm, [work_item(self.pool.run(job.model_id).slot, fb)])
+                    item = work_item(self.pool.run(job.model_id).slot, fb)
+                    run_forward_backward(self.lm, [item], self.train_token_budget)
                 case OptimStepJob(adam=adam):
                     self.pool.run(job.model_id).optimizer.step(adam)  # no recovery checkpoint: already covered
                 case _:
@@ -219,14 +239,16 @@ class Engine:
             admitted.append(job)
         if not items:
             return outcomes
-        try:
-            results = run_forward_backward(self.lm, items)
-        except Exception as exc:
-            log.exception("mixed forward/backward over %d requests failed", len(items))
-            for job in admitted:  # gradients may be half-accumulated: rebuild these runs from the log
-                self.pool.drop_run(job.model_id)
-            return outcomes + [Outcome.server_error(job, exc) for job in admitted]
-        return outcomes + [Outcome(job, forward_backward_result(r)) for job, r in zip(admitted, results)]
+        results = isolated_forward_backward(self.lm, items, self.train_token_budget)
+        return outcomes + [self._trained(job, result) for job, result in zip(admitted, results)]
+
+    @staticmethod
+    def _trained(job: ClaimedJob, result: ItemResult | ItemFailure) -> Outcome:
+        if isinstance(result, ItemResult):
+            return Outcome(job, forward_backward_result(result))
+        if result.own:
+            return Outcome.user_error(job, f"this request's loss could not be computed: {result.error}")
+        return Outcome.server_error(job, result.error)
 
     def _load(self, model_id: str, load: LoadWeightsJob) -> None:
         self.pool.load_run(model_id, self.store.open(load.storage_uri), load.with_optimizer)

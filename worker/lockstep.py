@@ -96,11 +96,13 @@ def sharded_engine(
     entry: BaseModelEntry,
     store: CheckpointStore,
     recovery_every: int,
+    train_token_budget: int,
     model_cache_dir: Path,
     progress: Callable[[str], None] = log.info,
 ) -> tuple[Engine, bool]:
     """Join the launcher's process group and load `entry` partitioned over it. Returns this rank's engine and
-    whether it leads: rank 0 gets a `LockstepEngine` to serve with, the others an engine to `follow` with."""
+    whether it leads: rank 0 gets a `LockstepEngine` to serve with, the others an engine to `follow` with. Every
+    rank gets the same `train_token_budget`, so all cut a pass into the same micro-batches (the same collectives)."""
     init_distributed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     progress(f"rank {rank}/{world}: loading {entry.name} sharded with ZeRO-3 ...")
@@ -108,8 +110,8 @@ def sharded_engine(
     sizes = partition_sizes(lm.model)
     progress(f"rank {rank}/{world}: stores {sizes['owned'] / 1e6:.2f}M of {sizes['full'] / 1e6:.2f}M base parameters")
     if rank == 0:
-        return LockstepEngine(lm, store, recovery_every=recovery_every), True
-    return Engine(lm, FollowerStore(store)), False
+        return LockstepEngine(lm, store, train_token_budget=train_token_budget, recovery_every=recovery_every), True
+    return Engine(lm, FollowerStore(store), train_token_budget=train_token_budget), False
 
 
 class FollowerStore:

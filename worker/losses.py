@@ -12,8 +12,9 @@ advantages and `r = exp(lp - q)`:
 | cispo               | -(stopgrad(clip(r, lo, hi)) · lp · A).sum()        | clip_low/high_threshold 0.0 / 4.0  |
 | dro                 | -(lp·A - 0.5·beta·(lp - q)²).sum()                 | beta (1.0)                         |
 
-`clip_low_threshold` / `clip_high_threshold` may also arrive per token in `loss_fn_inputs`, overriding config.
-Inputs are validated before they get here (`loom.types.validation`).
+`clip_low_threshold` / `clip_high_threshold` may also arrive per token in `loss_fn_inputs` (a tensor of shape (N,)
+per datum), overriding the scalar in config token by token. Inputs are validated before they get here
+(`loom.types.validation`); a loss that still fails raises, and the trainer reports it as that request's own error.
 """
 
 from __future__ import annotations
@@ -25,10 +26,17 @@ import torch
 LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Mapping[str, float]], torch.Tensor]
 
 
-def _clip_bounds(inputs: Mapping[str, torch.Tensor], config: Mapping[str, float], lo: float, hi: float):
-    low = inputs.get("clip_low_threshold", config.get("clip_low_threshold", lo))
-    high = inputs.get("clip_high_threshold", config.get("clip_high_threshold", hi))
-    return low, high
+def _clip(
+    ratio: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float], lo: float, hi: float
+) -> torch.Tensor:
+    """`ratio` clamped to [low, high], each bound a per-token input if given, else config's scalar, else default."""
+    bounds = []
+    for key, default in (("clip_low_threshold", lo), ("clip_high_threshold", hi)):
+        bound = inputs.get(key)
+        if bound is None:
+            bound = torch.tensor(float(config.get(key, default)))
+        bounds.append(bound.to(ratio.dtype))
+    return torch.clamp(ratio, min=bounds[0], max=bounds[1])
 
 
 def _ratio(lp: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -49,14 +57,12 @@ def importance_sampling(lp, inputs, config):
 def ppo(lp, inputs, config):
     adv = inputs["advantages"]
     ratio = _ratio(lp, inputs)
-    low, high = _clip_bounds(inputs, config, 0.8, 1.2)
-    clipped = torch.clamp(ratio, min=low, max=high)
+    clipped = _clip(ratio, inputs, config, 0.8, 1.2)
     return -torch.minimum(ratio * adv, clipped * adv).sum()
 
 
 def cispo(lp, inputs, config):
-    low, high = _clip_bounds(inputs, config, 0.0, 4.0)
-    weight = torch.clamp(_ratio(lp, inputs), min=low, max=high).detach()
+    weight = _clip(_ratio(lp, inputs), inputs, config, 0.0, 4.0).detach()
     return -(weight * lp * inputs["advantages"]).sum()
 
 

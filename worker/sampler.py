@@ -7,6 +7,12 @@ from its last logits (its own temperature / top-k / top-p and seeded generator),
 token, stop string, the model's EOS, or `max_tokens`) and runs one forward pass for the rest. Rows stay sorted
 by adapter slot so each LoRA sees a contiguous slice. `run_sampling()` is the static-batch special case.
 
+One row's trouble stays in its request: a row whose logits or probabilities are not finite (a diverged adapter)
+fails with `NonFiniteLogits`, and any other exception while choosing its token fails it too; `step()` then drops
+every row of that request and reports it in `failed`, while the other rows go on exactly as they would have
+without it (each row samples with its own generator; rows never mix in the forward pass). A request's seed is
+folded into the generator's 64-bit range, so any integer seed is accepted.
+
 Returned logprobs are those of the sampled token under the temperature-scaled distribution log_softmax(z / τ)
 (τ = 1 when greedy), before top-k / top-p truncation — the same quantity the trainer computes at τ = 1. A stop
 token or the token completing a stop string is kept in the output. `top_logprobs` > 0 also records, per sampled
@@ -16,14 +22,15 @@ A prompt extending one seen before under the same (tenant, adapter) key reuses i
 `PrefixCache` and prefills only the new tokens.
 
 Limits: padding, not paging — a batch's cache is (rows × longest row); `token_budget` bounds rows × length and
-`fits()` tells the caller when a group would exceed it.
+`fits()` tells the caller when a group would exceed it. An exception in a batched forward pass (prefill or
+decode step) is not confined to a row: it leaves the batch unusable and the caller starts a new one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +39,13 @@ from transformers import DynamicCache
 from contract.settings import DEFAULT_TOKEN_BUDGET
 from worker.models.loader import LoadedModel
 from worker.prefix_cache import PrefixCache
+
+SEED_SPACE = 1 << 64
+"""A torch generator takes 64-bit seeds; larger (or negative) request seeds are folded into that range."""
+
+
+class NonFiniteLogits(ValueError):
+    """A row's logits or sampling probabilities hold NaN or infinity (a `user` error of that row's request)."""
 
 
 @dataclass
@@ -95,6 +109,18 @@ def _filter_logits(z: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return z
 
 
+_DIVERGED = "the adapter produced non-finite logits (diverged weights?); sample from an earlier checkpoint"
+
+
+class Step(NamedTuple):
+    """What one decode step did: (row, token) per row that got a token, the rows that finished, and the tags of
+    requests that failed (with the exception), whose rows left the batch."""
+
+    emitted: list[tuple[Row, int]]
+    finished: list[Row]
+    failed: dict[Any, Exception]
+
+
 class Row:
     """One sequence being generated: its request, generator, tokens so far and why it stopped."""
 
@@ -108,13 +134,18 @@ class Row:
         self.stop_reason: str | None = None
 
     def choose(self, z: torch.Tensor) -> tuple[int, float]:
+        """The next token and its logprob; raises `NonFiniteLogits` if `z` (or the distribution) is not finite."""
         w = self.work
+        if not bool(torch.isfinite(z).all()):
+            raise NonFiniteLogits(_DIVERGED)
         scaled = z if w.temperature <= 0 else z / w.temperature
         logp = torch.log_softmax(scaled, -1)
         if w.temperature <= 0:
             token = int(torch.argmax(z))
         else:
             probs = torch.softmax(_filter_logits(scaled, w.top_k, w.top_p), -1)
+            if not bool(torch.isfinite(probs).all()):
+                raise NonFiniteLogits(_DIVERGED)
             token = int(torch.multinomial(probs, 1, generator=self.gen))
         if self.top is not None:
             vals, ids = torch.topk(logp, min(w.top_logprobs, logp.shape[-1]))
@@ -210,7 +241,7 @@ class DecodeBatch:
 
     def _rows(self, work: SampleWork, tag: Any) -> list[Row]:
         gen = torch.Generator()
-        gen.manual_seed(work.seed if work.seed is not None else int(torch.randint(0, 2**62, (1,))))
+        gen.manual_seed(work.seed % SEED_SPACE if work.seed is not None else int(torch.randint(0, 2**62, (1,))))
         return [Row(work, gen, self.eos, tag, k) for k in range(work.num_samples)]
 
     def _remember(self, work: SampleWork, cache: DynamicCache, row: int, width: int) -> None:
@@ -305,18 +336,25 @@ class DecodeBatch:
                 layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
 
     @torch.no_grad()
-    def step(self) -> tuple[list[tuple[Row, int]], list[Row]]:
-        """Sample one token for every live row; returns (row, token) per row and the rows that finished."""
-        emitted = []
+    def step(self) -> Step:
+        """Sample one token for every live row, retire finished rows and the rows of failed requests, and run the
+        forward pass for the rest."""
+        chosen: list[int] = []
+        failed: dict[Any, Exception] = {}
         for row, z in zip(self.rows, self.last):
-            token, lp = row.choose(z)
-            row.push(token, lp, self.lm.tokenizer)
-            emitted.append((row, token))
-        finished = [row for row in self.rows if row.stop_reason is not None]
-        live = [i for i, row in enumerate(self.rows) if row.stop_reason is None]
-        tokens = torch.tensor([token for _, token in emitted], dtype=torch.long)
+            try:
+                token, lp = row.choose(z)
+                row.push(token, lp, self.lm.tokenizer)
+            except Exception as exc:  # this row's own trouble: it fails its request, and only that
+                failed.setdefault(row.tag, exc)
+                token = -1
+            chosen.append(token)
+        ok = [i for i, row in enumerate(self.rows) if row.tag not in failed]
+        emitted = [(self.rows[i], chosen[i]) for i in ok]
+        finished = [row for row, _ in emitted if row.stop_reason is not None]
+        live = [i for i in ok if self.rows[i].stop_reason is None]
+        tokens = torch.tensor([chosen[i] for i in live], dtype=torch.long)
         if len(live) < len(self.rows):
-            tokens = tokens[live] if live else tokens[:0]
             if live:
                 self._select(live)
             else:
@@ -334,7 +372,7 @@ class DecodeBatch:
                 )
             self.last = out.logits[:, -1, :].float()
             self.next_pos = self.next_pos + 1
-        return emitted, finished
+        return Step(emitted, finished, failed)
 
 
 def run_sampling(lm: LoadedModel, works: Sequence[SampleWork]) -> list[SampleOutput]:
@@ -343,7 +381,10 @@ def run_sampling(lm: LoadedModel, works: Sequence[SampleWork]) -> list[SampleOut
     outputs = batch.admit(works, list(range(len(works))))
     done: list[list[Row]] = [[] for _ in works]
     while len(batch):
-        for row in batch.step()[1]:
+        step = batch.step()
+        if step.failed:
+            raise next(iter(step.failed.values()))
+        for row in step.finished:
             done[row.tag].append(row)
     for out, rows in zip(outputs, done):
         out.sequences = [row.sequence() for row in sorted(rows, key=lambda r: r.index)]

@@ -2,7 +2,8 @@
 
 `submit(job)` validates a Tinker `asample` or OpenAI job and queues it; `advance()` admits queued jobs while the
 KV token budget allows, runs decode steps for about `slice_seconds`, streams per-token text deltas of jobs that
-asked for streaming through `on_stream`, and returns an `Outcome` for every job whose rows have all finished.
+asked for streaming through `on_stream`, and returns the result of every job whose rows have all finished, or
+the exception that failed a job's row alone (non-finite logits of a diverged adapter: `NonFiniteLogits`).
 The consumer calls `advance()` on every tick while `busy`, claiming new jobs in between, so a request that
 arrives mid-decode starts on the next step instead of waiting for the batch to drain.
 
@@ -11,7 +12,9 @@ Sampler adapters in use by live rows are pinned in the adapter pool so the LRU n
 The module-level helpers (`job_work`, `openai_prompt`, `token_event`, `openai_result`) turn jobs into work and
 rows into results; `worker.vllm.engine.VllmSamplingEngine` uses them too, so both backends give the same shapes.
 
-Limits: one decode batch per model; a job is admitted whole (all its `num_samples` rows at once).
+Limits: one decode batch per model; a job is admitted whole (all its `num_samples` rows at once). An exception
+in a batched forward pass itself (not one row's) escapes `advance`; the engine then fails every held job and
+calls `reset`.
 """
 
 from __future__ import annotations
@@ -151,6 +154,8 @@ class SamplingEngine:
             group.append(self.waiting.popleft())  # alone it exceeds the budget: run it by itself anyway
         if not group:
             return
+        for flight in group:  # held before the prefill, so a prefill that raises fails them in `reset`, not loses them
+            self.running[flight.job.id] = flight
         outputs = self.batch.admit([f.work for f in group], [f.job.id for f in group])
         for flight, output in zip(group, outputs):
             flight.output = output
@@ -158,7 +163,6 @@ class SamplingEngine:
                 flight.texts = [
                     TextStream(self.lm.tokenizer, flight.work.stop_strings) for _ in range(flight.work.num_samples)
                 ]
-            self.running[flight.job.id] = flight
 
     def advance(self) -> list[tuple[ClaimedJob, SampleResult]]:
         """Admit, decode for one time slice, and return (job, result) for every job that finished."""
@@ -166,17 +170,23 @@ class SamplingEngine:
         finished_jobs = []
         deadline = time.monotonic() + self.slice_seconds
         while len(self.batch) and time.monotonic() < deadline:
-            emitted, finished = self.batch.step()
-            self._stream(emitted)
-            for row in finished:
+            step = self.batch.step()
+            for tag, exc in step.failed.items():  # its rows already left the batch; the others go on
+                finished_jobs.append((self._retire(tag).job, exc))
+            self._stream(step.emitted)
+            for row in step.finished:
                 flight = self.running[row.tag]
                 flight.done[row.index] = row
                 if len(flight.done) == flight.work.num_samples:
-                    finished_jobs.append((flight.job, self._result(flight)))
-                    del self.running[row.tag]
-                    if flight.slot is not None:
-                        self.pool.unpin(flight.slot)
+                    finished_jobs.append((self._retire(row.tag).job, self._result(flight)))
         return finished_jobs
+
+    def _retire(self, job_id: str) -> _InFlight:
+        """Forget a running job whose rows have all left the batch, and unpin its adapter."""
+        flight = self.running.pop(job_id)
+        if flight.slot is not None:
+            self.pool.unpin(flight.slot)
+        return flight
 
     def _stream(self, emitted: list[tuple[Row, int]]) -> None:
         events: dict[str, list[TokenEvent]] = {}

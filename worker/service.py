@@ -76,6 +76,7 @@ def build_engine(
         sampling,
         on_stream=on_stream,
         token_budget=settings.token_budget,
+        train_token_budget=settings.train_token_budget,
         recovery_every=settings.recovery_every,
     )
 

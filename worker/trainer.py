@@ -1,12 +1,18 @@
-"""One mixed-adapter forward/backward over every tenant's pending `forward_backward` work.
+"""One mixed-adapter forward/backward over every tenant's pending `forward_backward` work, in memory-bounded
+micro-batches.
 
-Each work item (one request: a run's adapter slot, its datums, loss and config) contributes rows; rows are
-grouped by adapter so each LoRA sees a contiguous slice, right-padded to the longest sequence (causal attention
-means padding after a sequence never changes its logits). The summed loss of all non-forward-only items is
-back-propagated once; because each adapter's factors only touch its own rows, every run's gradient equals the
-gradient of that run computed alone (up to float reassociation in batched matmuls).
+Each work item (one request: a run's adapter slot, its datums, loss and config) contributes one row per datum.
+Rows are sorted by length and cut into micro-batches of at most `token_budget` padded tokens (rows × longest row
+in it); inside a micro-batch rows are grouped by adapter so each LoRA sees a contiguous slice, right-padded to
+the micro-batch's longest sequence (causal attention means padding after a sequence never changes its logits).
+Each micro-batch runs forward and back-propagates the summed loss of its non-forward-only rows, so gradients
+accumulate in the adapters' `.grad`; because each adapter's factors only touch its own rows, every run's
+gradient equals the gradient of that run computed alone, in one pass (up to float reassociation).
 
-Limits: sequences are padded, not packed; the full (rows × length × vocab) logits are materialised.
+Limits: sequences are padded, not packed; a micro-batch's full (rows × length × vocab) logits are materialised,
+so peak memory grows with `token_budget`; a single row longer than the budget still runs (alone). A failure
+leaves the gradients of the micro-batches already run accumulated: the caller restores them
+(`worker/fault_isolation.py`).
 """
 
 from __future__ import annotations
@@ -16,8 +22,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from contract.settings import DEFAULT_TRAIN_TOKEN_BUDGET
 from worker.losses import LOSSES
 from worker.models.loader import LoadedModel
+
+
+class LossError(ValueError):
+    """The loss function failed on one request's own inputs (`item`: its index in the pass)."""
+
+    def __init__(self, item: int, message: str) -> None:
+        super().__init__(message)
+        self.item = item
 
 
 @dataclass
@@ -55,20 +70,57 @@ def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return logits.gather(-1, targets) - lse[:, None]
 
 
-def run_forward_backward(lm: LoadedModel, items: Sequence[WorkItem]) -> list[ItemResult]:
-    """Run all items in one pass; accumulate gradients into each adapter's `.grad` for non-forward-only items."""
-    order = sorted(range(len(items)), key=lambda i: items[i].slot)
-    rows: list[tuple[int, int]] = [(i, j) for i in order for j in range(len(items[i].data))]
-    if not rows:
-        return [ItemResult([], []) for _ in items]
+def micro_batches(lengths: Sequence[int], slots: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Split rows (their lengths and adapter slots) into micro-batches of at most `token_budget` padded tokens
+    (rows × longest row). Rows are taken longest first so padding stays small; inside a micro-batch they are
+    ordered by slot (stable), so each adapter's rows are contiguous as the LoRA router requires. A row longer
+    than the budget gets a micro-batch of its own."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for r in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
+        if current and (len(current) + 1) * lengths[current[0]] > token_budget:
+            batches.append(current)
+            current = []
+        current.append(r)
+    if current:
+        batches.append(current)
+    return [sorted(batch, key=lambda r: (slots[r], r)) for batch in batches]
+
+
+def run_forward_backward(
+    lm: LoadedModel, items: Sequence[WorkItem], token_budget: int = DEFAULT_TRAIN_TOKEN_BUDGET
+) -> list[ItemResult]:
+    """Run all items, in micro-batches of at most `token_budget` padded tokens; accumulate gradients into each
+    adapter's `.grad` for non-forward-only items. A loss that fails on a request's inputs raises `LossError`."""
+    rows: list[tuple[int, int]] = [(i, j) for i, item in enumerate(items) for j in range(len(item.data))]
+    lengths = [len(items[i].data[j].tokens) for i, j in rows]
+    slots = [items[i].slot for i, _ in rows]
+    logprobs: dict[tuple[int, int], torch.Tensor] = {}
+    losses: dict[tuple[int, int], float] = {}
+    for batch in micro_batches(lengths, slots, token_budget):
+        _run_micro_batch(lm, items, [rows[r] for r in batch], logprobs, losses)
+    return [
+        ItemResult([logprobs[i, j] for j in range(len(item.data))], [losses[i, j] for j in range(len(item.data))])
+        for i, item in enumerate(items)
+    ]
+
+
+def _run_micro_batch(
+    lm: LoadedModel,
+    items: Sequence[WorkItem],
+    rows: list[tuple[int, int]],
+    logprobs: dict[tuple[int, int], torch.Tensor],
+    losses: dict[tuple[int, int], float],
+) -> None:
+    """Forward (and backward, if any row trains) over `rows` (item, datum), padded to the longest; writes each
+    row's target logprobs and loss into `logprobs` / `losses`."""
     max_len = max(len(items[i].data[j].tokens) for i, j in rows)
     pad_id = 0
     input_ids = torch.full((len(rows), max_len), pad_id, dtype=torch.long)
     for r, (i, j) in enumerate(rows):
         toks = items[i].data[j].tokens
         input_ids[r, : len(toks)] = torch.tensor(toks, dtype=torch.long)
-    needs_grad = any(not it.forward_only for it in items)
-    results = [ItemResult([], []) for _ in items]
+    needs_grad = any(not items[i].forward_only for i, _ in rows)
     with torch.set_grad_enabled(needs_grad), lm.router.route([items[i].slot for i, _ in rows]):
         logits = lm.model(input_ids=input_ids, use_cache=False).logits.float()
         # 1-D targets of every row in one gather: slicing the (rows, length, vocab) logits per datum would make
@@ -85,11 +137,13 @@ def run_forward_backward(lm: LoadedModel, items: Sequence[WorkItem]) -> list[Ite
             n = len(datum.tokens)
             targets = datum.inputs["target_tokens"]
             lp = token_lp[r, :n] if targets.dim() == 1 else _target_logprobs(logits[r, :n], targets)
-            loss = LOSSES[item.loss_fn](lp, datum.inputs, item.loss_fn_config)
-            results[i].logprobs.append(lp.detach())
-            results[i].losses.append(float(loss.detach()))
+            try:
+                loss = LOSSES[item.loss_fn](lp, datum.inputs, item.loss_fn_config)
+            except Exception as exc:
+                raise LossError(i, f"{item.loss_fn} failed on datum {j}: {type(exc).__name__}: {exc}") from exc
+            logprobs[i, j] = lp.detach()
+            losses[i, j] = float(loss.detach())
             if not item.forward_only:
                 total = loss if total is None else total + loss
         if total is not None:
             total.backward()
-    return results

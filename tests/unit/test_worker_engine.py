@@ -45,9 +45,11 @@ from contract.jobs import (
     UnreadablePayload,
     result_json,
 )
+from contract.settings import Settings
 from loom.types import AdamParams, Datum, ForwardBackwardInput, ModelInput, SamplingParams, TensorData
 from tests.unit.worker_fixtures import fresh_model, run_to_completion, token_ids
 from worker.engine import Engine
+from worker.service import build_engine
 from worker.trainer import TrainDatum, WorkItem, run_forward_backward
 
 LP_ATOL = 1e-4
@@ -404,3 +406,12 @@ def test_sample_base_model_and_bad_uri(world, sampled, tmp_path):
     assert base.error is None and len(wire(base)["sequences"]) == 1
     bad = out[f"{SAMPLER_SESSION}:6"]
     assert bad.category == "user" and bad.result is None
+
+
+def test_train_token_budget_comes_from_settings(tmp_path, monkeypatch):
+    """`LOOM_TRAIN_TOKEN_BUDGET` reaches the engine `build_engine` makes (default 2048)."""
+    assert Settings().train_token_budget == 2048
+    monkeypatch.setenv("LOOM_TRAIN_TOKEN_BUDGET", "64")
+    settings = Settings(data_dir=tmp_path)
+    engine = build_engine(fresh_model("tiny_kimi_k2"), LocalCheckpointStore(tmp_path / "ckpt"), settings)
+    assert engine.train_token_budget == 64

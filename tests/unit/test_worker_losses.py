@@ -165,10 +165,25 @@ def test_ppo_per_token_thresholds_override_config():
     np.testing.assert_allclose(grad, ref_grad, **GRAD_TOL)
 
 
+def test_ppo_one_per_token_threshold_with_the_other_from_config():
+    """Only clip_high per token (the low bound from config, then the default): a mix of tensor and scalar bounds."""
+    lp, q, adv = _inputs(14)
+    hi = np.random.default_rng(15).uniform(1.05, 1.5, N)
+    inputs = {"logprobs": q, "advantages": adv, "clip_high_threshold": hi}
+    value, grad = _run("ppo", lp, inputs, {"clip_low_threshold": 0.7, "clip_high_threshold": 9.0})
+    ref, ref_grad = _ppo_ref(lp, q, adv, 0.7, hi)
+    assert value == pytest.approx(ref, **VAL_TOL)
+    np.testing.assert_allclose(grad, ref_grad, **GRAD_TOL)
+    value, _ = _run("ppo", lp, inputs)
+    assert value == pytest.approx(_ppo_ref(lp, q, adv, 0.8, hi)[0], **VAL_TOL)
+
+
 def _cispo_ref(lp, q, adv, lo, hi):
     value, grad = 0.0, []
     for i in range(len(lp)):
-        w = min(max(math.exp(lp[i] - q[i]), lo), hi)  # a constant w.r.t. lp (stop-gradient)
+        lo_i = lo[i] if isinstance(lo, np.ndarray) else lo
+        hi_i = hi[i] if isinstance(hi, np.ndarray) else hi
+        w = min(max(math.exp(lp[i] - q[i]), lo_i), hi_i)  # a constant w.r.t. lp (stop-gradient)
         value -= w * lp[i] * adv[i]
         grad.append(-w * adv[i])
     return value, np.array(grad)
@@ -195,6 +210,17 @@ def test_cispo_configured_clip():
     ref, ref_grad = _cispo_ref(lp, q, adv, 0.9, 1.1)
     assert value == pytest.approx(ref, **VAL_TOL)
     np.testing.assert_allclose(grad, ref_grad, **GRAD_TOL)
+
+
+def test_cispo_per_token_threshold_overrides_config():
+    lp, q, adv = _inputs(16)
+    lo = np.random.default_rng(17).uniform(0.8, 1.0, N)
+    inputs = {"logprobs": q, "advantages": adv, "clip_low_threshold": lo}
+    value, grad = _run("cispo", lp, inputs, {"clip_low_threshold": 0.0, "clip_high_threshold": 1.2})
+    ref, ref_grad = _cispo_ref(lp, q, adv, lo, 1.2)
+    assert value == pytest.approx(ref, **VAL_TOL)
+    np.testing.assert_allclose(grad, ref_grad, **GRAD_TOL)
+    assert abs(ref - _cispo_ref(lp, q, adv, 0.0, 1.2)[0]) > 1e-2  # the per-token bound really mattered
 
 
 @pytest.mark.parametrize("beta", [None, 0.3, 2.0])

@@ -11,6 +11,10 @@ Tolerances (float32 on CPU; the only differences are reassociation inside batche
 - gradients: per tensor, max|g_mixed − g_alone| ≤ 1e-4 · max|g_alone| + 1e-9 (relative to the gradient scale);
   measured ≤ 9e-6 (SmolLM2), 2.1e-5 (tiny Kimi, routed experts);
 - the base model with no adapter: bit-identical outputs before and after (atol 0).
+
+The same four requests cut into micro-batches by a tiny `token_budget` (12 padded tokens: one row, or two short
+rows of different adapters, per micro-batch) give the one-pass logprobs, losses and gradients within the same
+tolerances; `micro_batches` itself is checked on random rows (budget, adapter contiguity, every row once).
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ from tests.unit.worker_fixtures import (
     token_ids,
 )
 from worker.losses import LOSSES
-from worker.trainer import TrainDatum, WorkItem, run_forward_backward
+from worker.trainer import TrainDatum, WorkItem, micro_batches, run_forward_backward
 
 LP_ATOL = 1e-4
 GRAD_RTOL = 1e-4
+MICRO_BUDGET = 12
 
 B_STD = {"smollm2": 2e-3, "tiny_kimi_k2": 3e-3}
 
@@ -97,6 +102,9 @@ def setup(request):
     s.zero()
     s.mixed = run_forward_backward(s.lm, s.items)
     s.mixed_grads = [grads(a) for a in s.adapters]
+    s.zero()
+    s.micro = run_forward_backward(s.lm, s.items, token_budget=MICRO_BUDGET)
+    s.micro_grads = [grads(a) for a in s.adapters]
     s.zero()
     s.alone = []
     s.alone_grads = []
@@ -235,3 +243,32 @@ def test_mixed_pass_with_base_rows_in_the_batch(setup):
     torch.testing.assert_close(logits[1], setup.base_before, atol=LP_ATOL, rtol=0)
     torch.testing.assert_close(logits[0], setup.probe_logits[setup.slots[0]], atol=LP_ATOL, rtol=0)
     torch.testing.assert_close(logits[2], setup.probe_logits[setup.slots[1]], atol=LP_ATOL, rtol=0)
+
+
+def test_micro_batched_pass_equals_one_pass(setup):
+    lengths = [len(d.tokens) for item in setup.items for d in item.data]
+    slots = [item.slot for item in setup.items for _ in item.data]
+    batches = micro_batches(lengths, slots, MICRO_BUDGET)
+    assert len(batches) >= 3 and any(len({slots[r] for r in b}) > 1 for b in batches)  # really split, and mixed
+    for one, micro in zip(setup.mixed, setup.micro):
+        for lp_one, lp_micro in zip(one.logprobs, micro.logprobs, strict=True):
+            torch.testing.assert_close(lp_micro, lp_one, atol=LP_ATOL, rtol=0)
+        assert micro.losses == pytest.approx(one.losses, abs=LP_ATOL * 20)
+    for idx, (g_one, g_micro) in enumerate(zip(setup.mixed_grads, setup.micro_grads)):
+        _assert_grads_close(g_micro, g_one, f"adapter {idx} (micro-batched)")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_micro_batches_fit_the_budget_and_keep_adapters_contiguous(seed):
+    gen = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 40, (1,), generator=gen))
+    lengths = torch.randint(1, 50, (n,), generator=gen).tolist()
+    slots = torch.randint(0, 4, (n,), generator=gen).tolist()
+    budget = int(torch.randint(8, 200, (1,), generator=gen))
+    batches = micro_batches(lengths, slots, budget)
+    assert sorted(r for b in batches for r in b) == list(range(n))
+    for batch in batches:
+        assert len(batch) == 1 or len(batch) * max(lengths[r] for r in batch) <= budget
+        order = [slots[r] for r in batch]
+        assert order == sorted(order)  # each adapter's rows contiguous
+    assert micro_batches(lengths, slots, 10**9) == [sorted(range(n), key=lambda r: (slots[r], r))]
