@@ -24,9 +24,12 @@ stale (an op was applied but its result was never recorded) is rebuilt with `res
 op log (see `worker/run_recovery.py`), so every acknowledged op takes effect exactly once. With `recovery_every`,
 every that-many optimizer steps of a run also write a hidden recovery checkpoint, which bounds that replay.
 
-Limits: a failure of the batched forward of a decode step (or of a prefill) itself, as opposed to one row's
-token choice, still fails every job then in the decode batch, and the batch starts afresh. A request that fails
-a mixed pass costs one extra pass per request of that pass to find it.
+A failure of the batched forward of a decode step or prefill reruns each job of that batch alone to find the
+offender (`worker/sampling_engine.py`).
+
+Limits: a request that fails a mixed pass or a decode batch costs one extra pass (or one solo decode) per
+request it shared them with, to find it; a streaming OpenAI job that had already sent tokens when its decode
+batch failed fails too (it cannot be restarted unseen).
 """
 
 from __future__ import annotations

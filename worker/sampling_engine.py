@@ -12,9 +12,14 @@ Sampler adapters in use by live rows are pinned in the adapter pool so the LRU n
 The module-level helpers (`job_work`, `openai_prompt`, `token_event`, `openai_result`) turn jobs into work and
 rows into results; `worker.vllm.engine.VllmSamplingEngine` uses them too, so both backends give the same shapes.
 
-Limits: one decode batch per model; a job is admitted whole (all its `num_samples` rows at once). An exception
-in a batched forward pass itself (not one row's) escapes `advance`; the engine then fails every held job and
-calls `reset`.
+When a batched forward itself fails (a prefill or a decode step, not one row's token choice), the batch is rebuilt
+and every job it held is rerun from scratch alone, one at a time: the job that fails by itself is the offender and
+fails alone; the others complete as they would have without it. A streaming job that already sent tokens cannot
+be restarted invisibly, so it fails (as a server error) instead.
+
+Limits: one decode batch per model; a job is admitted whole (all its `num_samples` rows at once). A rerun job
+draws a fresh seed unless its request named one. An exception outside a forward (a bug in the engine's own
+bookkeeping) escapes `advance`; the engine then fails every held job and calls `reset`.
 """
 
 from __future__ import annotations
@@ -84,6 +89,8 @@ class _InFlight:
     output: SampleOutput | None = None
     done: dict[int, Row] = field(default_factory=dict)
     texts: list[TextStream] = field(default_factory=list)
+    streamed: bool = False
+    """Token events of this job were sent: it cannot be restarted without the client seeing it."""
 
     @property
     def streaming(self) -> bool:
@@ -106,10 +113,14 @@ class SamplingEngine:
         self.slice_seconds = slice_seconds
         self.waiting: deque[_InFlight] = deque()
         self.running: dict[str, _InFlight] = {}
+        self.suspects: deque[_InFlight] = deque()
+        """Jobs of a batch whose forward failed, each to be rerun alone (before anything else is admitted)."""
+        self.alone: str | None = None
+        """The suspect now running by itself: if the batch fails again, it is the offender."""
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.suspects)
 
     def submit(self, job: ClaimedJob, payload: SampleJob) -> None:
         """Queue a sample job (`payload` is its payload); raises `UserInputError` for input this model cannot run."""
@@ -131,9 +142,11 @@ class SamplingEngine:
 
     def reset(self) -> list[ClaimedJob]:
         """Drop every queued and running job (after a failed decode step); returns them so they can be failed."""
-        flights = list(self.waiting) + list(self.running.values())
+        flights = list(self.waiting) + list(self.running.values()) + list(self.suspects)
         self.waiting.clear()
         self.running.clear()
+        self.suspects.clear()
+        self.alone = None
         self.batch = DecodeBatch(self.lm, self.batch.token_budget)
         for flight in flights:
             if flight.slot is not None:
@@ -141,20 +154,29 @@ class SamplingEngine:
         return [flight.job for flight in flights]
 
     def in_flight(self) -> set[str]:
-        return {flight.job.id for flight in self.waiting} | set(self.running)
+        return {flight.job.id for flight in (*self.waiting, *self.suspects)} | set(self.running)
 
     def close(self) -> None:
         """Nothing to release (the vLLM engine stops its server here)."""
 
     def _admit(self) -> None:
+        if self.alone is not None:
+            return  # a suspect runs by itself
+        if self.suspects:
+            flight = self.suspects.popleft()
+            self.alone = flight.job.id
+            self._prefill([flight])
+            return
         group: list[_InFlight] = []
         while self.waiting and self.batch.fits([f.work for f in group] + [self.waiting[0].work]):
             group.append(self.waiting.popleft())
         if not group and self.waiting and not len(self.batch):
             group.append(self.waiting.popleft())  # alone it exceeds the budget: run it by itself anyway
-        if not group:
-            return
-        for flight in group:  # held before the prefill, so a prefill that raises fails them in `reset`, not loses them
+        if group:
+            self._prefill(group)
+
+    def _prefill(self, group: list[_InFlight]) -> None:
+        for flight in group:  # held before the prefill, so a prefill that raises isolates them, never loses them
             self.running[flight.job.id] = flight
         outputs = self.batch.admit([f.work for f in group], [f.job.id for f in group])
         for flight, output in zip(group, outputs):
@@ -166,24 +188,58 @@ class SamplingEngine:
 
     def advance(self) -> list[tuple[ClaimedJob, SampleResult]]:
         """Admit, decode for one time slice, and return (job, result) for every job that finished."""
-        self._admit()
-        finished_jobs = []
+        finished_jobs: list[tuple[ClaimedJob, SampleResult]] = []
         deadline = time.monotonic() + self.slice_seconds
-        while len(self.batch) and time.monotonic() < deadline:
-            step = self.batch.step()
-            for tag, exc in step.failed.items():  # its rows already left the batch; the others go on
-                finished_jobs.append((self._retire(tag).job, exc))
-            self._stream(step.emitted)
-            for row in step.finished:
-                flight = self.running[row.tag]
-                flight.done[row.index] = row
-                if len(flight.done) == flight.work.num_samples:
-                    finished_jobs.append((self._retire(row.tag).job, self._result(flight)))
+        try:
+            self._admit()
+            while len(self.batch) and time.monotonic() < deadline:
+                step = self.batch.step()
+                for tag, exc in step.failed.items():  # its rows already left the batch; the others go on
+                    finished_jobs.append((self._retire(tag).job, exc))
+                self._stream(step.emitted)
+                for row in step.finished:
+                    flight = self.running[row.tag]
+                    flight.done[row.index] = row
+                    if len(flight.done) == flight.work.num_samples:
+                        finished_jobs.append((self._retire(row.tag).job, self._result(flight)))
+                if self.alone is None and self.suspects:
+                    self._admit()  # a suspect that finished alone makes way for the next
+        except Exception as exc:  # a batched forward failed: its jobs are rerun alone to find the offender
+            finished_jobs += self._isolate(exc)
         return finished_jobs
+
+    def _isolate(self, exc: Exception) -> list[tuple[ClaimedJob, SampleResult]]:
+        """After a failed batched forward: rebuild the batch, fail the job that failed by itself (or a stream that
+        already sent tokens), and queue the others to be rerun from scratch, one at a time."""
+        flights = list(self.running.values())
+        self.running.clear()
+        self.batch = DecodeBatch(self.lm, self.batch.token_budget)
+        offender = len(flights) == 1 or self.alone is not None
+        log.error(
+            "a decode batch of %d job(s) failed%s",
+            len(flights),
+            "" if offender else "; rerunning each alone",
+            exc_info=exc,
+        )
+        self.alone = None
+        failed: list[tuple[ClaimedJob, SampleResult]] = []
+        for flight in flights:
+            if offender or flight.streaming and flight.streamed:
+                if flight.slot is not None:
+                    self.pool.unpin(flight.slot)
+                failed.append(
+                    (flight.job, exc if offender else RuntimeError(f"the decode batch failed mid-stream: {exc}"))
+                )
+            else:
+                flight.output, flight.done, flight.texts = None, {}, []
+                self.suspects.append(flight)
+        return failed
 
     def _retire(self, job_id: str) -> _InFlight:
         """Forget a running job whose rows have all left the batch, and unpin its adapter."""
         flight = self.running.pop(job_id)
+        if self.alone == job_id:
+            self.alone = None
         if flight.slot is not None:
             self.pool.unpin(flight.slot)
         return flight
@@ -205,6 +261,7 @@ class SamplingEngine:
             )
         if self.on_stream is not None:
             for job_id, job_events in events.items():
+                self.running[job_id].streamed = True
                 self.on_stream(job_id, job_events)
 
     def _result(self, flight: _InFlight) -> SampleResult:

@@ -16,7 +16,8 @@ In every scenario B's outcomes equal those of B's jobs run in a fresh engine wit
 logprobs / losses / grad norms within the mixed-batch tolerances (atol 1e-4, rel 1e-5 / 1e-4), because fault
 isolation restores the accumulated gradients before rerunning the survivors.
 
-Also: an optim_step that would make the weights non-finite is refused as a `user` error and changes nothing
+Also: a request that makes the batched forward itself raise (prefill) fails alone and the jobs that shared its
+batch, rerun alone, give the same tokens; an optim_step that would make the weights non-finite is refused as a `user` error and changes nothing
 (weights, gradients, later steps equal a run that never tried it).
 """
 
@@ -266,4 +267,38 @@ def test_a_failed_prefill_fails_its_jobs_instead_of_losing_them(tmp_path, monkey
     monkeypatch.setattr(engine.sampling.batch, "admit", exploding_prefill)
     outcomes = by_id(run_to_completion(engine, [sample("alice", None, "a-sample", 1)]))
     assert outcomes["a-sample"].category == "server" and "prefill exploded" in outcomes["a-sample"].error
+    assert not engine.busy and not engine.in_flight()
+
+
+POISON = 4242
+
+
+def test_a_request_that_breaks_the_batched_forward_fails_alone(tmp_path, monkeypatch):
+    """A prompt the model's forward cannot take (here: a token that makes it raise) fails its own job only; the
+    jobs that shared its prefill are rerun alone and give exactly the tokens they give without it."""
+
+    def poisoned(model):
+        forward = model.forward
+
+        def guarded(*args, input_ids=None, **kwargs):
+            if input_ids is not None and bool((input_ids == POISON).any()):
+                raise RuntimeError("the forward cannot take this input")
+            return forward(*args, input_ids=input_ids, **kwargs)
+
+        monkeypatch.setattr(model, "forward", guarded)
+
+    clean = Engine(fresh_model("tiny_kimi_k2"), LocalCheckpointStore(tmp_path / "clean"))
+    want = by_id(run_to_completion(clean, [sample("bob", None, "b-1", 1), sample("bob", None, "b-2", 2)]))
+    engine = Engine(fresh_model("tiny_kimi_k2"), LocalCheckpointStore(tmp_path / "shared"))
+    poisoned(engine.lm.model)
+    bad = sample("alice", None, "a-poison", 3)
+    bad.payload.prompt.model_input.chunks[0].tokens[2] = POISON  # unchecked: stands for any input that breaks it
+    got = by_id(run_to_completion(engine, [sample("bob", None, "b-1", 1), bad, sample("bob", None, "b-2", 2)]))
+
+    assert got["a-poison"].category == "server" and "cannot take this input" in got["a-poison"].error
+    for jid in ("b-1", "b-2"):
+        assert got[jid].error is None, got[jid].error
+        for seq, ref in zip(wire(got[jid])["sequences"], wire(want[jid])["sequences"], strict=True):
+            assert seq["tokens"] == ref["tokens"]  # rerun alone, not in one batch: logprobs within float noise
+            assert seq["logprobs"] == pytest.approx(ref["logprobs"], abs=LP_ATOL)
     assert not engine.busy and not engine.in_flight()
