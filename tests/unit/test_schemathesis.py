@@ -14,7 +14,6 @@ operations with nothing to make invalid (no parameters, no body) have no negativ
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import schemathesis
