@@ -1,9 +1,10 @@
 """Machine-readable API errors: one exception type, one JSON shape, one set of handlers.
 
 Every 4xx/5xx the API produces has the body
-``{"error": {"code": "<snake_case>", "message": "<human text>", "param": <field or null>, "type": "<kind>"},
-"detail": "<message>"}`` — the OpenAI error shape (with its `type` vocabulary, derived from the status) plus
-`detail` for FastAPI-style clients. Request-validation failures map to 400 `invalid_request` with
+``{"error": {"code": "<snake_case>", "message": "<human text>", "param": <field or null>, "type": "<kind>",
+"request_id": "<the x-request-id of the request>"}, "detail": "<message>"}`` — the OpenAI error shape (with its
+`type` vocabulary, derived from the status) plus `detail` for FastAPI-style clients and the request id to quote in a
+bug report (`REQUEST_ID`, set per request by `api/middleware.py`). Request-validation failures map to 400 `invalid_request` with
 the offending field in `param`; oversized bodies to 413 `body_too_large`. A database that is unreachable, paused,
 timing out or out of pooled connections answers 503 `service_unavailable` with `Retry-After`, never a 500: the
 request may be retried as is (submits are idempotent by seq_id / `X-Idempotency-Key`).
@@ -14,6 +15,7 @@ Limits: error codes are a closed vocabulary documented in `ErrorCode`; messages 
 from __future__ import annotations
 
 import logging
+from contextvars import ContextVar
 from enum import StrEnum
 
 from fastapi import FastAPI, Request
@@ -26,6 +28,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api.db.session import database_unavailable
 
 logger = logging.getLogger(__name__)
+
+REQUEST_ID: ContextVar[str | None] = ContextVar("loom_request_id", default=None)
+"""The id of the request being answered (the `x-request-id` header), for error bodies and logs."""
 
 RETRY_AFTER_S = 2
 """What a 503 asks clients to wait before retrying (`Retry-After`, in seconds)."""
@@ -68,7 +73,8 @@ ERROR_TYPES = {
 
 def error_body(code: str, message: str, param: str | None = None, status: int = 400) -> dict:
     kind = ERROR_TYPES.get(status, "api_error")
-    return {"error": {"code": code, "message": message, "param": param, "type": kind}, "detail": message}
+    error = {"code": code, "message": message, "param": param, "type": kind, "request_id": REQUEST_ID.get()}
+    return {"error": error, "detail": message}
 
 
 def invalid(message: str, param: str | None = None) -> APIError:
@@ -79,10 +85,17 @@ def not_found(message: str) -> APIError:
     return APIError(404, ErrorCode.NOT_FOUND, message)
 
 
+REQUEST_PARTS = ("body", "query", "path", "header", "cookie")
+"""Where FastAPI says a rejected value came from (the first element of its `loc`); `param` names the field only."""
+
+
 def invalid_from_validation(errors: list[dict]) -> APIError:
     """A 400 naming the first field pydantic rejected (from FastAPI's body validation or `model_validate`)."""
     first = errors[0] if errors else {}
-    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    loc = list(first.get("loc", ()))
+    if loc and loc[0] in REQUEST_PARTS:
+        loc = loc[1:]
+    param = ".".join(str(p) for p in loc) or None
     return invalid(f"{param or 'body'}: {first.get('msg', 'invalid value')}", param)
 
 

@@ -2,7 +2,8 @@
 
 Requests accept the fields the official `openai` client sends and validate the ones Loom honours; unknown
 fields are ignored (newer clients add some). Limits enforced here: `n` ≤ 8, `max_tokens` ≤ 4096 (and the model's
-context, checked by the worker), `top_logprobs` ≤ 20, at most 4 stop strings, temperature in [0, 2].
+context, checked by the worker), `top_logprobs` ≤ 20, at most 4 stop strings, temperature in [0, 2], `seed` in
+[0, MAX_SEED], prompt token ids non-negative 64-bit integers, and a message content part's `text` a string.
 
 Limits: no `response_format`, `logit_bias`, `presence_penalty`/`frequency_penalty` (accepted only at 0),
 `suffix` or `echo`; tool calls are passed to the chat template but not parsed out of the answer.
@@ -10,9 +11,11 @@ Limits: no `response_format`, `logit_bias`, `presence_penalty`/`frequency_penalt
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from loom.types.bounded import Count64, JsonObject, Seed, ShallowJson
 
 MAX_N = 8
 MAX_TOKENS = 4096
@@ -33,7 +36,7 @@ class _Sampling(_Lenient):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
@@ -56,11 +59,18 @@ class _Sampling(_Lenient):
         return value
 
 
+class ContentPart(_Lenient):
+    """One part of a message's content; the worker renders `text` parts and refuses the other kinds by name."""
+
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[JsonObject] | None = None
     tool_call_id: str | None = None
 
 
@@ -70,8 +80,8 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[JsonObject] | None = None
+    tool_choice: ShallowJson = None
 
     @property
     def token_limit(self) -> int:
@@ -79,13 +89,13 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int]
+    prompt: str | list[Count64]
     max_tokens: int = Field(default=16, ge=1, le=MAX_TOKENS)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("prompt")
     @classmethod
-    def _non_empty(cls, value: str | list[int]) -> str | list[int]:
+    def _non_empty(cls, value: str | list[Count64]) -> str | list[Count64]:
         if not value:
             raise ValueError("prompt must not be empty")
         return value

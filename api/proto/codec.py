@@ -7,8 +7,9 @@ Since tinker SDK 0.25 three payloads travel as protobuf (schema:
 ``tinker_public`` schema):
 
 * the body of ``POST /api/v1/forward_backward`` (``ForwardBackwardRequest``,
-  ``Content-Type: application/x-protobuf``, optionally ``Content-Encoding:
-  zstd`` when the server's ``/client/config`` sets ``proto_compress_fwdbwd``);
+  ``Content-Type: application/x-protobuf``; never compressed, since the
+  server's ``/client/config`` leaves ``proto_compress_fwdbwd`` off and the
+  API refuses any ``Content-Encoding`` before reading a body);
 * forward/backward results and sample results returned by
   ``retrieve_future`` when the client sends ``Accept: application/x-protobuf``
   (``ForwardBackwardOutput``, ``SampleResponse``; the server must answer with
@@ -59,18 +60,11 @@ from google.protobuf.message import DecodeError
 from api.proto import tinker_wire_pb2 as pb
 
 __all__ = [
-    "MAX_DECOMPRESSED_BYTES",
     "ProtoDecodeError",
-    "decompress_body",
     "decode_forward_backward_request",
     "encode_forward_backward_output",
     "encode_sample_response",
 ]
-
-#: Upper bound on a zstd-decompressed request body (guards against zip bombs).
-MAX_DECOMPRESSED_BYTES = 2 << 30
-
-_ZSTD_INPUT_STEP = 16 << 10
 
 #: Filler for empty top-k slots (tinker ``types/topk_logprobs.MASK_LOGPROB``).
 TOPK_MASK_LOGPROB = -99999.0
@@ -136,52 +130,6 @@ def _parse(message_cls: Any, body: bytes) -> Any:
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise ProtoDecodeError(f"malformed {message_cls.DESCRIPTOR.name} protobuf ({len(body)} bytes): {exc}") from exc
     return msg
-
-
-# ---------------------------------------------------------------- compression
-
-
-def decompress_body(body: bytes, content_encoding: str | None, *, max_bytes: int = MAX_DECOMPRESSED_BYTES) -> bytes:
-    """Undo ``Content-Encoding`` (``identity`` or ``zstd``; the only one the SDK uses)."""
-    if not isinstance(body, (bytes, bytearray, memoryview)):
-        raise ProtoDecodeError(f"expected bytes, got {type(body).__name__}")
-    codings = [c.strip().lower() for c in (content_encoding or "").split(",") if c.strip()]
-    data = bytes(body)
-    for coding in reversed(codings):  # applied in listed order, so undo from the end
-        if coding == "identity":
-            continue
-        if coding != "zstd":
-            raise ProtoDecodeError(f"unsupported Content-Encoding {coding!r} (supported: zstd)")
-        data = _zstd_decompress(data, max_bytes)
-    return data
-
-
-def _zstd_decompress(data: bytes, max_bytes: int) -> bytes:
-    """Decompress every zstd frame in ``data``; reject truncated frames and bombs.
-
-    Input is fed in small steps so the output bound is checked before a
-    hostile frame can expand far past ``max_bytes``.
-    """
-    import zstandard
-
-    dctx = zstandard.ZstdDecompressor()
-    out = bytearray()
-    rest = data
-    try:
-        while rest:
-            dobj = dctx.decompressobj()
-            pos = 0
-            while not dobj.eof and pos < len(rest):
-                out += dobj.decompress(rest[pos : pos + _ZSTD_INPUT_STEP])
-                pos += _ZSTD_INPUT_STEP
-                if len(out) > max_bytes:
-                    raise ProtoDecodeError(f"zstd body decompresses to more than {max_bytes} bytes")
-            if not dobj.eof:
-                raise ProtoDecodeError("malformed zstd body: truncated frame")
-            rest = dobj.unused_data + rest[pos:]
-    except zstandard.ZstdError as exc:
-        raise ProtoDecodeError(f"malformed zstd body: {exc}") from exc
-    return bytes(out)
 
 
 # ---------------------------------------------------------------- tensors
@@ -300,9 +248,7 @@ def _decode_spans(spans: Sequence[Any], what: str) -> list[dict[str, Any]]:
     return out
 
 
-def decode_forward_backward_request(
-    body: bytes, content_encoding: str | None = None, *, arrays: bool = False
-) -> dict[str, Any]:
+def decode_forward_backward_request(body: bytes, *, arrays: bool = False) -> dict[str, Any]:
     """Decode a ``/api/v1/forward_backward`` protobuf body to the JSON request shape.
 
     Returns ``{"model_id", "seq_id", "forward_backward_input": {"data": [datum...],
@@ -313,11 +259,11 @@ def decode_forward_backward_request(
     (v2 wins) and is ``None`` when both are empty. With ``arrays=True`` tensor
     ``data`` is a 1-D numpy array instead of a list (no per-element boxing).
 
-    Raises ``ProtoDecodeError`` for bad compression, malformed protobuf, unknown
+    Raises ``ProtoDecodeError`` for malformed protobuf, unknown
     dtypes, byte lengths that are not whole elements, data/shape mismatches,
     invalid CSR layouts and empty or unknown chunk kinds.
     """
-    msg = _parse(pb.ForwardBackwardRequest, decompress_body(body, content_encoding))
+    msg = _parse(pb.ForwardBackwardRequest, body)
 
     config: dict[str, float | str] = {k: float(v) for k, v in msg.loss_fn_config.items()}
     for key, value in msg.loss_fn_config_v2.items():

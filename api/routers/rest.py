@@ -3,14 +3,15 @@
 Everything is scoped to the caller's tenant; published checkpoints are readable by everyone through
 `weights_info`.
 
-Limits: list endpoints use offset/limit pagination; checkpoint deletion removes the files and the row at once.
+Limits: list endpoints use offset/limit pagination, `limit` in [1, MAX_PAGE_SIZE] and `offset` a non-negative 64-bit
+integer (anything else is a 400 naming the parameter); checkpoint deletion removes the files and the row at once.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from sqlalchemy import func, select
 
 from api.db.models import Checkpoint, TrainingRun
@@ -21,8 +22,12 @@ from contract.checkpoint_store import delete_checkpoint_uri
 from loom.types import Checkpoint as WireCheckpoint
 from loom.types import CheckpointsListResponse, Cursor, TrainingRunsResponse, WeightsInfoRequest, WeightsInfoResponse
 from loom.types import TrainingRun as WireTrainingRun
+from loom.types.limits import INT64_MAX, MAX_PAGE_SIZE
 
 router = APIRouter(prefix="/api/v1")
+
+PageSize = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
+PageOffset = Annotated[int, Query(ge=0, le=INT64_MAX)]
 
 
 def _checkpoint(c: Checkpoint) -> WireCheckpoint:
@@ -76,7 +81,7 @@ def weights_info(body: WeightsInfoRequest, state: State, owner: Tenant) -> dict[
 
 
 @router.get("/training_runs")
-def list_training_runs(state: State, owner: Tenant, limit: int = 20, offset: int = 0) -> dict[str, Any]:
+def list_training_runs(state: State, owner: Tenant, limit: PageSize = 20, offset: PageOffset = 0) -> dict[str, Any]:
     with state.reading() as session:
         total = session.scalar(select(func.count()).select_from(TrainingRun).where(TrainingRun.owner == owner))
         runs = session.scalars(

@@ -20,6 +20,7 @@ from api.db.models import ClientSession
 from api.db.types import utcnow
 from api.deps import State, Tenant, owned_session
 from loom.types import (
+    ClientConfigRequest,
     ClientConfigResponse,
     ClientDynamicConfigResponse,
     CreateSessionRequest,
@@ -29,18 +30,19 @@ from loom.types import (
     SessionHeartbeatRequest,
     SessionHeartbeatResponse,
     TelemetryResponse,
+    TelemetrySendRequest,
 )
 
 router = APIRouter(prefix="/api/v1")
 
 
 @router.post("/client/config")
-def client_config(owner: Tenant) -> dict[str, Any]:
+def client_config(owner: Tenant, _: ClientConfigRequest | None = None) -> dict[str, Any]:
     return ClientConfigResponse(proto_compress_fwdbwd=False, sample_use_retrieve_futures=False).to_wire()
 
 
 @router.post("/client/dynamic_config")
-def client_dynamic_config(owner: Tenant) -> dict[str, Any]:
+def client_dynamic_config(owner: Tenant, _: ClientConfigRequest | None = None) -> dict[str, Any]:
     return ClientDynamicConfigResponse().to_wire()
 
 
@@ -78,5 +80,5 @@ def healthz() -> dict[str, Any]:
 
 
 @router.post("/telemetry")
-def telemetry() -> dict[str, Any]:
+def telemetry(_: TelemetrySendRequest | None = None) -> dict[str, Any]:
     return TelemetryResponse().to_wire()

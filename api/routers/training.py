@@ -7,8 +7,11 @@ Accepted requests become jobs (`contract/jobs.py` payloads) in the run's ordered
 creation, the client numbers its ops from 1, and `unload_model`, which Tinker does not number, takes the seq after
 the newest op submitted so far.
 
-Limits: checkpoint names are restricted to `[A-Za-z0-9._-]{1,128}`; `ttl_seconds` below 3600 is rejected as
-Tinker does.
+A training op may be numbered at most `SEQ_ID_WINDOW` ahead of the run's newest submitted op (a seq_id far ahead
+would wait forever for the ops before it); a replay of a submitted seq_id is always accepted.
+
+Limits: checkpoint names must match `CHECKPOINT_NAME_PATTERN` (so never `.` or `..`); `ttl_seconds` bounds are
+declared on the wire types (`loom.types.limits`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from api.db.jobs import next_training_seq
 from api.db.models import Checkpoint, RunStatus, SamplingSession, TrainingRun
 from api.deps import State, Tenant, enqueue, owned_run, owned_session
 from api.errors import APIError, ErrorCode, invalid, invalid_from_validation
+from api.openapi import raw_body
 from api.paths import parse_tinker_path, readable_checkpoint
 from api.proto.codec import ProtoDecodeError, decode_forward_backward_request
 from contract.jobs import (
@@ -59,12 +63,15 @@ from loom.types import (
     UnloadModelRequest,
     UntypedAPIFuture,
 )
+from loom.types.limits import CHECKPOINT_NAME_PATTERN, SEQ_ID_WINDOW
 from loom.types.validation import InvalidRequest, check_adam, check_forward_backward
 
 router = APIRouter(prefix="/api/v1")
 
-CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-MIN_TTL_SECONDS = 3600
+RAW_BODY_MODELS = (ForwardBackwardRequest, ForwardRequest)
+"""Bodies read raw (JSON or protobuf) by the routes below, whose schemas `api/openapi.py` publishes."""
+
+CHECKPOINT_NAME = re.compile(CHECKPOINT_NAME_PATTERN)
 
 
 def _future(request_id: str, model_id: str | None = None) -> dict[str, Any]:
@@ -124,6 +131,9 @@ def _create_run(
 
 def _enqueue_op(session: Session, request: Request, run: TrainingRun, seq_id: int, payload: JobPayload) -> str:
     """Queue an op of `run` in its ordered lane; returns the request id."""
+    newest = next_training_seq(session, run.id) - 1
+    if seq_id > newest + SEQ_ID_WINDOW:
+        raise invalid(f"seq_id {seq_id} is more than {SEQ_ID_WINDOW} ahead of the run's newest op ({newest})", "seq_id")
     return enqueue(
         session,
         request,
@@ -189,7 +199,7 @@ async def _forward_backward_body(request: Request) -> bytes | dict[str, Any]:
     body = await request.body()
     if "application/x-protobuf" in content_type:
         try:
-            return decode_forward_backward_request(body, request.headers.get("content-encoding"))
+            return decode_forward_backward_request(body)
         except ProtoDecodeError as exc:
             raise invalid(f"malformed protobuf ForwardBackwardRequest: {exc}") from exc
     if "json" not in content_type and content_type:
@@ -213,14 +223,14 @@ def _queue_forward_backward(state: State, request: Request, owner: str, fb: Forw
     return _submitted(state, run, job_id)
 
 
-@router.post("/forward_backward")
+@router.post("/forward_backward", openapi_extra=raw_body(ForwardBackwardRequest, "ForwardBackwardRequest"))
 async def forward_backward(request: Request, state: State, owner: Tenant) -> dict[str, Any]:
     raw = await _forward_backward_body(request)
     fb = await run_in_threadpool(_parse, ForwardBackwardRequest, raw)
     return await run_in_threadpool(_queue_forward_backward, state, request, owner, fb)
 
 
-@router.post("/forward")
+@router.post("/forward", openapi_extra=raw_body(ForwardRequest, "ForwardBackwardRequest"))
 async def forward(request: Request, state: State, owner: Tenant) -> dict[str, Any]:
     raw = await _forward_backward_body(request)
     fwd = await run_in_threadpool(_parse, ForwardRequest, raw)
@@ -242,15 +252,9 @@ def optim_step(body: OptimStepRequest, request: Request, state: State, owner: Te
 
 
 def _checkpoint_name(name: str | None, param: str = "path") -> str:
-    if name is None or not CHECKPOINT_NAME.match(name):
-        raise invalid("checkpoint name must match [A-Za-z0-9._-]{1,128}", param)
+    if name is None or not CHECKPOINT_NAME.fullmatch(name):
+        raise invalid(f"checkpoint name must match {CHECKPOINT_NAME_PATTERN}", param)
     return name
-
-
-def _ttl(ttl_seconds: int | None) -> int | None:
-    if ttl_seconds is not None and ttl_seconds < MIN_TTL_SECONDS:
-        raise invalid(f"ttl_seconds must be at least {MIN_TTL_SECONDS}", "ttl_seconds")
-    return ttl_seconds
 
 
 def _name_taken(session: Session, run_id: str, checkpoint_id: str) -> bool:
@@ -276,7 +280,7 @@ def save_weights(body: SaveWeightsRequest, request: Request, state: State, owner
         target = CheckpointTarget(
             checkpoint_id=checkpoint_id,
             tinker_path=f"tinker://{run.id}/{checkpoint_id}",
-            ttl_seconds=_ttl(body.ttl_seconds),
+            ttl_seconds=body.ttl_seconds,
             overwrite=body.overwrite,
         )
         job_id = _enqueue_op(session, request, run, seq_id, SaveWeightsJob(target=target))
@@ -315,7 +319,7 @@ def save_weights_for_sampler(
         target = CheckpointTarget(
             checkpoint_id=checkpoint_id,
             tinker_path=tinker_path,
-            ttl_seconds=_ttl(body.ttl_seconds),
+            ttl_seconds=body.ttl_seconds,
             ephemeral=sampler_id is not None,
         )
         payload = SaveWeightsForSamplerJob(target=target, sampling_session_id=sampler_id)

@@ -31,6 +31,9 @@ MAX_SAMPLES = 128
 MAX_DATUMS = 1024
 """The most datums one forward_backward / forward request may carry."""
 
+MAX_TENSOR_ELEMENTS = 1 << 24
+"""The most elements (dense count, so a sparse tensor's full shape) one tensor in a request may describe."""
+
 MAX_TARGET_K = 64
 """The most target tokens per position in a 2-D `target_tokens` (shape (N, K), cross_entropy only)."""
 
@@ -39,6 +42,9 @@ SEQ_ID_WINDOW = 1024
 
 MAX_PAGE_SIZE = 1000
 """The most items one list request (`limit`) returns."""
+
+MAX_JSON_DEPTH = 32
+"""How deeply free-form JSON (user_metadata, telemetry events, OpenAI tools) may nest; deeper cannot be stored."""
 
 CHECKPOINT_NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
 """Checkpoint names: 1-128 of `[A-Za-z0-9._-]`, not starting with a dot (so never `.`, `..` or a hidden file)."""

@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Tag, field_serializer, field_validator, model_validator
 
 from ._base import WireModel
+from .bounded import Count64
 from .tensors import TensorData, TensorDtype, coerce_tensor
 
 
@@ -48,7 +49,7 @@ class ImageChunk(WireModel):
 
     data: bytes
     format: Literal["png", "jpeg"]
-    expected_tokens: int | None = None
+    expected_tokens: Count64 | None = None
     type: Literal["image"] = "image"
 
     @field_validator("data", mode="before")
@@ -72,7 +73,7 @@ class ImageAssetPointerChunk(WireModel):
 
     format: Literal["png", "jpeg"]
     location: str
-    expected_tokens: int | None = None
+    expected_tokens: Count64 | None = None
     type: Literal["image_asset_pointer"] = "image_asset_pointer"
 
     @property

@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import Field
 
 from ._base import WireModel
+from .bounded import TtlSeconds
 from .training import OptimizerConfig
 
 CheckpointType = Literal["training", "sampler", "external"]
@@ -130,5 +131,5 @@ class CheckpointArchiveUrlResponse(WireModel):
 
 
 class SetCheckpointTtlRequest(WireModel):
-    ttl_seconds: int | None = None
+    ttl_seconds: TtlSeconds | None = None
     """``None`` = never expires."""

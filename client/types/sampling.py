@@ -21,6 +21,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ._base import WireModel
+from .bounded import Count64, Int64, Seed
+from .limits import MAX_SAMPLES
 from .model_input import ModelInput
 from .tensors import TensorData
 
@@ -31,19 +33,19 @@ TopkEntry = list[tuple[int, float]]
 
 
 class SamplingParams(WireModel):
-    max_tokens: int | None = None
-    seed: int | None = None
+    max_tokens: Int64 | None = None
+    seed: Seed | None = None
     stop: str | list[str] | list[int] | None = None
     """Stop strings or stop token ids. ``None`` keeps EOS stopping; ``[]`` disables it."""
     temperature: float = 1.0
-    top_k: int = -1
+    top_k: Int64 = -1
     """-1 = no limit."""
     top_p: float = 1.0
 
 
 class CreateSamplingSessionRequest(WireModel):
     session_id: str
-    sampling_session_seq_id: int
+    sampling_session_seq_id: Count64
     base_model: str | None = None
     model_path: str | None = None
     """A ``tinker://…/sampler_weights/…`` (or ``weights``) path."""
@@ -72,19 +74,19 @@ class SampleRequest(WireModel):
     as SDK 0.1 did, a ``model_path`` / ``base_model`` directly.
     """
 
-    num_samples: int = Field(default=1, ge=1)
+    num_samples: int = Field(default=1, ge=1, le=MAX_SAMPLES)
     prompt: ModelInput
     sampling_params: SamplingParams
     base_model: str | None = None
     model_path: str | None = None
     sampling_session_id: str | None = None
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     prompt_logprobs: bool | None = None
-    topk_prompt_logprobs: int = Field(default=0, ge=0)
-    topk_sample_logprobs: int = Field(default=0, ge=0)
+    topk_prompt_logprobs: Count64 = 0
+    topk_sample_logprobs: Count64 = 0
     target_prompt_logprobs: TensorData | None = None
-    prompt_alt_tokens_k: int = Field(default=0, ge=0)
-    prompt_logprobs_last_n: int | None = None
+    prompt_alt_tokens_k: Count64 = 0
+    prompt_logprobs_last_n: Count64 | None = None
     record_stability_info: bool | None = None
     type: Literal["sample"] = "sample"
 

@@ -12,16 +12,17 @@ zstd bodies, join_sampling_session) stay off unless the server turns them on.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 
 from ._base import WireModel
+from .bounded import JsonObject
 
 
 class CreateSessionRequest(WireModel):
     tags: list[str] = Field(default_factory=list)
-    user_metadata: dict[str, Any] | None = None
+    user_metadata: JsonObject | None = None
     sdk_version: str = "unknown"
     project_id: str | None = None
     display_name: str | None = None
@@ -111,7 +112,7 @@ class ClientDynamicConfigResponse(WireModel):
 class TelemetrySendRequest(WireModel):
     """A batch of client telemetry events (kept as raw dicts)."""
 
-    events: list[dict[str, Any]] = Field(default_factory=list)
+    events: list[JsonObject] = Field(default_factory=list)
     platform: str | None = None
     sdk_version: str | None = None
     session_id: str | None = None

@@ -16,7 +16,14 @@ Limits:
   ``to_numpy``/``to_torch`` only where those libraries are installed (imported
   lazily).
 - Values are normalised to the declared dtype on validation (ints for int64,
-  floats for float32), so the JSON matches what the SDK sends.
+  floats for float32), so the JSON matches what the SDK sends; a value the
+  dtype cannot hold (an int64 outside 64 bits, a finite float beyond float32)
+  fails validation.
+- Every tensor is consistent and bounded when it validates: dimensions are
+  non-negative, the dense element count is at most ``MAX_TENSOR_ELEMENTS``
+  (for a CSR tensor too, so a few bytes cannot describe a huge dense row), and
+  a CSR tensor's row pointers start at 0, never decrease and end at
+  ``len(data)``, with every column index inside ``[0, ncols)``.
 """
 
 from __future__ import annotations
@@ -27,11 +34,16 @@ from typing import Any, Literal, Union
 from pydantic import model_validator
 
 from ._base import WireModel
+from .bounded import INT64_MIN, Count64
+from .limits import INT64_MAX, MAX_TENSOR_ELEMENTS
 
 TensorDtype = Literal["int64", "float32"]
 """The two element types tinker puts on the wire."""
 
 Number = Union[int, float]
+
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest finite float32."""
 
 
 def _flatten(values: Any) -> tuple[list[Any], list[int]]:
@@ -70,49 +82,71 @@ def _infer_dtype(flat: list[Any]) -> TensorDtype:
     return "float32" if any(isinstance(v, float) for v in flat) else "int64"
 
 
+def _int64_values(values: list[Number]) -> list[Number]:
+    out: list[Number] = []
+    for v in values:
+        if isinstance(v, float):
+            if not v.is_integer():
+                raise ValueError(f"int64 tensor holds a non-integer value {v!r}")
+            v = int(v)
+        if not INT64_MIN <= v <= INT64_MAX:
+            raise ValueError(f"int64 tensor holds {v}, outside the 64-bit range")
+        out.append(int(v))
+    return out
+
+
+def _float32_values(values: list[Number]) -> list[Number]:
+    out: list[Number] = []
+    for v in values:
+        if isinstance(v, int) and abs(v) > FLOAT32_MAX:
+            raise ValueError(f"float32 tensor holds {v}, beyond the float32 range")
+        f = float(v)
+        if math.isfinite(f) and abs(f) > FLOAT32_MAX:
+            raise ValueError(f"float32 tensor holds {f!r}, beyond the float32 range")
+        out.append(f)
+    return out
+
+
+def _check_csr(t: "TensorData") -> None:
+    """A CSR tensor's layout: 2-D shape, row pointers from 0 to len(data) that never decrease, columns in range."""
+    crow, col = t.sparse_crow_indices, t.sparse_col_indices
+    if crow is None or col is None:
+        raise ValueError("sparse_crow_indices and sparse_col_indices must be set together")
+    if t.shape is None or len(t.shape) != 2:
+        raise ValueError("a sparse CSR tensor needs a 2-D shape")
+    nrows, ncols = t.shape
+    if len(col) != len(t.data):
+        raise ValueError("sparse_col_indices must have one entry per listed value")
+    if len(crow) != nrows + 1:
+        raise ValueError("sparse_crow_indices must have nrows + 1 entries")
+    if crow[0] != 0 or crow[-1] != len(t.data) or any(a > b for a, b in zip(crow, crow[1:])):
+        raise ValueError("sparse_crow_indices must start at 0, never decrease and end at len(data)")
+    if any(c >= ncols for c in col):
+        raise ValueError(f"sparse_col_indices must be in [0, {ncols})")
+
+
 class TensorData(WireModel):
     """A flat list of numbers with a dtype and an optional shape."""
 
     data: list[Number]
     """Flattened values (row-major). For CSR tensors: only the listed values."""
     dtype: TensorDtype
-    shape: list[int] | None = None
+    shape: list[Count64] | None = None
     """Dense shape; ``None`` means a 1-D tensor of ``len(data)``."""
-    sparse_crow_indices: list[int] | None = None
+    sparse_crow_indices: list[Count64] | None = None
     """CSR row pointers (``nrows + 1`` entries); set together with col indices."""
-    sparse_col_indices: list[int] | None = None
+    sparse_col_indices: list[Count64] | None = None
     """CSR column index of each listed value."""
 
     @model_validator(mode="after")
     def _normalise(self) -> "TensorData":
-        if self.dtype == "int64":
-            out: list[Number] = []
-            for v in self.data:
-                if isinstance(v, bool):
-                    v = int(v)
-                if isinstance(v, float):
-                    if not v.is_integer():
-                        raise ValueError(f"int64 tensor holds a non-integer value {v!r}")
-                    v = int(v)
-                out.append(v)
-            self.data = out
-        else:
-            self.data = [float(v) for v in self.data]
-        sparse = self.sparse_crow_indices is not None or self.sparse_col_indices is not None
-        if sparse:
-            if self.sparse_crow_indices is None or self.sparse_col_indices is None:
-                raise ValueError("sparse_crow_indices and sparse_col_indices must be set together")
-            if self.shape is None or len(self.shape) != 2:
-                raise ValueError("a sparse CSR tensor needs a 2-D shape")
-            if len(self.sparse_col_indices) != len(self.data):
-                raise ValueError("sparse_col_indices must have one entry per listed value")
-            if len(self.sparse_crow_indices) != self.shape[0] + 1:
-                raise ValueError("sparse_crow_indices must have nrows + 1 entries")
-        elif self.shape is not None:
-            if any(d < 0 for d in self.shape):
-                raise ValueError(f"negative dimension in shape {self.shape}")
-            if math.prod(self.shape) != len(self.data):
-                raise ValueError(f"shape {self.shape} holds {math.prod(self.shape)} values, data has {len(self.data)}")
+        self.data = _int64_values(self.data) if self.dtype == "int64" else _float32_values(self.data)
+        if self.shape is not None and math.prod(self.shape) > MAX_TENSOR_ELEMENTS:
+            raise ValueError(f"shape {self.shape} holds more than {MAX_TENSOR_ELEMENTS} elements")
+        if self.sparse_crow_indices is not None or self.sparse_col_indices is not None:
+            _check_csr(self)
+        elif self.shape is not None and math.prod(self.shape) != len(self.data):
+            raise ValueError(f"shape {self.shape} holds {math.prod(self.shape)} values, data has {len(self.data)}")
         return self
 
     # ------------------------------------------------------------------ helpers

@@ -13,6 +13,9 @@ Wire-shape notes:
   ``forward_only=True``.
 - ``OptimStepRequest`` sends Adam parameters as ``adam_params``; SDK 0.38's
   alias ``optim_params`` is accepted on input.
+- Numbers carry their bounds in their types (``bounded.py``): ids and seq_ids
+  are 64-bit, seeds, TTLs and the learning rate are range-checked, and one
+  request holds at most ``MAX_DATUMS`` datums.
 - ``LossFnType`` lists the losses Loom implements. SDK 0.38 also knows
   ``gspo``, ``stable_reinforce`` and ``custom`` (:data:`OTHER_TINKER_LOSS_FN_TYPES`);
   those fail validation here.
@@ -25,6 +28,8 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, model_validator
 
 from ._base import WireModel
+from .bounded import Count64, Int64, JsonObject, LearningRate, Seed, TtlSeconds
+from .limits import INT64_MAX, MAX_DATUMS
 from .model_input import Datum
 from .tensors import TensorData
 
@@ -37,8 +42,8 @@ OTHER_TINKER_LOSS_FN_TYPES = ("gspo", "stable_reinforce", "custom")
 
 # --------------------------------------------------------------------- models
 class LoraConfig(WireModel):
-    rank: int = Field(gt=0)
-    seed: int | None = None
+    rank: int = Field(gt=0, le=INT64_MAX)
+    seed: Seed | None = None
     train_unembed: bool = True
     train_mlp: bool = True
     """Includes MoE experts."""
@@ -54,9 +59,9 @@ class OptimizerConfig(WireModel):
 
 class CreateModelRequest(WireModel):
     session_id: str
-    model_seq_id: int
+    model_seq_id: Count64
     base_model: str
-    user_metadata: dict[str, Any] | None = None
+    user_metadata: JsonObject | None = None
     lora_config: LoraConfig | None = None
     optimizer_config: OptimizerConfig | None = None
     """SDK 0.38 always sends ``{"type": "adamw"}``; older SDKs omit it."""
@@ -102,7 +107,7 @@ class UnloadModelResponse(WireModel):
 
 # --------------------------------------------------------- forward / backward
 class ForwardBackwardInput(WireModel):
-    data: list[Datum]
+    data: list[Datum] = Field(max_length=MAX_DATUMS)
     loss_fn: LossFnType
     loss_fn_config: dict[str, float] | None = None
     """Loss hyper-parameters, e.g. ``clip_low_threshold`` for ppo, ``beta`` for dro."""
@@ -131,7 +136,7 @@ class ForwardBackwardRequest(WireModel):
 
     forward_backward_input: ForwardBackwardInput
     model_id: str
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     forward_only: bool | None = None
     """True runs the forward pass only (SDK ≥0.25's replacement for ``/forward``).
     ``None`` (omitted on the wire) means False."""
@@ -151,7 +156,7 @@ class ForwardRequest(WireModel):
 
     forward_input: ForwardBackwardInput
     model_id: str
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -183,7 +188,7 @@ class ForwardBackwardOutput(WireModel):
 class AdamParams(WireModel):
     """AdamW hyper-parameters for one optimizer step (tinker defaults)."""
 
-    learning_rate: float = 1e-4
+    learning_rate: LearningRate = 1e-4
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-12
@@ -196,7 +201,7 @@ class AdamParams(WireModel):
 class OptimStepRequest(WireModel):
     adam_params: AdamParams = Field(validation_alias=AliasChoices("adam_params", "optim_params"))
     model_id: str
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     type: Literal["optim_step"] = "optim_step"
 
 
@@ -211,8 +216,8 @@ class SaveWeightsRequest(WireModel):
     model_id: str
     path: str | None = None
     """Checkpoint name (not a full tinker:// path)."""
-    seq_id: int | None = None
-    ttl_seconds: int | None = None
+    seq_id: Int64 | None = None
+    ttl_seconds: TtlSeconds | None = None
     overwrite: bool = False
     user_metadata: dict[str, str] | None = None
     type: Literal["save_weights"] = "save_weights"
@@ -233,10 +238,10 @@ class SaveWeightsForSamplerRequest(WireModel):
 
     model_id: str
     path: str | None = None
-    sampling_session_seq_id: int | None = None
+    sampling_session_seq_id: Count64 | None = None
     kind: SamplingClientKind = "snapshot"
-    seq_id: int | None = None
-    ttl_seconds: int | None = None
+    seq_id: Int64 | None = None
+    ttl_seconds: TtlSeconds | None = None
     user_metadata: dict[str, str] | None = None
     type: Literal["save_weights_for_sampler"] = "save_weights_for_sampler"
 
@@ -261,11 +266,11 @@ class LoadWeightsRequest(WireModel):
     """
 
     model_id: str | None = None
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     session_id: str | None = None
-    model_seq_id: int | None = None
+    model_seq_id: Count64 | None = None
     base_model: str | None = None
-    user_metadata: dict[str, Any] | None = None
+    user_metadata: JsonObject | None = None
     path: str
     optimizer: bool = False
     """Also restore the Adam moments."""

@@ -6,8 +6,10 @@ to fail fast locally. Each check raises `InvalidRequest` naming the offending fi
 
 Checked: known loss and loss_fn_config keys; required/unknown `loss_fn_inputs`; token ids inside the vocabulary;
 sequence length within the context; `target_tokens` shape (N,) or (N, K) with N = model_input length (2-D only
-for cross_entropy); every other input shaped like the targets (weights) or (N,); finite values everywhere;
-sampling parameter ranges.
+for cross_entropy, K at most `MAX_TARGET_K`); every other input shaped like the targets (weights) or (N,); finite
+values everywhere; sampling parameter ranges (top-k prompt logprobs within the vocabulary). The model-independent
+bounds (64-bit ids, seeds, TTLs, learning rate, datums per request, tensor sizes and CSR layout) are declared on the
+wire types themselves (`bounded.py`, `tensors.py`), from the numbers in `limits.py`.
 
 Limits: pure Python over the wire types (no numpy), so very large batches cost a Python loop over their values.
 """
@@ -18,6 +20,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .limits import MAX_SAMPLES, MAX_TARGET_K
 from .model_input import Datum, EncodedTextChunk, ModelInput
 from .sampling import SampleRequest, SamplingParams
 from .tensors import TensorData
@@ -40,8 +43,6 @@ LOSS_CONFIG_KEYS: dict[str, frozenset[str]] = {
 }
 
 
-MAX_SAMPLES = 128
-"""The most sequences one sample request may ask for."""
 DEFAULT_MAX_TOKENS = 16
 """The token limit of a sample request that names none (Tinker's default)."""
 
@@ -104,6 +105,8 @@ def check_datum(datum: Datum, loss_fn: str, vocab_size: int, max_length: int, pa
         )
     if len(t_shape) == 2 and loss_fn != "cross_entropy":
         raise InvalidRequest("2-D target_tokens are only supported by cross_entropy", where)
+    if len(t_shape) == 2 and not 1 <= t_shape[1] <= MAX_TARGET_K:
+        raise InvalidRequest(f"K = {t_shape[1]} target tokens per position must be in [1, {MAX_TARGET_K}]", where)
     for t in targets.dense_data():
         if not (float(t).is_integer() and 0 <= t < vocab_size):
             raise InvalidRequest(f"target token {t} is outside the vocabulary [0, {vocab_size})", where)
@@ -131,6 +134,8 @@ def check_forward_backward(fb: ForwardBackwardInput, vocab_size: int, max_length
 def check_sample(request: SampleRequest, vocab_size: int, max_length: int) -> list[int]:
     """The prompt tokens of an `asample` request that passes every check."""
     prompt = model_input_tokens(request.prompt, vocab_size, max_length, "prompt")
+    if request.topk_prompt_logprobs > vocab_size:
+        raise InvalidRequest(f"must be at most the vocabulary size {vocab_size}", "topk_prompt_logprobs")
     check_sampling(len(prompt), request.sampling_params, request.num_samples, vocab_size, max_length)
     return prompt
 
@@ -141,7 +146,6 @@ def check_sampling(
     num_samples: int,
     vocab_size: int,
     max_length: int,
-    max_samples: int = MAX_SAMPLES,
 ) -> None:
     """Sampling parameters, given the prompt's length and the model's vocabulary and context."""
     max_tokens = params.max_tokens if params.max_tokens is not None else DEFAULT_MAX_TOKENS
@@ -158,8 +162,8 @@ def check_sampling(
         raise InvalidRequest("top_p must be in (0, 1]", "sampling_params.top_p")
     if params.top_k == 0 or params.top_k < -1:
         raise InvalidRequest("top_k must be -1 (off) or >= 1", "sampling_params.top_k")
-    if num_samples > max_samples:
-        raise InvalidRequest(f"num_samples is capped at {max_samples}", "num_samples")
+    if num_samples > MAX_SAMPLES:
+        raise InvalidRequest(f"num_samples is capped at {MAX_SAMPLES}", "num_samples")
     stop = params.stop if isinstance(params.stop, list) else []
     for s in stop:
         if isinstance(s, int) and not 0 <= s < vocab_size:
@@ -167,12 +171,10 @@ def check_sampling(
 
 
 def check_adam(params: Mapping[str, float]) -> None:
-    lr, b1, b2, eps = (params.get(k) for k in ("learning_rate", "beta1", "beta2", "eps"))
+    b1, b2, eps = (params.get(k) for k in ("beta1", "beta2", "eps"))
     for key, value in params.items():
         if not math.isfinite(value):
             raise InvalidRequest("must be finite", f"adam_params.{key}")
-    if lr is not None and lr < 0:
-        raise InvalidRequest("learning_rate must be >= 0", "adam_params.learning_rate")
     for key, beta in (("beta1", b1), ("beta2", b2)):
         if beta is not None and not 0 <= beta < 1:
             raise InvalidRequest(f"{key} must be in [0, 1)", f"adam_params.{key}")

@@ -124,6 +124,40 @@ def test_bad_sampling_params(http, run_id) -> None:
     assert response.status_code == 400 and error_of(response)["param"] == "sampling_params.top_p"
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/api/v1/forward_backward", {"seq_id": 2**63}, "seq_id"),
+        ("/api/v1/forward_backward", {"seq_id": 10**6}, "seq_id"),
+        ("/api/v1/save_weights", {"seq_id": 1, "path": "c", "ttl_seconds": 10**18}, "ttl_seconds"),
+        ("/api/v1/save_weights", {"seq_id": 1, "path": ".."}, "path"),
+        ("/api/v1/optim_step", {"seq_id": 1, "adam_params": {"learning_rate": 1e30}}, "adam_params.learning_rate"),
+    ],
+    ids=["seq-2**63", "seq-far-ahead", "ttl-10**18", "name-dotdot", "lr-1e30"],
+)
+def test_numbers_out_of_bounds_are_400_at_submit(http, run_id, path, body, param) -> None:
+    """Issue 9: each was accepted (and failed in the worker, or waited forever) or was a text/plain 500."""
+    if path.endswith("forward_backward"):
+        body = fb_body(run_id, body["seq_id"], [datum(GOOD)])
+    response = http.post(path, json={"model_id": run_id, **body})
+    error = error_of(response)
+    assert response.status_code == 400 and error["param"] == param, error
+    assert error["request_id"] == response.headers["x-request-id"]
+
+
+def test_compressed_body_is_415_before_it_is_read(http, run_id) -> None:
+    """A 32 KB zstd bomb (2 GB decompressed) is refused by its header: the server never decompresses it."""
+    import zstandard
+
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * (256 << 20))
+    response = http.post(
+        "/api/v1/forward_backward",
+        content=bomb,
+        headers={"content-type": "application/x-protobuf", "content-encoding": "zstd"},
+    )
+    assert response.status_code == 415 and error_of(response)["code"] == "unsupported_media_type"
+
+
 def test_server_keeps_serving_after_bad_requests(http, run_id) -> None:
     """After every rejection above, the same run trains: seq 1 was never consumed by a bad request."""
     future = http.post("/api/v1/forward_backward", json=fb_body(run_id, 1, [datum(GOOD)])).json()

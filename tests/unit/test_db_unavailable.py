@@ -41,6 +41,7 @@ def test_database_errors_answer_503_with_retry_after(error: Exception) -> None:
         "message": "the database is temporarily unavailable; retry shortly",
         "param": None,
         "type": "service_unavailable_error",
+        "request_id": None,  # a bare app: no RequestId middleware around it
     }
 
 

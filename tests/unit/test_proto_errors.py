@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import zstandard
 
 from api.proto import codec
 from api.proto import tinker_wire_pb2 as pb
@@ -22,9 +21,9 @@ def _request(**tensor_kw) -> pb.ForwardBackwardRequest:
     return msg
 
 
-def _decode(msg_or_bytes, encoding: str | None = None) -> dict:
+def _decode(msg_or_bytes) -> dict:
     body = msg_or_bytes if isinstance(msg_or_bytes, bytes) else msg_or_bytes.SerializeToString()
-    return codec.decode_forward_backward_request(body, encoding)
+    return codec.decode_forward_backward_request(body)
 
 
 def test_error_type_is_value_error() -> None:
@@ -53,7 +52,7 @@ def test_malformed_bytes(body: bytes) -> None:
 
 def test_not_bytes() -> None:
     with pytest.raises(ProtoDecodeError, match="expected bytes"):
-        codec.decode_forward_backward_request("hello", None)  # type: ignore[arg-type]
+        codec.decode_forward_backward_request("hello")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -117,31 +116,3 @@ def test_bad_loss_fn_config_v2() -> None:
     msg.loss_fn_config_v2["clip"].SetInParent()
     with pytest.raises(ProtoDecodeError, match="loss_fn_config_v2\\['clip'\\]"):
         _decode(msg)
-
-
-def test_content_encoding() -> None:
-    body = _request().SerializeToString()
-    assert _decode(zstandard.ZstdCompressor().compress(body), "zstd") == _decode(body)
-    assert _decode(zstandard.ZstdCompressor().compress(body), " ZSTD ") == _decode(body)
-    with pytest.raises(ProtoDecodeError, match="malformed zstd body"):
-        _decode(body, "zstd")
-    with pytest.raises(ProtoDecodeError, match="unsupported Content-Encoding 'br'"):
-        _decode(body, "br")
-    frame = zstandard.ZstdCompressor().compress(body)
-    with pytest.raises(ProtoDecodeError, match="truncated frame"):
-        _decode(frame[:-4], "zstd")
-    with pytest.raises(ProtoDecodeError, match="malformed zstd body"):
-        _decode(frame + b"junk", "zstd")
-    # two frames (a streaming compressor may emit several) concatenate
-    half = len(body) // 2
-    two = zstandard.ZstdCompressor().compress(body[:half])
-    two += zstandard.ZstdCompressor().compress(body[half:])
-    assert _decode(two, "zstd") == _decode(body)
-    # a streamed frame without a content-size header
-    streamed = zstandard.ZstdCompressor(write_content_size=False).compressobj()
-    assert _decode(streamed.compress(body) + streamed.flush(), "zstd") == _decode(body)
-    big = zstandard.ZstdCompressor().compress(b"\x00" * 10_000_000)
-    assert len(big) < 1000
-    with pytest.raises(ProtoDecodeError, match="more than 1000000 bytes"):
-        codec.decompress_body(big, "zstd", max_bytes=1_000_000)
-    assert len(codec.decompress_body(big, "zstd")) == 10_000_000
