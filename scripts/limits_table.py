@@ -39,6 +39,8 @@ def table() -> str:
         ("Adam `learning_rate`", f"0 … {limits.MAX_LEARNING_RATE:g}"),
         ("datums per forward_backward", str(limits.MAX_DATUMS)),
         ("2-D `target_tokens` K (cross_entropy)", str(limits.MAX_TARGET_K)),
+        ("elements one tensor describes (dense shape)", str(limits.MAX_TENSOR_ELEMENTS)),
+        ("nesting of free-form JSON (`user_metadata`, tools)", str(limits.MAX_JSON_DEPTH)),
         ("samples per request (`num_samples`, `n`)", str(limits.MAX_SAMPLES)),
         ("items per list page (`limit`)", str(limits.MAX_PAGE_SIZE)),
         ("request body", f"{default('max_body_bytes') >> 20} MiB (`LOOM_MAX_BODY_BYTES`); no `Content-Encoding`"),

@@ -62,6 +62,11 @@ ADV = [1.0, 0.5, 2.0, -1.0, 0.25, 1.5, -0.5]
 PROMPT = token_ids(5, seed=7)
 
 
+def unchecked_adam(learning_rate: float) -> AdamParams:
+    """Adam parameters past the API's bound (`loom.types.limits.MAX_LEARNING_RATE`): the worker must cope anyway."""
+    return AdamParams.model_construct(**(AdamParams().model_dump() | {"learning_rate": learning_rate}))
+
+
 def snapshot_job(owner: str, run: str, seq: int) -> ClaimedJob:
     name = f"sampler_weights/ephemeral-{seq}"
     target = CheckpointTarget(checkpoint_id=name, tinker_path=f"tinker://{run}/{name}", ephemeral=True)
@@ -115,7 +120,7 @@ def a_training(scenario: str) -> list[ClaimedJob]:
             }
             return [create, job("alice", RUN_A, 1, ppo_payload(clip, {"clip_low_threshold": 0.9}))]
         case "nan_adapter":
-            huge = OptimStepJob(adam=AdamParams(learning_rate=1e30))
+            huge = OptimStepJob(adam=unchecked_adam(1e30))
             return [create, job("alice", RUN_A, 1, ce_payload([SEQ])), job("alice", RUN_A, 2, huge)] + [
                 snapshot_job("alice", RUN_A, 3)
             ]
@@ -240,7 +245,7 @@ def test_non_finite_optim_step_is_refused_and_changes_nothing(tmp_path):
     for engine in (guarded, clean):
         assert all(o.error is None for o in run_to_completion(engine, first))
     weights, grads = _weights(guarded), _grads(guarded)
-    bad = job("bob", RUN_B, 2, OptimStepJob(adam=AdamParams(learning_rate=1e39)))  # inf in float32
+    bad = job("bob", RUN_B, 2, OptimStepJob(adam=unchecked_adam(1e39)))  # inf in float32
     (refused,) = run_to_completion(guarded, [bad])
     assert refused.category == "user" and "optim_step refused" in refused.error
     for name, tensor in _weights(guarded).items():
