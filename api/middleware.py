@@ -2,6 +2,8 @@
 
 - `RequestId`: every response carries `x-request-id` (the client's, if it sent a short printable one) and every
   error body carries the same id (`api.errors.REQUEST_ID`).
+- `AccessLog`: one line per request on the `loom.access` logger (client, method, path, status, duration, request
+  id), whatever the server's `--log-level`: what an operator greps for when a tenant quotes a request id.
 - `UnhandledErrors`: an exception no handler took becomes a 500 in the JSON error shape (`internal_error`), logged
   with the request id; the exception is not re-raised, so the server keeps the connection usable.
 - `RefuseContentEncoding`: a request body with any `Content-Encoding` but `identity` is a 415, answered before a
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -59,6 +62,43 @@ class RequestId:
             await self.app(scope, receive, send_with_id)
         finally:
             REQUEST_ID.reset(token)
+
+
+access_log = logging.getLogger("loom.access")
+access_log.setLevel(logging.INFO)
+
+
+class AccessLog:
+    """Log every request once it is answered (a stream: once it ends), with the status it got."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.monotonic(), 0
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            access_log.info(
+                "%s:%s %s %s %d %.1fms request_id=%s",
+                client[0],
+                client[1],
+                scope.get("method"),
+                scope.get("path"),
+                status,
+                1000 * (time.monotonic() - started),
+                REQUEST_ID.get(),
+            )
 
 
 class UnhandledErrors:

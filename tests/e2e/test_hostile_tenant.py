@@ -200,15 +200,16 @@ def refused_requests(run: str, session_id: str) -> list[tuple[str, Callable[[htt
     ]
 
 
-def accepted_requests(http: httpx.Client, run: str, next_seq: Callable[[], int]) -> list[str]:
-    """Hostile requests that pass the door and reach the worker; returns their request ids."""
+def accepted_requests(http: httpx.Client, run: str, next_seq: Callable[[], int], sampler_seq: int) -> list[str]:
+    """Hostile requests that pass the door and reach the worker; returns their request ids. `next_seq` numbers the
+    run's ops (without gaps: an op after a gap waits for it), `sampler_seq` names this round's sampling session."""
     tokens = list(range(20, 36))
     ppo = datum(tokens, logprobs=[-1.0] * 16, advantages=[1.0] * 16, clip_high_threshold=[1.2] * 16)
     ids = [http.post("/api/v1/forward_backward", json=fb_body(run, next_seq(), [ppo], loss_fn="ppo")).json()]
     for _ in range(3):  # drive the adapter hard, then sample it
         ids.append(http.post("/api/v1/forward_backward", json=fb_body(run, next_seq(), [datum(tokens)])).json())
         ids.append(http.post("/api/v1/optim_step", json={"model_id": run, "seq_id": next_seq(), "adam_params": {"learning_rate": 10.0}}).json())  # fmt: skip
-    save = {"model_id": run, "seq_id": next_seq(), "sampling_session_seq_id": next_seq()}
+    save = {"model_id": run, "seq_id": next_seq(), "sampling_session_seq_id": sampler_seq}
     saved = result(http, http.post("/api/v1/save_weights_for_sampler", json=save).json()["request_id"])
     if "sampling_session_id" in saved:
         sample = {"sampling_session_id": saved["sampling_session_id"], "seq_id": 0, "num_samples": 4}
@@ -238,7 +239,7 @@ def test_a_hostile_tenant_changes_nothing_for_another(tinker_env: LoomServer, ot
                         problems.append(f"{name}: {response.status_code} {response.text[:200]}")
                     elif "x-request-id" not in response.headers:
                         problems.append(f"{name}: no x-request-id")
-                for request_id in accepted_requests(http, run, lambda: next(seq)):
+                for request_id in accepted_requests(http, run, lambda: next(seq), rounds):
                     final = result(http, request_id)
                     if "error" in final and final.get("category") != "user":
                         problems.append(f"accepted request {request_id} failed as {final.get('category')}: {final}")
