@@ -70,15 +70,11 @@ def test_discovery_and_inspection(http, server) -> None:
     assert http.post("/api/v1/weights_info", json={"tinker_path": path}).status_code == 404
 
 
-def test_diverged_run_returns_nan_results_instead_of_failing(http) -> None:
+def test_non_finite_results_are_returned_instead_of_failing(http) -> None:
     run_id = new_run(http)
-    grad = http.post("/api/v1/forward_backward", json=fb_body(run_id, 1, [datum(TOKENS)])).json()
-    result(http, grad["request_id"])
-    step = http.post(
-        "/api/v1/optim_step", json={"model_id": run_id, "seq_id": 2, "adam_params": {"learning_rate": 1e30}}
-    )
-    result(http, step.json()["request_id"])
-    probe = http.post("/api/v1/forward_backward", json=fb_body(run_id, 3, [datum(TOKENS)]) | {"forward_only": True})
+    # Finite float32 weights whose weighted loss overflows: the result holds inf (or NaN), and must still arrive.
+    huge = datum(TOKENS, weights=[3e38] * len(TOKENS))
+    probe = http.post("/api/v1/forward_backward", json=fb_body(run_id, 1, [huge]) | {"forward_only": True})
     loss = result(http, probe.json()["request_id"])["metrics"]["loss:sum"]
     assert math.isnan(loss) or math.isinf(loss)
     proto = http.post(

@@ -127,11 +127,14 @@ def test_cache_is_reused_repaired_and_bounded(bucket, store, tmp_path):
 
 def test_engine_checkpoint_round_trips_through_s3(bucket, tmp_path):
     engine = Engine(fresh_model("tiny_kimi_k2"), _store(bucket, tmp_path / "engine"))
-    saved = by_id(run_to_completion(engine, run_a_jobs()))[f"{RUN_A}:4"]
+    jobs = run_a_jobs()
+    by_id_jobs = {job.id: job for job in jobs}
+    saved = by_id(run_to_completion(engine, jobs))[f"{RUN_A}:4"]
     assert saved.error is None, saved.error
     record = saved.checkpoint
-    # one location per write attempt: the checkpoint id, the writing job's seq (4) and its lease's fencing token (1)
-    assert record.storage_uri == f"s3://{bucket}/ckpts/alice/{RUN_A.replace(':', '_')}/weights/a1~4.1"
+    # one location per write attempt: the checkpoint id, the writing job's seq (4) and its lease's fencing token
+    token = by_id_jobs[f"{RUN_A}:4"].fencing_token
+    assert record.storage_uri == f"s3://{bucket}/ckpts/alice/{RUN_A.replace(':', '_')}/weights/a1~4.{token}"
     other = Engine(fresh_model("tiny_kimi_k2"), _reader(bucket, tmp_path))
     payload = LoadWeightsJob(tinker_path=record.tinker_path, storage_uri=record.storage_uri, with_optimizer=True)
     loaded = by_id(run_to_completion(other, [job("alice", "sc:train:0", 0, payload)]))
