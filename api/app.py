@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from api import refusals
 from api.db.session import make_engine, make_session_factory, upgrade_to_head
 from api.deps import AppState
 from api.errors import install_error_handlers
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     )
     app.state.loom = state
     install_error_handlers(app)
+    refusals.install(app)
     publish_schemas(app, training.RAW_BODY_MODELS)
     for module in (health, service, training, sampling, futures, rest, aliases, openai_router):
         app.include_router(module.router)

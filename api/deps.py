@@ -67,7 +67,7 @@ def app_state(request: Request) -> AppState:
 State = Annotated[AppState, Depends(app_state)]
 
 
-def _api_key(request: Request) -> str | None:
+def api_key(request: Request) -> str | None:
     key = request.headers.get("x-api-key")
     if key:
         return key
@@ -76,7 +76,7 @@ def _api_key(request: Request) -> str | None:
 
 
 def tenant(request: Request, state: State) -> str:
-    key = _api_key(request)
+    key = api_key(request)
     if not key:
         raise APIError(401, ErrorCode.UNAUTHENTICATED, "missing API key: send it in the X-API-Key header")
     with state.reading() as session:

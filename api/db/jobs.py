@@ -16,7 +16,10 @@ Ordering. Training ops of one run live in the ``"train"`` lane (see
 ``models.py``) and must run in seq order: a queued train-lane job with a seq_id
 is ready only as part of the contiguous chain that starts exactly at its run's
 ``next_seq_id``. Finishing such a job, successfully or not, advances
-``next_seq_id`` past it, so one failed request never wedges the run's queue. An
+``next_seq_id`` past it, so one failed request never wedges the run's queue; a
+request refused at submit leaves a failed placeholder at its seq_id
+(``record_refusal``) for the same reason: the client numbered later ops after
+it. An
 ordered op whose ``TrainingRun`` row does not exist (yet) waits. Every training
 op has a seq_id (``submit_job`` refuses one without); jobs in any other lane are
 ready as soon as they are queued.
@@ -42,6 +45,10 @@ from sqlalchemy.orm import Session
 from api.db.models import TRAINING_LANE, ErrorCategory, Job, JobState, TrainingRun, lane_for
 from api.db.types import utcnow
 from contract.jobs import ClaimedJob, JobKind, JobPayload, parse_payload
+from loom.types.limits import SEQ_ID_WINDOW
+
+REFUSED_PAYLOAD: dict[str, Any] = {}
+"""The payload of the placeholder job a request refused at submit leaves at its seq_id (`record_refusal`)."""
 
 RetryPolicy = Literal["mixed", "alone", "drain"]
 """How `claim_ready_jobs` treats jobs whose earlier lease was lost."""
@@ -140,6 +147,11 @@ def _find_existing(
 
 
 def _check_same_request(existing: Job, request: dict[str, Any]) -> None:
+    if existing.payload == REFUSED_PAYLOAD and existing.state == JobState.FAILED.value:
+        raise JobConflict(
+            existing.id,
+            f"seq_id {existing.seq_id} of this run was {existing.error}; send the corrected request with a new seq_id",
+        )
     differing = sorted(field for field, value in request.items() if getattr(existing, field) != value)
     if differing:
         raise JobConflict(
@@ -421,12 +433,64 @@ def _finish(session: Session, job: Job, state: JobState) -> None:
     job.finished_at = utcnow()
     job.lease_expires_at = None
     if job.lane == TRAINING_LANE and job.seq_id is not None:
-        session.execute(
-            update(TrainingRun)
-            .where(TrainingRun.id == job.model_id, TrainingRun.next_seq_id <= job.seq_id)
-            .values(next_seq_id=job.seq_id + 1)
-        )
+        _move_run_past(session, job.model_id, job.seq_id)
     session.flush()
+
+
+def _move_run_past(session: Session, model_id: str, seq_id: int) -> None:
+    """The run's next op is the first after `seq_id` not already final (ops refused at submit are final at once)."""
+    session.flush()
+    final = set(
+        session.scalars(
+            select(Job.seq_id).where(
+                Job.model_id == model_id,
+                Job.lane == TRAINING_LANE,
+                Job.seq_id > seq_id,
+                Job.state.in_([JobState.DONE.value, JobState.FAILED.value]),
+            )
+        )
+    )
+    next_seq = seq_id + 1
+    while next_seq in final:
+        next_seq += 1
+    session.execute(
+        update(TrainingRun)
+        .where(TrainingRun.id == model_id, TrainingRun.next_seq_id <= seq_id)
+        .values(next_seq_id=next_seq)
+    )
+
+
+def record_refusal(session: Session, *, owner: str, model_id: str, seq_id: int, kind: JobKind, error: str) -> bool:
+    """Mark `seq_id` of a run as taken by a request refused at submit (a failed job with an empty payload), so the
+    run's later ops, which the client numbered after it, do not wait forever for it. Returns False, writing
+    nothing, when the run is not `owner`'s, or that seq is already submitted, already passed, or out of the window."""
+    run = session.scalar(select(TrainingRun).where(TrainingRun.id == model_id, TrainingRun.owner == owner))
+    if run is None or seq_id < max(run.next_seq_id, 1):
+        return False
+    if seq_id > next_training_seq(session, model_id) - 1 + SEQ_ID_WINDOW:
+        return False
+    refused = Job(
+        id=_job_id(TRAINING_LANE, model_id, seq_id),
+        owner=owner,
+        kind=kind.value,
+        lane=TRAINING_LANE,
+        base_model=run.base_model,
+        model_id=model_id,
+        seq_id=seq_id,
+        payload=REFUSED_PAYLOAD,
+        state=JobState.FAILED.value,
+        error=f"refused at submit: {error}",
+        error_category=ErrorCategory.USER.value,
+        finished_at=utcnow(),
+    )
+    try:
+        with session.begin_nested():
+            session.add(refused)
+    except IntegrityError:
+        return False  # that seq was submitted meanwhile
+    if run.next_seq_id == seq_id:  # the run waits for exactly this op; else finishing the op before it moves past it
+        _move_run_past(session, model_id, seq_id)
+    return True
 
 
 # ---------------------------------------------------------------------------

@@ -33,12 +33,14 @@ from api.errors import APIError, ErrorCode, invalid, invalid_from_validation
 from api.openapi import raw_body
 from api.paths import parse_tinker_path, readable_checkpoint
 from api.proto.codec import ProtoDecodeError, decode_forward_backward_request
+from api.refusals import note_ordered_op
 from contract.jobs import (
     DEFAULT_LORA_RANK,
     CheckpointTarget,
     CreateModelJob,
     ForwardBackwardJob,
     ForwardJob,
+    JobKind,
     JobPayload,
     LoadWeightsJob,
     OptimStepJob,
@@ -89,9 +91,12 @@ def _parse(model: type[BaseModel], data: bytes | dict[str, Any]) -> Any:
         raise invalid_from_validation(errors) from exc
 
 
-def _seq(seq_id: int | None) -> int:
+def _seq(request: Request, owner: str, model_id: str, seq_id: int | None, kind: JobKind) -> int:
+    """The seq_id of an ordered op of `model_id`; from here on, a refusal of this request takes that seq
+    (`api/refusals.py`), so the run's later ops never wait for it."""
     if seq_id is None or seq_id < 1:
         raise invalid("seq_id is required and must be >= 1 (seq 0 is the run's creation)", "seq_id")
+    note_ordered_op(request, owner, model_id, seq_id, kind)
     return seq_id
 
 
@@ -208,7 +213,8 @@ async def _forward_backward_body(request: Request) -> bytes | dict[str, Any]:
 
 
 def _queue_forward_backward(state: State, request: Request, owner: str, fb: ForwardBackwardRequest):
-    seq_id = _seq(fb.seq_id)
+    kind = JobKind.FORWARD if fb.is_forward_only else JobKind.FORWARD_BACKWARD
+    seq_id = _seq(request, owner, fb.model_id, fb.seq_id, kind)
     with state.transaction() as session:
         run = _active_run(session, owner, fb.model_id)
     info = state.model(run.base_model)
@@ -223,9 +229,17 @@ def _queue_forward_backward(state: State, request: Request, owner: str, fb: Forw
     return _submitted(state, run, job_id)
 
 
+def _note_decoded(request: Request, owner: str, raw: bytes | dict[str, Any]) -> None:
+    """A decoded protobuf body names its op before its fields are validated (a JSON body is parsed in one pass)."""
+    if isinstance(raw, dict) and isinstance(raw.get("model_id"), str) and type(raw.get("seq_id")) is int:
+        kind = JobKind.FORWARD if raw.get("forward_only") else JobKind.FORWARD_BACKWARD
+        note_ordered_op(request, owner, raw["model_id"], raw["seq_id"], kind)
+
+
 @router.post("/forward_backward", openapi_extra=raw_body(ForwardBackwardRequest, "ForwardBackwardRequest"))
 async def forward_backward(request: Request, state: State, owner: Tenant) -> dict[str, Any]:
     raw = await _forward_backward_body(request)
+    _note_decoded(request, owner, raw)
     fb = await run_in_threadpool(_parse, ForwardBackwardRequest, raw)
     return await run_in_threadpool(_queue_forward_backward, state, request, owner, fb)
 
@@ -240,7 +254,7 @@ async def forward(request: Request, state: State, owner: Tenant) -> dict[str, An
 
 @router.post("/optim_step")
 def optim_step(body: OptimStepRequest, request: Request, state: State, owner: Tenant) -> dict[str, Any]:
-    seq_id = _seq(body.seq_id)
+    seq_id = _seq(request, owner, body.model_id, body.seq_id, JobKind.OPTIM_STEP)
     try:
         check_adam(body.adam_params.to_wire())
     except InvalidRequest as exc:
@@ -268,7 +282,7 @@ def _name_taken(session: Session, run_id: str, checkpoint_id: str) -> bool:
 
 @router.post("/save_weights")
 def save_weights(body: SaveWeightsRequest, request: Request, state: State, owner: Tenant) -> dict[str, Any]:
-    seq_id = _seq(body.seq_id)
+    seq_id = _seq(request, owner, body.model_id, body.seq_id, JobKind.SAVE_WEIGHTS)
     name = _checkpoint_name(body.path)
     with state.transaction() as session:
         run = _active_run(session, owner, body.model_id)
@@ -291,7 +305,7 @@ def save_weights(body: SaveWeightsRequest, request: Request, state: State, owner
 def save_weights_for_sampler(
     body: SaveWeightsForSamplerRequest, request: Request, state: State, owner: Tenant
 ) -> dict[str, Any]:
-    seq_id = _seq(body.seq_id)
+    seq_id = _seq(request, owner, body.model_id, body.seq_id, JobKind.SAVE_WEIGHTS_FOR_SAMPLER)
     with state.transaction() as session:
         run = _active_run(session, owner, body.model_id)
         sampler_id: str | None = None
@@ -343,7 +357,7 @@ def load_weights(body: LoadWeightsRequest, request: Request, state: State, owner
         source = session.get(TrainingRun, checkpoint.run_id)
         if body.model_id is not None:
             run = _active_run(session, owner, body.model_id)
-            seq_id = _seq(body.seq_id)
+            seq_id = _seq(request, owner, body.model_id, body.seq_id, JobKind.LOAD_WEIGHTS)
         else:
             base = state.model(body.base_model or source.base_model)
             if base.name != source.base_model:

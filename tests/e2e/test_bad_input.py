@@ -163,3 +163,29 @@ def test_server_keeps_serving_after_bad_requests(http, run_id) -> None:
     future = http.post("/api/v1/forward_backward", json=fb_body(run_id, 1, [datum(GOOD)])).json()
     out = result(http, future["request_id"])
     assert out["metrics"]["loss:sum"] > 0 and len(out["loss_fn_outputs"][0]["logprobs"]["data"]) == 4
+
+
+def test_requests_the_tinker_sdk_had_refused_never_wedge_its_run(tinker_env) -> None:
+    """The SDK numbers every op when it is called; refused ones must not leave holes the run waits on forever."""
+    import tinker
+    from tinker import types
+
+    training = tinker.ServiceClient().create_lora_training_client(base_model=SMOL, rank=4, seed=5)
+
+    def datum_of(n: int) -> types.Datum:
+        tokens = list(range(1, n + 1))
+        targets = types.TensorData(data=tokens, dtype="int64", shape=[n])
+        return types.Datum(model_input=types.ModelInput.from_ints(tokens), loss_fn_inputs={"target_tokens": targets})
+
+    refusals = [
+        (lambda: training.forward_backward([datum_of(8192)], "cross_entropy").result(), "request_too_large"),
+        (lambda: training.save_state("..").result(), "checkpoint name must match"),
+        (lambda: training.optim_step(types.AdamParams(learning_rate=1e30)).result(), "learning_rate"),
+    ]
+    for call, reason in refusals:
+        with pytest.raises(tinker.APIStatusError) as refused:
+            call()
+        assert 400 <= refused.value.status_code < 500 and reason in str(refused.value.body)
+    loss = training.forward_backward([datum_of(16)], "cross_entropy").result().metrics["loss:sum"]
+    assert math.isfinite(loss) and loss > 0
+    assert training.optim_step(types.AdamParams(learning_rate=1e-3)).result() is not None

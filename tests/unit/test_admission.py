@@ -5,7 +5,8 @@ A server with small budgets (a 64-token training pass, a 256-token decode batch)
   the field and the limit, and nothing is queued; a request at the limits is queued;
 - a Tinker sample whose samples × (prompt + max_tokens) exceed the decode batch gets 413; an OpenAI request whose
   n × max_tokens alone exceed it too;
-- `get_server_capabilities` reports the same limits, and the official tinker SDK parses that response.
+- `get_server_capabilities` reports the same limits, and the official tinker SDK parses that response;
+- ops refused at the door never wedge their run: the next op the client numbered still runs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from api.app import build_state, create_app
+from api.db.jobs import claim_ready_jobs, complete_job
 from api.db.keys import create_api_key
 from api.db.models import Job
 from contract.catalogue import TINY_KIMI_K2
@@ -43,13 +45,20 @@ def api(tmp_path: Path):
 
 def queued(state) -> int:
     with state.reading() as session:
-        return session.scalar(select(func.count()).select_from(Job))
+        return session.scalar(select(func.count()).select_from(Job).where(Job.state == "queued"))
 
 
-def forward_backward(client: TestClient, model_id: str, lengths: list[int]):
+def fb_request(model_id: str, seq_id: int, *lengths: int) -> dict:
     data = [datum for n in lengths for datum in fb_input(list(range(1, n + 2))).to_wire()["data"]]
-    body = {"forward_backward_input": {"data": data, "loss_fn": "cross_entropy"}, "model_id": model_id, "seq_id": 1}
-    return client.post("/api/v1/forward_backward", json=body)
+    return {
+        "forward_backward_input": {"data": data, "loss_fn": "cross_entropy"},
+        "model_id": model_id,
+        "seq_id": seq_id,
+    }
+
+
+def forward_backward(client: TestClient, model_id: str, lengths: list[int], seq_id: int = 1):
+    return client.post("/api/v1/forward_backward", json=fb_request(model_id, seq_id, *lengths))
 
 
 def test_a_sequence_longer_than_a_training_pass_is_refused_before_it_is_queued(api) -> None:
@@ -67,7 +76,8 @@ def test_a_sequence_longer_than_a_training_pass_is_refused_before_it_is_queued(a
     assert f"at most {PASS * TRAIN_PASSES_PER_TICK}" in too_many.json()["error"]["message"]
     assert queued(state) == before
 
-    assert forward_backward(client, model_id, [PASS] * TRAIN_PASSES_PER_TICK).status_code == 200
+    # seq 1 was taken by the refusals (`api/refusals.py`): the client numbers its next op 2
+    assert forward_backward(client, model_id, [PASS] * TRAIN_PASSES_PER_TICK, seq_id=2).status_code == 200
     assert queued(state) == before + 1
 
 
@@ -98,3 +108,32 @@ def test_capabilities_report_the_limits_admission_enforces(api) -> None:
     assert model["sample_batch_tokens"] == KV
     parsed = tinker.types.GetServerCapabilitiesResponse.model_validate(body)
     assert parsed.supported_models[0].model_name == TINY_KIMI_K2.name
+
+
+def test_refused_ops_never_wedge_the_run_the_client_numbered_them_in(api) -> None:
+    """The SDK numbers a run's ops itself: ops refused at the door (by the body's types, by a route's checks, or
+    by cost) each leave a failed placeholder at their seq_id, so the next op still runs."""
+    client, state, model_id = api
+    refused = [
+        client.post(
+            "/api/v1/optim_step", json={"model_id": model_id, "seq_id": 1, "adam_params": {"learning_rate": 1e30}}
+        ),  # fmt: skip
+        client.post("/api/v1/save_weights", json={"model_id": model_id, "seq_id": 2, "path": ".."}),
+        client.post("/api/v1/forward_backward", json=fb_request(model_id, 3, PASS + 1)),
+    ]
+    assert [r.status_code for r in refused] == [400, 400, 413]
+    ok = client.post("/api/v1/forward_backward", json=fb_request(model_id, 4, 3))
+    assert ok.status_code == 200
+    with state.transaction() as session:  # a worker runs the create (seq 0) ...
+        (create,) = claim_ready_jobs(session, base_models=[TINY_KIMI_K2.name], worker_id="w", lease_seconds=60, limit=8)
+        assert complete_job(session, create.id, create.fencing_token, {"model_id": model_id})
+    with state.transaction() as session:  # ... and then seq 4, past the three refusals
+        (next_op,) = claim_ready_jobs(
+            session, base_models=[TINY_KIMI_K2.name], worker_id="w", lease_seconds=60, limit=8
+        )
+    assert next_op.seq_id == 4
+
+    again = client.post("/api/v1/save_weights", json={"model_id": model_id, "seq_id": 2, "path": "fixed"})
+    assert again.status_code == 409 and "refused at submit" in again.json()["error"]["message"]
+    failed = client.post("/api/v1/retrieve_future", json={"request_id": f"{model_id}:2"}).json()
+    assert failed["category"] == "user" and "checkpoint name must match" in failed["error"]
