@@ -10,6 +10,9 @@ missing forever and every later op of the run would wait behind it. `install(app
 Routes say which op a request is (`note_ordered_op`) as soon as they know its tenant, run and seq_id; a body that
 fails validation before the route runs is identified from the parsed body and the caller's API key.
 
+A client that does not use up a seq_id on a refusal (Loom's SDK) sends its next op with that same seq_id, which
+takes the placeholder's place as long as no later op of the run has started (`api.db.jobs.submit_job`).
+
 Limits: a refusal whose seq_id is out of the window, already passed or already submitted (a conflicting replay)
 records nothing; a body that is not valid JSON names no seq_id, so nothing is recorded
 and a client that numbered it must resend that seq_id.

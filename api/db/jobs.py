@@ -18,8 +18,10 @@ is ready only as part of the contiguous chain that starts exactly at its run's
 ``next_seq_id``. Finishing such a job, successfully or not, advances
 ``next_seq_id`` past it, so one failed request never wedges the run's queue; a
 request refused at submit leaves a failed placeholder at its seq_id
-(``record_refusal``) for the same reason: the client numbered later ops after
-it. An
+(``record_refusal``) for the same reason: the client may have numbered later
+ops after it (the tinker SDK does). A client that instead sends the next op
+at the refused seq_id (Loom's SDK does) takes the placeholder's place, as long
+as no later op of the run has started. An
 ordered op whose ``TrainingRun`` row does not exist (yet) waits. Every training
 op has a seq_id (``submit_job`` refuses one without); jobs in any other lane are
 ready as soon as they are queued.
@@ -104,6 +106,8 @@ def submit_job(
         "payload": payload.to_json(),  # JSON-native already, so a replay compares equal to the stored one
     }
     existing = _find_existing(session, owner, lane, model_id, seq_id, idempotency_key)
+    if existing is not None and _is_refusal(existing) and _reopen(session, existing):
+        existing = None  # the client sends the op again at the seq_id its refusal took: it takes that place
     if existing is None:
         job = Job(
             id=_job_id(lane, model_id, seq_id),
@@ -146,11 +150,42 @@ def _find_existing(
     return found[0] if found else None
 
 
+def _is_refusal(job: Job) -> bool:
+    return job.payload == REFUSED_PAYLOAD and job.state == JobState.FAILED.value and job.started_at is None
+
+
+def _reopen(session: Session, refusal: Job) -> bool:
+    """Give a refused op's seq_id back, if nothing after it has run: delete the placeholder and, if the run had
+    moved past it, move the run back to it. False when a later op of the run was claimed or finished already."""
+    later_ran = session.scalar(
+        select(Job.id)
+        .where(
+            Job.model_id == refusal.model_id,
+            Job.lane == TRAINING_LANE,
+            Job.seq_id > refusal.seq_id,
+            or_(Job.state == JobState.LEASED.value, Job.started_at.is_not(None)),
+        )
+        .limit(1)
+        .with_for_update()
+    )
+    if later_ran is not None:
+        return False
+    session.delete(refusal)
+    session.flush()
+    session.execute(
+        update(TrainingRun)
+        .where(TrainingRun.id == refusal.model_id, TrainingRun.next_seq_id > refusal.seq_id)
+        .values(next_seq_id=refusal.seq_id)
+    )
+    return True
+
+
 def _check_same_request(existing: Job, request: dict[str, Any]) -> None:
-    if existing.payload == REFUSED_PAYLOAD and existing.state == JobState.FAILED.value:
+    if _is_refusal(existing):
         raise JobConflict(
             existing.id,
-            f"seq_id {existing.seq_id} of this run was {existing.error}; send the corrected request with a new seq_id",
+            f"seq_id {existing.seq_id} of this run was {existing.error}, and the run has run later ops since: "
+            "send the corrected request with a new seq_id",
         )
     differing = sorted(field for field, value in request.items() if getattr(existing, field) != value)
     if differing:

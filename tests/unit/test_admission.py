@@ -133,7 +133,23 @@ def test_refused_ops_never_wedge_the_run_the_client_numbered_them_in(api) -> Non
         )
     assert next_op.seq_id == 4
 
-    again = client.post("/api/v1/save_weights", json={"model_id": model_id, "seq_id": 2, "path": "fixed"})
-    assert again.status_code == 409 and "refused at submit" in again.json()["error"]["message"]
     failed = client.post("/api/v1/retrieve_future", json={"request_id": f"{model_id}:2"}).json()
     assert failed["category"] == "user" and "checkpoint name must match" in failed["error"]
+    again = client.post("/api/v1/save_weights", json={"model_id": model_id, "seq_id": 2, "path": "fixed"})
+    assert again.status_code == 409 and "refused at submit" in again.json()["error"]["message"]  # seq 4 started
+
+
+def test_an_op_sent_again_at_its_refused_seq_id_takes_that_place(api) -> None:
+    """Loom's SDK does not use up a seq_id on a refusal: its next op comes with the same seq_id, and runs."""
+    client, state, model_id = api
+    assert (
+        client.post("/api/v1/save_weights", json={"model_id": model_id, "seq_id": 1, "path": ".."}).status_code == 400
+    )
+    with state.transaction() as session:  # the create (seq 0) runs; the run moves past the refused seq 1
+        (create,) = claim_ready_jobs(session, base_models=[TINY_KIMI_K2.name], worker_id="w", lease_seconds=60, limit=8)
+        assert complete_job(session, create.id, create.fencing_token, {"model_id": model_id})
+    assert client.post("/api/v1/forward_backward", json=fb_request(model_id, 1, 3)).status_code == 200
+    assert client.post("/api/v1/forward_backward", json=fb_request(model_id, 2, 3)).status_code == 200
+    with state.transaction() as session:
+        claimed = claim_ready_jobs(session, base_models=[TINY_KIMI_K2.name], worker_id="w", lease_seconds=60, limit=8)
+    assert [job.seq_id for job in claimed] == [1, 2]
