@@ -12,7 +12,7 @@ import torch
 
 from contract.jobs import ChatPrompt, CompletionPrompt, ForwardBackwardJob, ForwardJob, SampleJob, TinkerPrompt
 from loom.types import ForwardBackwardInput, ForwardBackwardOutput, SampledSequence, SampleResponse, TensorData
-from loom.types.validation import DEFAULT_MAX_TOKENS, InvalidRequest, check_sampling, check_tokens
+from loom.types.validation import InvalidRequest, check_sampling, check_tokens, max_tokens_of
 from worker.models.loader import LoadedModel
 from worker.openai_jobs import PromptError, render_prompt
 from worker.sampler import SampleOutput, SampleWork
@@ -78,7 +78,7 @@ def sample_work(job: SampleJob, prompt: list[int], slot: int | None) -> SampleWo
         slot=slot,
         prompt=prompt,
         num_samples=job.num_samples,
-        max_tokens=params.max_tokens if params.max_tokens is not None else DEFAULT_MAX_TOKENS,
+        max_tokens=max_tokens_of(params),
         temperature=params.temperature,
         top_k=params.top_k,
         top_p=params.top_p,

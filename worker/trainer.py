@@ -28,11 +28,7 @@ from worker.models.loader import LoadedModel
 
 
 class LossError(ValueError):
-    """The loss function failed on one request's own inputs (`item`: its index in the pass)."""
-
-    def __init__(self, item: int, message: str) -> None:
-        super().__init__(message)
-        self.item = item
+    """The loss function failed on one request's own inputs."""
 
 
 @dataclass
@@ -140,7 +136,7 @@ def _run_micro_batch(
             try:
                 loss = LOSSES[item.loss_fn](lp, datum.inputs, item.loss_fn_config)
             except Exception as exc:
-                raise LossError(i, f"{item.loss_fn} failed on datum {j}: {type(exc).__name__}: {exc}") from exc
+                raise LossError(f"{item.loss_fn} failed on datum {j}: {type(exc).__name__}: {exc}") from exc
             logprobs[i, j] = lp.detach()
             losses[i, j] = float(loss.detach())
             if not item.forward_only:

@@ -502,7 +502,7 @@ def record_refusal(session: Session, *, owner: str, model_id: str, seq_id: int, 
     run = session.scalar(select(TrainingRun).where(TrainingRun.id == model_id, TrainingRun.owner == owner))
     if run is None or seq_id < max(run.next_seq_id, 1):
         return False
-    if seq_id > next_training_seq(session, model_id) - 1 + SEQ_ID_WINDOW:
+    if seq_beyond_window(session, model_id, seq_id) is not None:
         return False
     refused = Job(
         id=_job_id(TRAINING_LANE, model_id, seq_id),
@@ -530,6 +530,13 @@ def record_refusal(session: Session, *, owner: str, model_id: str, seq_id: int, 
 
 # ---------------------------------------------------------------------------
 # Reading
+
+
+def seq_beyond_window(session: Session, model_id: str, seq_id: int) -> int | None:
+    """The run's newest submitted seq_id if `seq_id` is more than `SEQ_ID_WINDOW` ahead of it (an op numbered
+    that far ahead would wait forever for the ops before it), else None."""
+    newest = next_training_seq(session, model_id) - 1
+    return newest if seq_id > newest + SEQ_ID_WINDOW else None
 
 
 def next_training_seq(session: Session, model_id: str) -> int:

@@ -28,7 +28,7 @@ from loom.types import (
     SampleRequest,
     UntypedAPIFuture,
 )
-from loom.types.validation import DEFAULT_MAX_TOKENS, InvalidRequest, check_sample
+from loom.types.validation import InvalidRequest, check_sample, max_tokens_of
 
 router = APIRouter(prefix="/api/v1")
 
@@ -102,8 +102,8 @@ def asample(body: SampleRequest, request: Request, state: State, owner: Tenant) 
         prompt_tokens = check_sample(body, info.vocab_size, info.max_context_length)
     except InvalidRequest as exc:
         raise invalid(f"{exc.param}: {exc}", exc.param) from exc
-    max_tokens = body.sampling_params.max_tokens or DEFAULT_MAX_TOKENS
-    WorkerBudget.of(info, state.settings).check_sample(len(prompt_tokens), max_tokens, body.num_samples, "num_samples")
+    budget = WorkerBudget.of(info, state.settings)
+    budget.check_sample(len(prompt_tokens), max_tokens_of(body.sampling_params), body.num_samples, "num_samples")
     prompt = TinkerPrompt(
         model_input=body.prompt,
         prompt_logprobs=bool(body.prompt_logprobs),

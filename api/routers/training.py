@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.admission import WorkerBudget
-from api.db.jobs import next_training_seq
+from api.db.jobs import next_training_seq, seq_beyond_window
 from api.db.models import Checkpoint, RunStatus, SamplingSession, TrainingRun
 from api.deps import State, Tenant, enqueue, owned_run, owned_session
 from api.errors import APIError, ErrorCode, invalid, invalid_from_validation
@@ -136,8 +136,8 @@ def _create_run(
 
 def _enqueue_op(session: Session, request: Request, run: TrainingRun, seq_id: int, payload: JobPayload) -> str:
     """Queue an op of `run` in its ordered lane; returns the request id."""
-    newest = next_training_seq(session, run.id) - 1
-    if seq_id > newest + SEQ_ID_WINDOW:
+    newest = seq_beyond_window(session, run.id, seq_id)
+    if newest is not None:
         raise invalid(f"seq_id {seq_id} is more than {SEQ_ID_WINDOW} ahead of the run's newest op ({newest})", "seq_id")
     return enqueue(
         session,

@@ -47,6 +47,11 @@ DEFAULT_MAX_TOKENS = 16
 """The token limit of a sample request that names none (Tinker's default)."""
 
 
+def max_tokens_of(params: SamplingParams) -> int:
+    """The token limit a sample request asks for (`DEFAULT_MAX_TOKENS` when it names none)."""
+    return params.max_tokens if params.max_tokens is not None else DEFAULT_MAX_TOKENS
+
+
 class InvalidRequest(ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -148,7 +153,7 @@ def check_sampling(
     max_length: int,
 ) -> None:
     """Sampling parameters, given the prompt's length and the model's vocabulary and context."""
-    max_tokens = params.max_tokens if params.max_tokens is not None else DEFAULT_MAX_TOKENS
+    max_tokens = max_tokens_of(params)
     if max_tokens < 1:
         raise InvalidRequest("max_tokens must be at least 1", "sampling_params.max_tokens")
     if prompt_length + max_tokens > max_length:
