@@ -9,7 +9,6 @@ Usage: `.venv/bin/python scripts/limits_table.py [--write]`.
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
@@ -20,8 +19,9 @@ from api.admission import GIB, WorkerBudget  # noqa: E402
 from contract.catalogue import BUILTIN_MODELS  # noqa: E402
 from contract.settings import TRAIN_PASSES_PER_TICK, Settings  # noqa: E402
 from loom.types import limits  # noqa: E402
+from scripts.readme_region import print_or_write  # noqa: E402
 
-START, END = "<!-- limits:start -->", "<!-- limits:end -->"
+REGION = "limits"
 
 
 def default(setting: str) -> int:
@@ -66,20 +66,5 @@ def table() -> str:
     return "\n".join(lines)
 
 
-def with_table(readme: str) -> str:
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    if not pattern.search(readme):
-        raise SystemExit(f"README.md has no {START} … {END} section")
-    return pattern.sub(lambda _: f"{START}\n{table()}\n{END}", readme)
-
-
-def main(argv: list[str]) -> None:
-    if "--write" in argv:
-        path = ROOT / "README.md"
-        path.write_text(with_table(path.read_text()))
-    else:
-        print(table())
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    print_or_write(sys.argv[1:], REGION, table())
