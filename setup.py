@@ -7,6 +7,6 @@ would not build there.
 
 from setuptools import find_packages, setup
 
-SERVER_PACKAGES = ["contract", "api", "api.*", "worker", "worker.*", "gpu_kernels"]
+SERVER_PACKAGES = ["contract", "contract.*", "api", "api.*", "worker", "worker.*", "gpu_kernels"]
 
 setup(packages=["loom", "loom.types", *find_packages(include=SERVER_PACKAGES)])
