@@ -20,7 +20,7 @@ import vulture
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER = ("api", "contract", "worker", "gpu_kernels")
-USERS = (*SERVER, "client", "benchmarks", "examples")
+USERS = (*SERVER, "client", "benchmarks", "examples", "scripts")
 """Where uses of server code may be (everything but tests)."""
 FRAMEWORK_NAMES = ["forward", "process_bind_param", "process_result_value", "render", "cache_ok"]
 FRAMEWORK_DECORATORS = ["@router.*", "@*.exception_handler", "@field_validator", "@model_validator", "@property"]
