@@ -39,7 +39,8 @@ class TokenEvent(TypedDict):
     token_str: str
     logprob: float | None
     finish_reason: str | None
-    """"stop" or "length" on the choice's last event."""
+    """"stop" or "length" on the choice's last event ("tool_calls" too on the events an API process makes from a
+    stored result)."""
 
 
 @dataclass

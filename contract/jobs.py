@@ -215,11 +215,15 @@ class OpenAIChoice(ContractModel):
     """One finished sequence of an OpenAI job, before the API shapes it into chat or completion JSON."""
 
     text: str
-    finish_reason: Literal["stop", "length"]
+    """The answer's text; when tool calls were parsed out of it, the text outside them."""
+    finish_reason: Literal["stop", "length", "tool_calls"]
     tokens: list[int]
     token_strs: list[str]
     logprobs: list[float | None]
     top_logprobs: list[list[tuple[str, float]]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """OpenAI `tool_calls` entries (`id`, `type: "function"`, `function: {name, arguments}` with `arguments` a
+    JSON string) parsed out of the answer in the model's chat format; None when there were none."""
 
 
 class OpenAISampleResult(ContractModel):

@@ -37,7 +37,7 @@ from contract.settings import DEFAULT_TOKEN_BUDGET
 from worker.adapter_pool import AdapterPool
 from worker.job_payloads import UserInputError, prompt_tokens, sample_result, sample_work
 from worker.models.loader import LoadedModel
-from worker.openai_jobs import choice
+from worker.openai_jobs import choice, reply_format
 from worker.sampler import DecodeBatch, Row, SampleOutput, SampleWork
 from worker.sampling_backend import SampleResult
 from worker.text_stream import TextStream
@@ -52,10 +52,10 @@ def openai_prompt(job: SampleJob) -> OpenAIPrompt | None:
     return None if isinstance(job.prompt, TinkerPrompt) else job.prompt
 
 
-def job_work(lm: LoadedModel, job: SampleJob, slot: int | None) -> SampleWork:
-    """The validated `SampleWork` of a sample job (raises `UserInputError` for an OpenAI prompt this model cannot
-    run)."""
-    return sample_work(job, prompt_tokens(lm, job), slot)
+def job_work(lm: LoadedModel, job: SampleJob, slot: int | None, chat_format: str = "template") -> SampleWork:
+    """The validated `SampleWork` of a sample job, an OpenAI prompt rendered in the model's `chat_format` (raises
+    `UserInputError` for an OpenAI prompt this model cannot run)."""
+    return sample_work(job, prompt_tokens(lm, job, chat_format), slot)
 
 
 def token_event(
@@ -72,11 +72,20 @@ def token_event(
     )
 
 
-def openai_result(tokenizer, work: SampleWork, sequences: list, texts: list[TextStream]) -> OpenAISampleResult:
-    """The result of a finished OpenAI job (the API shapes the final JSON from it)."""
+def openai_result(
+    tokenizer,
+    work: SampleWork,
+    sequences: list,
+    texts: list[TextStream],
+    prompt: OpenAIPrompt,
+    chat_format: str = "template",
+) -> OpenAISampleResult:
+    """The result of a finished OpenAI job for `prompt` (the API shapes the final JSON from it); tool calls are
+    parsed out in the model's `chat_format` when the prompt declared tools."""
+    reply = reply_format(prompt, chat_format)
     return OpenAISampleResult(
         prompt_tokens=len(work.prompt),
-        choices=[choice(tokenizer, seq, text) for seq, text in zip(sequences, texts)],
+        choices=[choice(tokenizer, seq, text, reply) for seq, text in zip(sequences, texts)],
     )
 
 
@@ -268,4 +277,4 @@ class SamplingEngine:
         flight.output.sequences = [flight.done[i].sequence() for i in range(flight.work.num_samples)]
         if flight.openai is None:
             return sample_result(flight.output)
-        return openai_result(self.lm.tokenizer, flight.work, flight.output.sequences, flight.texts)
+        return openai_result(self.lm.tokenizer, flight.work, flight.output.sequences, flight.texts, flight.openai)

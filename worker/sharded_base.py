@@ -53,6 +53,7 @@ from torch import nn
 from contract.catalogue import BaseModelEntry
 from worker.lora.adapter import TargetWeight
 from worker.lora.layers import AdapterRouter, MultiLoraExperts, install_multi_lora
+from worker.models.kimi_tokenizer import load_tokenizer
 from worker.models.loader import LoadedModel
 from worker.models.registry import LoraTargets, lora_targets, model_dir
 
@@ -167,9 +168,7 @@ def load_sharded_base(
 def load_sharded_model(entry: BaseModelEntry, model_cache_dir: Path) -> LoadedModel:
     """A registry base model (its cached `save_pretrained` folder) partitioned over the process group, as the
     `LoadedModel` the engine runs; `sharding` keeps the DeepSpeed engine and configs alive with it."""
-    from transformers import AutoTokenizer
-
     path = model_dir(entry, model_cache_dir)
     sharded, router, targets = load_sharded_base(path, lora_targets(entry))
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = load_tokenizer(path)
     return LoadedModel(entry, path, sharded.module, tokenizer, router, targets, sharding=sharded)

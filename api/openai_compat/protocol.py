@@ -6,7 +6,8 @@ context, checked by the worker), `top_logprobs` ≤ 20, at most 4 stop strings, 
 [0, MAX_SEED], prompt token ids non-negative 64-bit integers, and a message content part's `text` a string.
 
 Limits: no `response_format`, `logit_bias`, `presence_penalty`/`frequency_penalty` (accepted only at 0),
-`suffix` or `echo`; tool calls are passed to the chat template but not parsed out of the answer.
+`suffix` or `echo`; `tool_choice` is accepted and ignored (the worker parses whatever tool calls the model
+makes, in its chat format).
 """
 
 from __future__ import annotations

@@ -126,7 +126,7 @@ async def _events(body, state: AppState, owner: str, job_id: str, response_id: s
                     ],
                 )
             )
-        sent = service.SentText()
+        sent = service.SentText(service.holds_finish(body))
         if state.queue.streams is not None:
             deadline = time.monotonic() + RESULT_TIMEOUT
             async for events in state.queue.streams.subscribe(job_id):
@@ -147,7 +147,7 @@ async def _events(body, state: AppState, owner: str, job_id: str, response_id: s
         result = OpenAISampleResult.model_validate(job["result"])
         missing = sent.missing(result.choices)  # all of it when no token stream reached this process
         if missing:
-            yield _sse(chunk(body, response_id, service.stream_choices(body, missing)))
+            yield _sse(chunk(body, response_id, service.stream_choices(body, missing, result)))
         if body.stream_options is not None and body.stream_options.include_usage:
             yield _sse(chunk(body, response_id, [], service.usage(result)))
         yield "data: [DONE]\n\n"

@@ -5,10 +5,13 @@ training checkpoint path they may read, one of their aliases, or a base model id
 another tenant's checkpoint or alias — is the same 404 `model_not_found`, so ids cannot be probed.
 
 `sample_job` builds the worker job (a `SampleJob` with a chat or completion prompt the worker renders);
-`chat_response` / `completion_response` and the `*_chunk` helpers shape its `OpenAISampleResult` into OpenAI JSON.
+`chat_response` / `completion_response` and the `*_chunk` helpers shape its `OpenAISampleResult` into OpenAI JSON,
+tool calls the worker parsed out included (`message.tool_calls`, `finish_reason: "tool_calls"`).
 `SentText` tracks what a stream has sent, so its end can carry whatever token events did not bring.
 
-Limits: `n` choices share one prompt; a choice's logprobs cover its own tokens only.
+Limits: `n` choices share one prompt; a choice's logprobs cover its own tokens only. A stream streams the raw text
+(tool-call markup included) as content; for a chat request that declared tools, the finish reasons and the parsed
+tool calls come in the last chunk, from the stored result (only the finished answer tells whether it was a call).
 """
 
 from __future__ import annotations
@@ -124,13 +127,19 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def _message(c: OpenAIChoice) -> dict[str, Any]:
+    if not c.tool_calls:
+        return {"role": "assistant", "content": c.text}
+    return {"role": "assistant", "content": c.text or None, "tool_calls": c.tool_calls}
+
+
 def chat_response(request: ChatCompletionRequest, result: OpenAISampleResult, response_id: str) -> dict[str, Any]:
     choices = []
     for i, c in enumerate(result.choices):
         choices.append(
             {
                 "index": i,
-                "message": {"role": "assistant", "content": c.text},
+                "message": _message(c),
                 "finish_reason": c.finish_reason,
                 "logprobs": _chat_logprobs(c, request.top_logprobs) if request.logprobs else None,
             }
@@ -183,18 +192,30 @@ def chunk(
     }
 
 
-def stream_choices(request: ChatCompletionRequest | CompletionRequest, events: list[TokenEvent]) -> list[dict]:
-    """The choices of one streamed chunk from the token events that arrived since the last one.
+def holds_finish(request: ChatCompletionRequest | CompletionRequest) -> bool:
+    """A chat request that declared tools: its stream's finish reasons wait for the stored result, which alone
+    says whether an answer was a tool call."""
+    return isinstance(request, ChatCompletionRequest) and bool(request.tools)
+
+
+def stream_choices(
+    request: ChatCompletionRequest | CompletionRequest,
+    events: list[TokenEvent],
+    result: OpenAISampleResult | None = None,
+) -> list[dict]:
+    """The choices of one streamed chunk from the token events that arrived since the last one; `result` is given
+    for the stream's last chunk (the events `SentText.missing` made), whose choices carry their tool calls.
 
     Several decode steps can arrive together; OpenAI clients read one entry per choice index per chunk, so the
     events of each index are merged (text and logprobs concatenated, the last finish reason kept).
     """
     merged: dict[int, dict[str, Any]] = {}
     chat = isinstance(request, ChatCompletionRequest)
+    hold = result is None and holds_finish(request)
     for event in events:
         entry = merged.setdefault(event["index"], {"text": "", "logprobs": [], "finish_reason": None})
         entry["text"] += event["text"]
-        if event["finish_reason"] is not None:
+        if event["finish_reason"] is not None and not hold:
             entry["finish_reason"] = event["finish_reason"]
         if chat and request.logprobs and event["logprob"] is not None:
             piece = event["token_str"]
@@ -206,10 +227,14 @@ def stream_choices(request: ChatCompletionRequest | CompletionRequest, events: l
         entry = merged[index]
         if chat:
             logprobs = {"content": entry["logprobs"]} if request.logprobs else None
+            delta: dict[str, Any] = {"content": entry["text"]}
+            calls = result.choices[index].tool_calls if result is not None else None
+            if calls:
+                delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
             choices.append(
                 {
                     "index": index,
-                    "delta": {"content": entry["text"]},
+                    "delta": delta,
                     "finish_reason": entry["finish_reason"],
                     "logprobs": logprobs,
                 }
@@ -222,16 +247,18 @@ def stream_choices(request: ChatCompletionRequest | CompletionRequest, events: l
 
 
 class SentText:
-    """What a stream has sent so far per choice index, to complete it from the stored result."""
+    """What a stream has sent so far per choice index, to complete it from the stored result; with `hold_finish`
+    (see `holds_finish`) no finish is taken as sent, so the result's finish reasons end the stream."""
 
-    def __init__(self) -> None:
+    def __init__(self, hold_finish: bool = False) -> None:
         self.text: dict[int, str] = {}
         self.finished: set[int] = set()
+        self.hold_finish = hold_finish
 
     def add(self, events: list[TokenEvent]) -> None:
         for event in events:
             self.text[event["index"]] = self.text.get(event["index"], "") + event["text"]
-            if event["finish_reason"] is not None:
+            if event["finish_reason"] is not None and not self.hold_finish:
                 self.finished.add(event["index"])
 
     def missing(self, choices: list[OpenAIChoice]) -> list[TokenEvent]:

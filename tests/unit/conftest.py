@@ -1,4 +1,5 @@
-"""Fixtures for unit tests of api/db: a migrated temporary SQLite database."""
+"""Fixtures for unit tests: a migrated temporary SQLite database (api/db), and tokenizer folders built once per
+test session (converting ~160k BPE ranks takes seconds)."""
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -48,3 +49,23 @@ def make_run(session_factory: sessionmaker[Session]) -> Callable[..., str]:
             return run.id
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_kimi_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Kimi K2-layout tokenizer folder over the o200k_base prefix (`build_tiny_kimi_tokenizer`)."""
+    from worker.models.tokenizer_folders import build_tiny_kimi_tokenizer  # the ML stack only where needed
+
+    folder = tmp_path_factory.mktemp("tiny-kimi-tokenizer")
+    build_tiny_kimi_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def qwen3_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen3's tokenizer folder (`build_qwen3_tokenizer`)."""
+    from worker.models.tokenizer_folders import build_qwen3_tokenizer
+
+    folder = tmp_path_factory.mktemp("qwen3-tokenizer")
+    build_qwen3_tokenizer(folder)
+    return folder

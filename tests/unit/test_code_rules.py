@@ -3,8 +3,9 @@
 - Who may import whom (../shared/DESIGN.md's table): the import-linter contracts in pyproject.toml hold.
 - No dead code in the server packages: vulture finds no function, method, class, import or unreachable code that
   nothing in the repository (tests aside: code only tests reach is dead too) uses. Framework entry points (FastAPI
-  routes, pydantic validators, SQLAlchemy type hooks, `nn.Module.forward`) are what frameworks call. Data-model
-  fields (ORM columns, pydantic fields) are not judged: a schema field is read by a serialiser, not by name.
+  routes, pydantic validators, SQLAlchemy type hooks, `nn.Module.forward`, the hooks a transformers slow tokenizer
+  and `TikTokenConverter` call) are what frameworks call. Data-model fields (ORM columns, pydantic fields) are not
+  judged: a schema field is read by a serialiser, not by name.
 - Settings: no module reads the environment except `contract/settings.py` and the few listed in `ENV_READERS`,
   each for a reason that is not a Loom setting.
 """
@@ -22,7 +23,21 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVER = ("api", "contract", "worker", "gpu_kernels")
 USERS = (*SERVER, "client", "benchmarks", "examples", "scripts")
 """Where uses of server code may be (everything but tests)."""
-FRAMEWORK_NAMES = ["forward", "process_bind_param", "process_result_value", "render", "cache_ok"]
+FRAMEWORK_NAMES = [
+    "forward",
+    "process_bind_param",
+    "process_result_value",
+    "render",
+    "cache_ok",
+    # transformers' slow-tokenizer hooks (`PythonBackend`) and `TikTokenConverter`'s rank loader
+    "get_vocab",
+    "_tokenize",
+    "_convert_token_to_id",
+    "_convert_id_to_token",
+    "convert_tokens_to_string",
+    "save_vocabulary",
+    "load_tiktoken_bpe",
+]
 FRAMEWORK_DECORATORS = ["@router.*", "@*.exception_handler", "@field_validator", "@model_validator", "@property"]
 ENV_READERS = {
     "contract/settings.py": "the settings themselves",

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from contract.catalogue import BaseModelEntry
 from worker.lora.adapter import TargetWeight
 from worker.lora.layers import AdapterRouter, install_multi_lora
+from worker.models.kimi_tokenizer import load_tokenizer
 from worker.models.registry import lora_targets, model_dir
 
 
@@ -38,5 +39,5 @@ def load_base_model(entry: BaseModelEntry, model_cache_dir: Path) -> LoadedModel
     model.eval()
     model.requires_grad_(False)
     router, targets = install_multi_lora(model, lora_targets(entry))
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = load_tokenizer(path)
     return LoadedModel(entry, path, model, tokenizer, router, targets)
