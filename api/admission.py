@@ -94,6 +94,12 @@ class WorkerBudget:
             max_train_request_tokens=self.max_train_request_tokens,
             estimated_train_pass_bytes=self.train_pass_bytes,
             sample_batch_tokens=self.kv_token_budget,
+            aliases=list(self.model.aliases),
+            architecture=self.model.arch,
+            total_params=self.model.total_params,
+            active_params=self.model.active_params,
+            max_lora_rank=self.model.max_lora_rank,
+            dtype=self.model.dtype,
         )
 
 

@@ -26,14 +26,14 @@ from api.openapi import publish_schemas
 from api.queue import PollingQueue
 from api.responses import NonFiniteJSONResponse
 from api.routers import aliases, futures, health, rest, sampling, service, training
-from contract.catalogue import Catalogue
+from contract.catalogue_file import served_catalogue
 from contract.settings import Settings
 
 
 def build_state(settings: Settings, progress=print) -> AppState:
     upgrade_to_head(settings.database_url)
     sessions = make_session_factory(make_engine(settings.database_url))
-    catalogue = Catalogue.serving(settings.base_models)
+    catalogue = served_catalogue(settings)
     queue: PollingQueue
     if settings.queue == "embedded":
         from api.embedded_queue import EmbeddedQueue

@@ -25,6 +25,7 @@ from sqlalchemy import select
 from api.db.keys import authenticate, create_api_key, revoke_api_key
 from api.db.models import Checkpoint, TrainingRun
 from api.db.session import make_engine, make_session_factory, upgrade_to_head
+from contract.catalogue_file import CatalogueError
 from contract.settings import Settings, load_settings
 
 WORKER_COMMANDS = {"worker": "run", "gc": "gc"}
@@ -104,6 +105,30 @@ def cmd_runs(args: argparse.Namespace, settings: Settings) -> None:
                 print(f"    {c.tinker_path}\t{c.size_bytes} bytes")
 
 
+def _count(n: int) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> None:
+    """The catalogue this deployment serves, with each model's size."""
+    from contract.catalogue_file import DTYPE_BYTES, served_catalogue
+
+    rows = [("id", "arch", "params", "active", "weights", "dtype", "context", "rank", "chat", "pool", "source")]
+    for e in served_catalogue(settings).entries.values():
+        weights = f"{e.total_params * DTYPE_BYTES[e.dtype] / 2**30:.2f} GiB"
+        source = e.source or "built-in"
+        rows.append(
+            (e.name, e.arch, _count(e.total_params), _count(e.active_params), weights, e.dtype,
+             str(e.max_context_length), str(e.max_lora_rank), e.chat_format, e.pool, source)
+        )  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
 def cmd_settings(args: argparse.Namespace, settings: Settings) -> None:
     for variable, value, description in settings.describe():
         print(f"{variable}={value}\n    {description}")
@@ -138,6 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     runs.add_argument("--owner")
     runs.set_defaults(func=cmd_runs)
     sub.add_parser("settings", help="show every setting").set_defaults(func=cmd_settings)
+    sub.add_parser("models", help="list the base models this deployment serves").set_defaults(func=cmd_models)
     for name in WORKER_COMMANDS:
         sub.add_parser(name, help=f"the worker's command (loom-worker {WORKER_COMMANDS[name]} --help)")
     return parser
@@ -153,7 +179,10 @@ def main(argv: list[str] | None = None) -> None:
         _hand_to_worker(argv[0], argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args.func(args, load_settings())
+    try:
+        args.func(args, load_settings())
+    except CatalogueError as exc:
+        raise SystemExit(f"loom: {exc}") from None
 
 
 if __name__ == "__main__":

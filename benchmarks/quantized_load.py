@@ -3,7 +3,7 @@
 Builds a random-init DeepseekV3 of a few hundred MB in float32 (hidden 512, 4 layers of which 3 MoE with 16
 routed experts, vocabulary 32k; every Linear dimension a multiple of 128 or below it, see "Limits"), saves it in
 ~100 MB shards, and rewrites copies into Kimi-K2-Instruct's block-FP8 (`quantize_fp8_block`) and
-Kimi-K2-Thinking's int4 (`quantize_int4_compressed`) layouts. Each folder is then loaded with `load_dense`
+Kimi-K2-Thinking's int4 (`quantize_int4_compressed`) layouts. Each folder is then loaded with Loom's loader (`worker/models/loader.py: load_weights`)
 (dequantising while it loads, into float32 on CPU) in a fresh child process (this script with `--child`), once
 per repeat, the formats interleaved. Printed per format: bytes on disk, median load time and median peak resident set
 (`resource.getrusage(RUSAGE_SELF).ru_maxrss`, imports included: their share is printed once), each also as a
@@ -39,7 +39,9 @@ import psutil
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-from worker.models.quantized_checkpoints import load_dense, quantize_fp8_block, quantize_int4_compressed
+from worker.models.loader import load_weights
+from worker.models.model_folder import check_model_folder
+from worker.models.quantized_checkpoints import quantize_fp8_block, quantize_int4_compressed
 
 FORMATS: dict[str, Callable[[Path], None] | None] = {
     "fp32": None,
@@ -90,7 +92,7 @@ def build(root: Path) -> None:
 def load(folder: Path) -> None:
     before = psutil.Process().memory_info().rss
     start = time.perf_counter()
-    model = load_dense(folder, torch.float32)
+    model = load_weights(check_model_folder(folder), torch.float32)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     params = sum(p.numel() for p in model.parameters())

@@ -1,14 +1,15 @@
-"""The catalogue of base models a deployment can serve: the facts the API validates against and workers load by.
+"""The catalogue of base models a deployment serves: the facts the API validates against and workers load by.
 
 Each `BaseModelEntry` is what clients and the API need to know of a model (its public id and aliases, architecture,
-vocabulary, context, LoRA rank limit) and where its files live in the model cache (`cache_name`). How a worker
-materialises those files and which modules LoRA wraps are the worker's business (`worker/models/registry.py`),
-keyed by the entry's name and architecture.
+vocabulary, context, LoRA rank limit, size) and how a worker gets it: its files (`source`: a local folder or an
+`s3://` prefix in the Hugging Face `save_pretrained` layout; none for a built-in, which the worker builds into its
+model cache), the dtype it computes in, the modules LoRA may wrap, its chat format and the worker pool serving it.
 
-`Catalogue` is the set one process serves (all built-ins, or the names the `base_models` setting lists), resolving
-ids and aliases.
+`Catalogue` is the set one deployment serves: the built-ins plus the entries of the operator's catalogue file
+(`contract/catalogue_file.py`, named by `LOOM_MODEL_CATALOGUE`), narrowed by the `base_models` setting.
 
-Limits: only the built-in entries exist; weights never come from a hub.
+Limits: the built-ins are the real SmolLM2-135M-Instruct and two faithful miniatures (random-init Kimi K2 and
+Qwen3-MoE shapes with their real tokenizers); weights never come from a hub.
 """
 
 from __future__ import annotations
@@ -16,6 +17,24 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+Dtype = Literal["float32", "bfloat16"]
+ChatFormat = Literal["template", "kimi_k2", "qwen3"]
+"""How `/v1/chat/completions` renders messages and reads tool calls back: the model folder's own chat template
+with no tool-call parsing (`template`), or a published family format (`kimi_k2`, `qwen3`)."""
+
+
+@dataclass(frozen=True)
+class LoraTargets:
+    """Leaf module names (and fused expert parameters) that LoRA may wrap, grouped by the Tinker flags."""
+
+    attn: tuple[str, ...]
+    mlp: tuple[str, ...]
+    unembed: tuple[str, ...] = ("lm_head",)
+    experts: tuple[str, ...] = ()
+    """Fused 3-D routed-expert parameters (`gate_up_proj`, `down_proj`) on modules whose class name ends in
+    `Experts`; trained when `train_mlp` is set."""
 
 
 @dataclass(frozen=True)
@@ -23,21 +42,36 @@ class BaseModelEntry:
     name: str
     """The id clients pass as `base_model`."""
     cache_name: str
-    """The model's folder under the model cache."""
+    """The model's folder under the model cache (built-ins and `s3://` sources are materialised there)."""
     arch: str
-    """The transformers architecture (`config.json` `architectures[0]`)."""
+    """The transformers causal-LM class (`contract/architectures.py`)."""
     vocab_size: int
     max_context_length: int
     train_bytes_per_token: int
-    """Peak activation memory of a training pass per padded token (fp32, measured by
-    `benchmarks/train_pass_memory.py`); what admission multiplies the pass budget by."""
+    """Peak activation memory of a training pass per padded token (fp32; measured by
+    `benchmarks/train_pass_memory.py` for SmolLM2, estimated from the config otherwise); what admission multiplies
+    the pass budget by."""
     kv_bytes_per_token: int
-    """KV-cache bytes per token of a decode batch (fp32: 2 × layers × KV heads × head dim × 4)."""
+    """KV-cache bytes per token of a decode batch in the worker's dtype."""
+    total_params: int
+    active_params: int
+    """Parameters used per token (all of a dense model; a MoE's shared part plus its top-k routed experts)."""
     max_lora_rank: int = 64
     aliases: tuple[str, ...] = field(default=())
+    source: str | None = None
+    """A local folder or `s3://bucket/prefix` holding the model's `save_pretrained` files; None for a built-in."""
+    dtype: Dtype = "float32"
+    """What the worker computes in (quantised checkpoints are dequantised into it while loading)."""
+    chat_format: ChatFormat = "template"
+    lora_targets: LoraTargets | None = None
+    """The modules LoRA may wrap; None derives them from the architecture (`worker/models/registry.py`)."""
+    pool: str = "default"
+    """The worker pool that serves the model (`LOOM_WORKER_POOL` of its workers)."""
 
     def folder(self, model_cache_dir: Path) -> Path:
-        """Where the model's `save_pretrained` files live (built there once by the worker)."""
+        """Where the model's `save_pretrained` files are read from: the local source itself, or the model cache."""
+        if self.source is not None and not self.source.startswith("s3://"):
+            return Path(self.source)
         return model_cache_dir / self.cache_name
 
 
@@ -49,20 +83,38 @@ SMOLLM2 = BaseModelEntry(
     max_context_length=8192,
     train_bytes_per_token=4_200_000,  # 4,005 KiB/token measured at 1×512 (benchmarks/train_pass_memory.py)
     kv_bytes_per_token=2 * 30 * 3 * 64 * 4,
+    total_params=134_515_008,
+    active_params=134_515_008,
     aliases=("smollm2-135m-instruct",),
 )
 TINY_KIMI_K2 = BaseModelEntry(
     name="loom/tiny-kimi-k2",
-    cache_name="tiny-kimi-k2-v2",
+    cache_name="tiny-kimi-k2-v3",
     arch="DeepseekV3ForCausalLM",
-    vocab_size=129280,
+    vocab_size=163840,
     max_context_length=4096,
-    train_bytes_per_token=2_300_000,  # 2,179 KiB/token measured at 1×512
-    kv_bytes_per_token=2 * 3 * 4 * (32 + 16 + 32) * 4,
+    train_bytes_per_token=3_000_000,
+    kv_bytes_per_token=3 * 4 * (32 + 16 + 32) * 4,
+    total_params=0,
+    active_params=0,
     aliases=("tiny-kimi-k2",),
+    chat_format="kimi_k2",
+)
+TINY_QWEN3_MOE = BaseModelEntry(
+    name="loom/tiny-qwen3-moe",
+    cache_name="tiny-qwen3-moe-v1",
+    arch="Qwen3MoeForCausalLM",
+    vocab_size=151936,
+    max_context_length=4096,
+    train_bytes_per_token=2_800_000,
+    kv_bytes_per_token=2 * 2 * 2 * 32 * 4,
+    total_params=0,
+    active_params=0,
+    aliases=("tiny-qwen3-moe",),
+    chat_format="qwen3",
 )
 
-BUILTIN_MODELS: dict[str, BaseModelEntry] = {entry.name: entry for entry in (SMOLLM2, TINY_KIMI_K2)}
+BUILTIN_MODELS: dict[str, BaseModelEntry] = {entry.name: entry for entry in (SMOLLM2, TINY_KIMI_K2, TINY_QWEN3_MOE)}
 
 
 class UnknownModel(ValueError):
@@ -73,23 +125,31 @@ class Catalogue:
     """The base models one deployment serves, looked up by id or alias."""
 
     def __init__(self, entries: Iterable[BaseModelEntry]) -> None:
-        self.entries = {entry.name: entry for entry in entries}
-        self._by_alias = {alias: entry for entry in self.entries.values() for alias in (entry.name, *entry.aliases)}
+        self.entries: dict[str, BaseModelEntry] = {}
+        self._by_alias: dict[str, BaseModelEntry] = {}
+        for entry in entries:
+            for key in (entry.name, *entry.aliases):
+                if key in self._by_alias:
+                    raise UnknownModel(f"{key!r} names two base models ({self._by_alias[key].name}, {entry.name})")
+                self._by_alias[key] = entry
+            self.entries[entry.name] = entry
 
-    @classmethod
-    def serving(cls, names: Iterable[str]) -> Catalogue:
-        """The built-ins named in `names` (ids or aliases), or all of them when `names` is empty."""
+    def narrowed(self, names: Iterable[str]) -> Catalogue:
+        """The entries `names` lists (ids or aliases), or all of them when `names` is empty."""
         names = list(names)
         if not names:
-            return cls(BUILTIN_MODELS.values())
-        builtins = cls(BUILTIN_MODELS.values())
+            return self
         entries = []
         for name in names:
-            entry = builtins.resolve(name)
+            entry = self.resolve(name)
             if entry is None:
-                raise UnknownModel(f"unknown base model {name!r}; built-in: {sorted(BUILTIN_MODELS)}")
+                raise UnknownModel(f"unknown base model {name!r}; the catalogue holds {sorted(self.entries)}")
             entries.append(entry)
-        return cls(entries)
+        return Catalogue(entries)
+
+    def in_pool(self, pool: str | None) -> Catalogue:
+        """The entries the worker pool `pool` serves (all of them when `pool` is None)."""
+        return self if pool is None else Catalogue(e for e in self.entries.values() if e.pool == pool)
 
     def resolve(self, name: str) -> BaseModelEntry | None:
         return self._by_alias.get(name)

@@ -184,7 +184,9 @@ def _qwen3(config: Mapping[str, Any]) -> list[_Tensors]:
 
 
 def _qwen3_moe(config: Mapping[str, Any]) -> list[_Tensors]:
-    hidden, layers, experts = config["hidden_size"], config["num_hidden_layers"], config["num_experts"]
+    # transformers 5 writes `num_local_experts` where the published configs say `num_experts`
+    experts = config["num_experts"] if "num_experts" in config else config["num_local_experts"]
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
     dense_only, step = set(config.get("mlp_only_layers") or ()), config.get("decoder_sparse_step", 1)
     moe = sum(1 for i in range(layers) if i not in dense_only and experts > 0 and (i + 1) % step == 0)
     return [

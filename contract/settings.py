@@ -54,8 +54,18 @@ class Settings(BaseSettings):
     )
 
     # -- what is served, and how work travels ----------------------------------------------------------------------
+    model_catalogue: Path | None = Field(
+        None,
+        description="a YAML or TOML catalogue file declaring the base models this deployment serves besides the "
+        "built-ins (id, local folder or `s3://` source, dtype, context, LoRA rank and targets, chat format, pool; "
+        "see the README)",
+    )
     base_models: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="comma-separated base models to serve (ids or aliases); default all built-in"
+        default_factory=list,
+        description="comma-separated base models to serve (ids or aliases); default every catalogue entry",
+    )
+    worker_pool: str | None = Field(
+        None, description="a worker (`loom worker`) serves only the catalogue entries of this pool; default all"
     )
     queue: Literal["embedded", "external", "celery"] = Field(
         "embedded",

@@ -19,7 +19,8 @@ from datetime import timedelta
 
 from api.db.checkpoints import committed_uris, delete_expired
 from api.db.session import make_engine, make_session_factory, upgrade_to_head
-from contract.catalogue import BaseModelEntry, Catalogue
+from contract.catalogue import BaseModelEntry
+from contract.catalogue_file import CatalogueError, served_catalogue
 from contract.checkpoint_store import delete_checkpoint_uri
 from contract.settings import Settings, load_settings
 from worker.engine import Engine
@@ -52,7 +53,9 @@ def _zero3_engine(entries: list[BaseModelEntry], settings: Settings, role: str) 
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
-    entries = list(Catalogue.serving(settings.base_models).entries.values())
+    entries = list(served_catalogue(settings).in_pool(settings.worker_pool).entries.values())
+    if not entries:
+        raise SystemExit(f"loom worker: no catalogue entry is in pool {settings.worker_pool!r}")
     engines = None
     if args.zero3:
         engine = _zero3_engine(entries, settings, args.role)
@@ -119,7 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     gc.set_defaults(func=cmd_gc)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args.func(args, load_settings())
+    try:
+        args.func(args, load_settings())
+    except CatalogueError as exc:
+        raise SystemExit(f"loom worker: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -53,14 +53,14 @@ def forward_backward_result(result: ItemResult) -> ForwardBackwardOutput:
     )
 
 
-def prompt_tokens(lm: LoadedModel, job: SampleJob, chat_format: str = "template") -> list[int]:
+def prompt_tokens(lm: LoadedModel, job: SampleJob) -> list[int]:
     """The prompt as token ids: a Tinker prompt's own, or an OpenAI prompt rendered by the model's tokenizer and
-    chat template in the model's `chat_format` (then checked against the model; raises `UserInputError`)."""
+    chat template in the catalogue entry's chat format (then checked against the model; raises `UserInputError`)."""
     prompt = job.prompt
     if isinstance(prompt, TinkerPrompt):
         return [t for chunk in prompt.model_input.chunks for t in chunk.tokens]
     try:
-        tokens = render_prompt(lm.tokenizer, prompt, chat_format)
+        tokens = render_prompt(lm.tokenizer, prompt, lm.spec.chat_format)
         check_tokens(tokens, lm.spec.vocab_size, lm.spec.max_context_length, "prompt")
         check_sampling(
             len(tokens), job.sampling_params, job.num_samples, lm.spec.vocab_size, lm.spec.max_context_length

@@ -52,10 +52,10 @@ def openai_prompt(job: SampleJob) -> OpenAIPrompt | None:
     return None if isinstance(job.prompt, TinkerPrompt) else job.prompt
 
 
-def job_work(lm: LoadedModel, job: SampleJob, slot: int | None, chat_format: str = "template") -> SampleWork:
-    """The validated `SampleWork` of a sample job, an OpenAI prompt rendered in the model's `chat_format` (raises
+def job_work(lm: LoadedModel, job: SampleJob, slot: int | None) -> SampleWork:
+    """The validated `SampleWork` of a sample job, an OpenAI prompt rendered in the model's chat format (raises
     `UserInputError` for an OpenAI prompt this model cannot run)."""
-    return sample_work(job, prompt_tokens(lm, job, chat_format), slot)
+    return sample_work(job, prompt_tokens(lm, job), slot)
 
 
 def token_event(
@@ -78,7 +78,7 @@ def openai_result(
     sequences: list,
     texts: list[TextStream],
     prompt: OpenAIPrompt,
-    chat_format: str = "template",
+    chat_format: str,
 ) -> OpenAISampleResult:
     """The result of a finished OpenAI job for `prompt` (the API shapes the final JSON from it); tool calls are
     parsed out in the model's `chat_format` when the prompt declared tools."""
@@ -277,4 +277,11 @@ class SamplingEngine:
         flight.output.sequences = [flight.done[i].sequence() for i in range(flight.work.num_samples)]
         if flight.openai is None:
             return sample_result(flight.output)
-        return openai_result(self.lm.tokenizer, flight.work, flight.output.sequences, flight.texts, flight.openai)
+        return openai_result(
+            self.lm.tokenizer,
+            flight.work,
+            flight.output.sequences,
+            flight.texts,
+            flight.openai,
+            self.lm.spec.chat_format,
+        )

@@ -50,12 +50,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from contract.catalogue import BaseModelEntry
+from contract.catalogue import BaseModelEntry, LoraTargets
 from worker.lora.adapter import TargetWeight
 from worker.lora.layers import AdapterRouter, MultiLoraExperts, install_multi_lora
 from worker.models.kimi_tokenizer import load_tokenizer
-from worker.models.loader import LoadedModel
-from worker.models.registry import LoraTargets, lora_targets, model_dir
+from worker.models.loader import LoadedModel, load_weights
+from worker.models.model_folder import check_model_folder
+from worker.models.registry import lora_targets, model_dir
 
 
 def _deepspeed():
@@ -148,16 +149,14 @@ def _full_shapes(model: nn.Module) -> Iterator[None]:
 def load_sharded_base(
     path: str | Path, lora_targets: LoraTargets, config: dict[str, Any] | None = None
 ) -> tuple[ShardedBase, AdapterRouter, list[TargetWeight]]:
-    """Load a `save_pretrained` folder partitioned from the start (float32, sdpa, frozen) and install multi-LoRA."""
+    """Load a `save_pretrained` folder (checked first) partitioned from the start (float32, sdpa, frozen) and
+    install multi-LoRA."""
     _deepspeed()
-    from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     config = config or zero3_config()
     hf_config = HfDeepSpeedConfig(config)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa")
-    model.eval()
-    model.requires_grad_(False)
+    model = load_weights(check_model_folder(Path(path)), torch.float32)
     with _full_shapes(model):
         router, targets = install_multi_lora(model, lora_targets)
     sharded = shard_frozen_base(model, config)

@@ -117,3 +117,5 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    max_model_len: int | None = None
+    """For base models: the catalogue's context length (as vLLM reports it)."""

@@ -282,7 +282,10 @@ class SentText:
 
 
 def list_models(state: AppState, session: Session, owner: str) -> list[ModelCard]:
-    cards = [ModelCard(id=name, created=0, owned_by="loom") for name in state.catalogue.names]
+    cards = [
+        ModelCard(id=e.name, created=0, owned_by="loom", max_model_len=e.max_context_length)
+        for e in state.catalogue.entries.values()
+    ]
     checkpoints = session.scalars(
         select(Checkpoint)
         .where(Checkpoint.owner == owner, Checkpoint.committed.is_(True), Checkpoint.ephemeral.is_(False))

@@ -62,6 +62,17 @@ class SupportedModel(WireModel):
     """Estimated activation memory of one full training pass."""
     sample_batch_tokens: int | None = None
     """KV-cache tokens one decode batch holds: a sample request's samples × (prompt + max_tokens) must fit."""
+    # What the deployment's model catalogue says of the model:
+    aliases: list[str] | None = None
+    """Other names clients may pass as `base_model`."""
+    architecture: str | None = None
+    """The transformers causal-LM class the weights load into."""
+    total_params: int | None = None
+    active_params: int | None = None
+    """Parameters used per token (a MoE's shared part plus its routed top-k experts)."""
+    max_lora_rank: int | None = None
+    dtype: str | None = None
+    """What the workers compute in."""
 
 
 class GetServerCapabilitiesResponse(WireModel):

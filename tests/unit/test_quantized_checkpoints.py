@@ -35,8 +35,10 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
 from worker.models import quantized_checkpoints
-from worker.models.quantized_checkpoints import load_dense, load_options, quantize_fp8_block, quantize_int4_compressed
-from worker.models.registry import tiny_kimi_k2_config
+from worker.models.builtin_models import tiny_kimi_k2_config
+from worker.models.loader import load_weights
+from worker.models.model_folder import check_model_folder
+from worker.models.quantized_checkpoints import load_options, quantize_fp8_block, quantize_int4_compressed
 
 FP8_BLOCK = 128
 INT4_GROUP = 32
@@ -225,7 +227,7 @@ def assert_dense(model: torch.nn.Module, dtype: torch.dtype, names: set[str]) ->
 @pytest.mark.parametrize("fmt", ["fp8", "int4"])
 def test_quantised_folder_loads_dense_and_exact(folders: dict[str, Path], fmt: str, dtype: torch.dtype) -> None:
     reference = AutoModelForCausalLM.from_pretrained(folders[f"{fmt}-reference"], dtype=dtype)
-    loaded = load_dense(folders[fmt], dtype)
+    loaded = load_weights(check_model_folder(folders[fmt]), dtype)
     assert_dense(loaded, dtype, {name for name, _ in reference.named_parameters()})
     expected = reference.state_dict()
     for name, value in loaded.state_dict().items():
@@ -249,7 +251,7 @@ def noise_equivalent_error(original: torch.nn.Module, errors: dict[str, float], 
 @pytest.mark.parametrize("fmt", ["fp8", "int4"])
 def test_quantisation_error_is_the_formats(folders: dict[str, Path], fmt: str) -> None:
     original = AutoModelForCausalLM.from_pretrained(folders[f"{fmt}-dense"], dtype=torch.float32)
-    loaded = load_dense(folders[fmt], torch.float32)
+    loaded = load_weights(check_model_folder(folders[fmt]), torch.float32)
     originals = dict(original.named_parameters())
     errors = {name: relative_error(value, originals[name]) for name, value in loaded.named_parameters()}
     errors = {name: error for name, error in errors.items() if error > 0}
@@ -274,7 +276,7 @@ def test_quantisation_error_is_the_formats(folders: dict[str, Path], fmt: str) -
 )
 def test_fp8_partial_edge_blocks_dequantise_exactly(folders: dict[str, Path]) -> None:
     reference = AutoModelForCausalLM.from_pretrained(folders["fp8-edges-reference"], dtype=torch.float32)
-    loaded = load_dense(folders["fp8-edges"], torch.float32)
+    loaded = load_weights(check_model_folder(folders["fp8-edges"]), torch.float32)
     name = "model.layers.0.self_attn.q_b_proj.weight"
     assert loaded.state_dict()[name].shape == (192, 64)
     assert torch.equal(loaded.state_dict()[name], reference.state_dict()[name])
@@ -299,7 +301,11 @@ def test_single_file_folder_is_rewritten_in_place(tmp_path: Path) -> None:
     assert {path.name for path in tmp_path.glob("model*")} == {"model.safetensors"}
     with safe_open(tmp_path / "model.safetensors", framework="pt") as reader:
         assert reader.get_tensor("model.layers.0.mlp.down_proj.weight").dtype == torch.float8_e4m3fn
-    assert_dense(load_dense(tmp_path, torch.float32), torch.float32, {name for name, _ in dense.named_parameters()})
+    assert_dense(
+        load_weights(check_model_folder(tmp_path), torch.float32),
+        torch.float32,
+        {name for name, _ in dense.named_parameters()},
+    )
 
 
 def test_rewrite_holds_one_shard_at_a_time(

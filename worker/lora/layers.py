@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from contract.catalogue import LoraTargets
 from gpu_kernels.lora_reference import StackCache, add_grouped_deltas, add_segment_deltas
 from worker.lora.adapter import LoraAdapter, TargetWeight
-from worker.models.registry import LoraTargets
 
 
 @dataclass(frozen=True)

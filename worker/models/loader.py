@@ -1,4 +1,15 @@
-"""Loads a base model once, frozen, in float32, with multi-LoRA wrappers installed, plus its tokenizer."""
+"""Loads a base model once, frozen, with multi-LoRA wrappers installed, plus its tokenizer.
+
+`load_base_model` takes a catalogue entry to a `LoadedModel`: the folder is materialised (`registry.model_dir`) and
+checked (`model_folder.check_model_folder`), the config is read into the architecture's transformers classes
+(`kimi_k2` into DeepseekV3's, never remote code), and the weights are loaded by transformers shard by shard
+(per-expert checkpoint tensors fused into the classes' expert parameters; Kimi K2's fp8 block and int4
+compressed-tensors weights dequantised on the way, `worker/models/quantized_checkpoints.py`) into the entry's dtype.
+Anything missing, unexpected or wrongly shaped fails here, at start-up, naming the file.
+
+Limits: quantised weights are always dequantised (no fp8/int4 compute path yet); the whole dense model is held in
+the worker's memory (a ZeRO-3 group partitions it instead, `worker/sharded_base.py`).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +18,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+import transformers
 
 from contract.catalogue import BaseModelEntry
 from worker.lora.adapter import TargetWeight
 from worker.lora.layers import AdapterRouter, install_multi_lora
 from worker.models.kimi_tokenizer import load_tokenizer
+from worker.models.model_folder import (
+    ModelFolder,
+    ModelFolderError,
+    check_model_folder,
+    loading_problems,
+    require_tokenizer,
+)
+from worker.models.quantized_checkpoints import cast_leftovers, load_options
 from worker.models.registry import lora_targets, model_dir
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -21,7 +42,8 @@ class LoadedModel:
     spec: BaseModelEntry
     path: Path
     model: torch.nn.Module
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: Any
+    """A transformers tokenizer (Kimi K2's tiktoken-based one for its folders)."""
     router: AdapterRouter
     targets: list[TargetWeight]
     sharding: Any = None
@@ -32,12 +54,58 @@ class LoadedModel:
         return int(self.model.config.vocab_size)
 
 
-def load_base_model(entry: BaseModelEntry, model_cache_dir: Path) -> LoadedModel:
-    """`entry`'s model from its folder under `model_cache_dir` (built there first if missing)."""
-    path = model_dir(entry, model_cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa")
+def hf_config(folder: ModelFolder) -> transformers.PretrainedConfig:
+    """The folder's config as its architecture's transformers configuration class."""
+    config_class = getattr(transformers, folder.architecture.config_class)
+    fields = {k: v for k, v in folder.config.items() if k not in ("auto_map", "model_type", "transformers_version")}
+    return config_class(**fields)
+
+
+def load_weights(folder: ModelFolder, dtype: torch.dtype) -> torch.nn.Module:
+    """The folder's model with dense `dtype` weights, frozen, in eval mode; a `ModelFolderError` if the weights do
+    not match the config."""
+    model_class = getattr(transformers, folder.architecture.model_class)
+    config = hf_config(folder)
+    try:
+        model, info = model_class.from_pretrained(
+            str(folder.path),
+            config=config,
+            attn_implementation="sdpa",
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **load_options(folder.config, dtype),
+        )
+    except ValueError as exc:
+        raise ModelFolderError(f"{folder.path}: {exc}") from None
+    problem = loading_problems(folder, info, tied=bool(getattr(config, "tie_word_embeddings", False)))
+    if problem:
+        raise ModelFolderError(problem)
+    cast_leftovers(model, dtype)
     model.eval()
     model.requires_grad_(False)
+    return model
+
+
+def check_entry_matches(entry: BaseModelEntry, folder: ModelFolder, tokenizer: Any) -> None:
+    """The catalogue's facts about the model agree with its folder."""
+    config_vocab = int(folder.config.get("vocab_size", 0))
+    if entry.arch != folder.architecture.model_class or entry.vocab_size != config_vocab:
+        raise ModelFolderError(
+            f"{folder.path / 'config.json'}: a {folder.architecture.model_class} with vocabulary {config_vocab}, "
+            f"but the catalogue says {entry.name} is a {entry.arch} with vocabulary {entry.vocab_size}"
+        )
+    if len(tokenizer) > config_vocab:
+        raise ModelFolderError(
+            f"{folder.path}: the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary {config_vocab}"
+        )
+
+
+def load_base_model(entry: BaseModelEntry, model_cache_dir: Path) -> LoadedModel:
+    """`entry`'s model, from its folder (materialised under `model_cache_dir` first when it lives elsewhere)."""
+    folder = check_model_folder(model_dir(entry, model_cache_dir))
+    require_tokenizer(folder.path)
+    tokenizer = load_tokenizer(folder.path)
+    check_entry_matches(entry, folder, tokenizer)
+    model = load_weights(folder, TORCH_DTYPES[entry.dtype])
     router, targets = install_multi_lora(model, lora_targets(entry))
-    tokenizer = load_tokenizer(path)
-    return LoadedModel(entry, path, model, tokenizer, router, targets)
+    return LoadedModel(entry, folder.path, model, tokenizer, router, targets)

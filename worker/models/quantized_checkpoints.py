@@ -11,8 +11,9 @@
 `quantize_fp8_block` and `quantize_int4_compressed` rewrite a `save_pretrained` folder in place into those layouts
 (the numerics are compressed-tensors' own scale, rounding and packing functions), so tests and benchmarks can
 exercise loading the real checkpoints without them. `load_options` gives the `from_pretrained` arguments that
-dequantise such a folder while it loads; `load_dense` loads with them and fixes the dtypes transformers leaves
-behind, so the model holds plain `nn.Linear` modules and dense fused expert parameters for Loom's LoRA wrappers.
+dequantise such a folder while it loads (`worker/models/loader.py` loads with them), and `cast_leftovers` fixes the
+dtypes transformers leaves behind, so the model holds plain `nn.Linear` modules and dense fused expert parameters
+for Loom's LoRA wrappers.
 
 Limits: round-to-nearest quantisation of the given weights, not Moonshot's quantisation-aware training, so the
 error is the format's and says nothing of Kimi's published accuracy. Tensor names are DeepseekV3's
@@ -31,7 +32,6 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from compressed_tensors.compressors import BaseCompressor
@@ -41,7 +41,7 @@ from compressed_tensors.quantization.utils import calculate_qparams, maybe_pad_t
 from compressed_tensors.utils.match import match_name
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, CompressedTensorsConfig, FineGrainedFP8Config, PreTrainedModel
+from transformers import CompressedTensorsConfig, FineGrainedFP8Config, PreTrainedModel
 
 FP8_BLOCK_CONFIG: dict = {
     "activation_scheme": "dynamic",
@@ -198,17 +198,13 @@ def load_options(config: dict, dtype: torch.dtype) -> dict:
     return {"dtype": dtype, "quantization_config": dequantizing}
 
 
-def load_dense(folder: Path, dtype: torch.dtype, **kwargs: Any) -> PreTrainedModel:
-    """The causal LM in `folder`, quantised or not, with dense `dtype` parameters (`kwargs` go to `from_pretrained`).
+def cast_leftovers(model: PreTrainedModel, dtype: torch.dtype) -> None:
+    """Cast what a dequantising load left out of `dtype`, except the modules the model keeps in float32.
 
     transformers 5.23 leaves some parameters of a dequantising load out of `dtype`: with FP8, those stored
     unquantised keep the checkpoint's dtype; with compressed-tensors, dequantised experts keep their scales' dtype.
-    They are cast here, except in the modules the model keeps in float32 on any load.
     """
-    config = json.loads((folder / "config.json").read_text())
-    model = AutoModelForCausalLM.from_pretrained(str(folder), **load_options(config, dtype), **kwargs)
     kept = model._keep_in_fp32_modules | model._keep_in_fp32_modules_strict
     for name, param in model.named_parameters():
         if param.is_floating_point() and param.dtype != dtype and not any(module in name for module in kept):
             param.data = param.data.to(dtype)
-    return model

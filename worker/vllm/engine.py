@@ -325,7 +325,9 @@ class VllmSamplingEngine:
         if flight.hide_logprobs:
             for seq in result.sequences:
                 seq.logprobs = [None] * len(seq.tokens)
-        return openai_result(self.lm.tokenizer, flight.work, result.sequences, flight.texts, flight.openai)
+        return openai_result(
+            self.lm.tokenizer, flight.work, result.sequences, flight.texts, flight.openai, self.lm.spec.chat_format
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 

