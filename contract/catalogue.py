@@ -93,10 +93,10 @@ TINY_KIMI_K2 = BaseModelEntry(
     arch="DeepseekV3ForCausalLM",
     vocab_size=163840,
     max_context_length=4096,
-    train_bytes_per_token=3_000_000,
+    train_bytes_per_token=3_002_880,  # estimated from the config (contract/catalogue_file.py)
     kv_bytes_per_token=3 * 4 * (32 + 16 + 32) * 4,
-    total_params=0,
-    active_params=0,
+    total_params=42_640_560,
+    active_params=42_345_648,
     aliases=("tiny-kimi-k2",),
     chat_format="kimi_k2",
 )
@@ -106,10 +106,10 @@ TINY_QWEN3_MOE = BaseModelEntry(
     arch="Qwen3MoeForCausalLM",
     vocab_size=151936,
     max_context_length=4096,
-    train_bytes_per_token=2_800_000,
+    train_bytes_per_token=2_765_568,  # estimated from the config (contract/catalogue_file.py)
     kv_bytes_per_token=2 * 2 * 2 * 32 * 4,
-    total_params=0,
-    active_params=0,
+    total_params=39_389_952,
+    active_params=39_095_040,
     aliases=("tiny-qwen3-moe",),
     chat_format="qwen3",
 )

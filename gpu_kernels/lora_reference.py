@@ -10,7 +10,7 @@ Two layouts are supported:
 - token groups: tokens arrive in arbitrary order with a group id each (MoE experts see a gathered subset of
   tokens), so each group is gathered, transformed and scattered back with `index_add_`.
 
-Autograd flows through both; gradients reach each adapter's A and B only from its own rows or tokens. This is the
+The deltas are computed in the factors' dtype and added in the base's. Autograd flows through both; gradients reach each adapter's A and B only from its own rows or tokens. This is the
 path every device runs on CPU and the twin that GPU kernels are tested against.
 """
 
@@ -32,6 +32,8 @@ class LoraFactors:
 
 
 def lora_delta(x: torch.Tensor, factors: LoraFactors) -> torch.Tensor:
+    """The delta in the factors' dtype (float32 adapters over a bfloat16 base compute in float32)."""
+    x = x.to(factors.a.dtype)
     return (x @ factors.a.transpose(-1, -2)) @ factors.b.transpose(-1, -2) * factors.scale
 
 
@@ -48,7 +50,7 @@ def add_segment_deltas(
     if not segments:
         return y
     if len(segments) == 1 and segments[0][0] == 0 and segments[0][1] == x.shape[0]:
-        return y + lora_delta(x, segments[0][2])
+        return y + lora_delta(x, segments[0][2]).to(y.dtype)
     if _batchable(segments, x.shape[0]):  # under autograd the stacks join the graph, so they are not cached
         return y + _batched_delta(x, segments, None if torch.is_grad_enabled() else cache, name).to(y.dtype)
     # One concatenated delta added once: in-place adds per segment would copy the whole gradient per segment
@@ -102,8 +104,8 @@ def _batched_delta(
 ) -> torch.Tensor:
     """Per-row factors, two `bmm`s: rows (B, T, in) → (B, T, out)."""
     ordered = sorted(segments, key=lambda seg: seg[0])
-    a_t, b_t, scale = (cache or StackCache()).stacks(name, ordered, x.dtype)
-    rows = x.reshape(x.shape[0], -1, x.shape[-1])
+    a_t, b_t, scale = (cache or StackCache()).stacks(name, ordered, ordered[0][2].a.dtype)
+    rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_t.dtype)
     delta = torch.bmm(torch.bmm(rows, a_t), b_t) * scale
     return delta.reshape(*x.shape[:-1], delta.shape[-1])
 
@@ -121,7 +123,7 @@ def add_grouped_deltas(
             continue
         rows = (group_ids == group).nonzero(as_tuple=True)[0]
         if rows.numel() == y.shape[0]:
-            y = y + lora_delta(x, factors)
+            y = y + lora_delta(x, factors).to(y.dtype)
         else:
-            y = y.index_add(0, rows, lora_delta(x.index_select(0, rows), factors))
+            y = y.index_add(0, rows, lora_delta(x.index_select(0, rows), factors).to(y.dtype))
     return y

@@ -61,7 +61,7 @@ PATHS = ("materialised", "loaded")
 def save_model(folder: Path) -> None:
     from transformers import DeepseekV3ForCausalLM
 
-    from worker.models.builtin_models import tiny_kimi_k2_config
+    from tests.tiny_configs import tiny_kimi_k2_config
 
     config = tiny_kimi_k2_config()
     config.vocab_size = VOCAB

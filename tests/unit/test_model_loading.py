@@ -1,9 +1,10 @@
 """Model folders through the catalogue: each supported architecture loads from a `save_pretrained` folder into
-the same logits transformers gives, with LoRA wrappers in place; a damaged folder fails when the worker loads it,
-naming the file and the problem."""
+the same logits transformers gives, with LoRA wrappers in place, in float32 or bfloat16; a damaged folder fails
+when the worker loads it, naming the file and the problem."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,12 +14,13 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from contract.catalogue import SMOLLM2
+from contract.catalogue import SMOLLM2, TINY_QWEN3_MOE
 from contract.catalogue_file import load_catalogue
-from tests.unit.worker_fixtures import MODEL_CACHE
+from tests.unit.worker_fixtures import MODEL_CACHE, make_adapter, register, token_ids
 from worker.models.loader import load_base_model
 from worker.models.model_folder import INDEX, ModelFolderError
 from worker.models.registry import model_dir
+from worker.trainer import TrainDatum, WorkItem, run_forward_backward
 
 VOCAB = 49152  # SmolLM2's tokenizer, borrowed by every test folder
 COMMON = {"vocab_size": VOCAB, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
@@ -234,3 +236,20 @@ def test_an_unsupported_architecture_is_refused_by_the_catalogue_too(folders, tm
     catalogue.write_text(f"models:\n  - id: m\n    source: {folder}\n")
     with pytest.raises(ValueError, match=expected.replace("(", r"\(")):
         load_catalogue(catalogue)
+
+
+def test_a_bfloat16_base_trains_float32_adapters_like_a_float32_base() -> None:
+    """`dtype: bfloat16` halves the base; the LoRA factors (and so their gradients) stay float32."""
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        lm = load_base_model(dataclasses.replace(TINY_QWEN3_MOE, dtype=dtype), MODEL_CACHE)
+        adapter = make_adapter(lm, 8, 0, b_std=0.01)
+        tokens = token_ids(24, 1)
+        datum = TrainDatum(tokens[:-1], {"target_tokens": torch.tensor(tokens[1:]), "weights": torch.ones(23)})
+        (result,) = run_forward_backward(lm, [WorkItem(register(lm, adapter), [datum], "cross_entropy")])
+        grads = torch.cat([p.grad.flatten() for pair in adapter.params.values() for p in pair])
+        assert {p.dtype for pair in adapter.params.values() for p in pair} == {torch.float32}
+        results[dtype] = (result.losses[0], grads)
+    (loss32, grad32), (loss16, grad16) = results["float32"], results["bfloat16"]
+    assert abs(loss16 - loss32) / loss32 < 1e-2
+    assert float((grad16 - grad32).norm() / grad32.norm()) < 5e-2

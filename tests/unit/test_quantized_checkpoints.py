@@ -34,8 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
+from tests.tiny_configs import tiny_kimi_k2_config
 from worker.models import quantized_checkpoints
-from worker.models.builtin_models import tiny_kimi_k2_config
 from worker.models.loader import load_weights
 from worker.models.model_folder import check_model_folder
 from worker.models.quantized_checkpoints import load_options, quantize_fp8_block, quantize_int4_compressed

@@ -1,7 +1,8 @@
 """Checkpoint IO: PEFT-format export loads in stock `peft`, optimizer state resumes exactly, the store verifies.
 
-- `save_adapter` output is loaded with `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model
-  dir), folder)` — stock transformers + peft, none of our wrappers — and its logits are compared with our
+- `save_adapter` output is loaded with `peft.PeftModel.from_pretrained(base, folder)` — stock peft over the plain
+  transformers base as Loom's loader builds it (dequantised; none of our LoRA wrappers) — and its logits are compared
+  with our
   server-side model routed through the same adapter. For tiny Kimi K2 this is done per target group (attention,
   dense MLP + shared experts, routed experts, unembedding: B zeroed elsewhere) so a layout error in any one group
   (e.g. the expert-major A / rank-major B stacking of routed experts) cannot hide behind the others.
@@ -22,7 +23,6 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
 
 from contract.checkpoint_store import MANIFEST, CheckpointCorrupt, CheckpointExists, LocalCheckpointStore
 from loom.types import AdamParams
@@ -36,6 +36,8 @@ from worker.checkpoint_io import (
     save_adapter,
     save_optimizer,
 )
+from worker.models.loader import load_weights
+from worker.models.model_folder import check_model_folder
 from worker.optimizer import RunOptimizer
 from worker.trainer import WorkItem, run_forward_backward
 
@@ -44,7 +46,9 @@ B_STD = {"smollm2": 2e-3, "tiny_kimi_k2": 3e-3}
 
 
 def _peft_logits(lm, folder: Path, tokens: list[int]) -> torch.Tensor:
-    base = AutoModelForCausalLM.from_pretrained(str(lm.path), dtype=torch.float32)
+    # the base as Loom dequantises it (tiny Kimi K2 ships Kimi's fp8 blocks and `kimi_k2` model type, which plain
+    # `AutoModelForCausalLM` would hand to remote code); what is checked is PEFT's reading of the adapter
+    base = load_weights(check_model_folder(lm.path), torch.float32)
     model = PeftModel.from_pretrained(base, str(folder))
     model.eval()
     with torch.no_grad():

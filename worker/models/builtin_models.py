@@ -17,6 +17,7 @@ loading, quantisation, tokenizer and chat-format paths at a size a CPU test can 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from collections.abc import Callable
@@ -74,14 +75,6 @@ def tiny_kimi_k2_config_dict() -> dict[str, Any]:
     return _shrunk("kimi-k2-instruct", TINY_KIMI_K2_SHAPE)
 
 
-def tiny_kimi_k2_config():
-    """The miniature's config as transformers' DeepseekV3 configuration."""
-    from transformers import DeepseekV3Config
-
-    fields = {k: v for k, v in tiny_kimi_k2_config_dict().items() if k not in ("auto_map", "model_type")}
-    return DeepseekV3Config(**fields)
-
-
 def _package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
@@ -118,7 +111,7 @@ def _save_random_init(
     import torch
 
     torch.manual_seed(0)
-    fields = {k: v for k, v in config.items() if k not in ("auto_map", "model_type")}
+    fields = {k: copy.deepcopy(v) for k, v in config.items() if k not in ("auto_map", "model_type")}
     model = model_class(config_class(**fields)).to(torch.float32)
     model.save_pretrained(out, max_shard_size="50MB")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

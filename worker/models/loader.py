@@ -13,6 +13,7 @@ the worker's memory (a ZeRO-3 group partitions it instead, `worker/sharded_base.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,12 @@ class LoadedModel:
 def hf_config(folder: ModelFolder) -> transformers.PretrainedConfig:
     """The folder's config as its architecture's transformers configuration class."""
     config_class = getattr(transformers, folder.architecture.config_class)
-    fields = {k: v for k, v in folder.config.items() if k not in ("auto_map", "model_type", "transformers_version")}
+    # deep copies: the configuration classes rewrite nested dicts (a legacy `rope_scaling`) in place
+    fields = {
+        k: copy.deepcopy(v)
+        for k, v in folder.config.items()
+        if k not in ("auto_map", "model_type", "transformers_version")
+    }
     return config_class(**fields)
 
 
