@@ -1,18 +1,15 @@
 """Load time, peak memory and disk size of Kimi K2's quantised checkpoint formats against the float32 folder.
 
 Builds a random-init DeepseekV3 of a few hundred MB in float32 (hidden 512, 4 layers of which 3 MoE with 16
-routed experts, vocabulary 32k; every Linear dimension a multiple of 128 or below it, see "Limits"), saves it in
-~100 MB shards, and rewrites copies into Kimi-K2-Instruct's block-FP8 (`quantize_fp8_block`) and
-Kimi-K2-Thinking's int4 (`quantize_int4_compressed`) layouts. Each folder is then loaded with Loom's loader (`worker/models/loader.py: load_weights`)
-(dequantising while it loads, into float32 on CPU) in a fresh child process (this script with `--child`), once
-per repeat, the formats interleaved. Printed per format: bytes on disk, median load time and median peak resident set
-(`resource.getrusage(RUSAGE_SELF).ru_maxrss`, imports included: their share is printed once), each also as a
-ratio to float32 in the same run.
+routed experts, vocabulary 32k), saves it in ~100 MB shards, and rewrites copies into Kimi-K2-Instruct's
+block-FP8 (`quantize_fp8_block`) and Kimi-K2-Thinking's int4 (`quantize_int4_compressed`) layouts. Each folder is
+then loaded with Loom's loader (`worker/models/loader.py: load_weights`) (dequantising while it loads, into float32
+on CPU) in a fresh child process (this script with `--child`), once per repeat, the formats interleaved. Printed
+per format: bytes on disk, median load time and median peak resident set (`resource.getrusage(RUSAGE_SELF).ru_maxrss`,
+imports included: their share is printed once), each also as a ratio to float32 in the same run.
 
-Limits: CPU only, one machine, the OS page cache warm after the first repeat. transformers 5.23 dequantises FP8
-weights wrongly where a dimension above 128 is not a multiple of it (see tests/unit/test_quantized_checkpoints.py),
-hence the aligned shapes. Random weights: the figures are the formats' costs, not Kimi's accuracy. About 1-2
-minutes and < 3 GB at the defaults.
+Limits: CPU only, one machine, the OS page cache warm after the first repeat. Random weights: the figures are the
+formats' costs, not Kimi's accuracy. About 1-2 minutes and < 3 GB at the defaults.
 
     .venv/bin/python benchmarks/quantized_load.py [--repeats 3] [--dir /tmp/quantized-load]
 """

@@ -1,7 +1,10 @@
 """Kimi K2's quantised checkpoint formats (worker/models/quantized_checkpoints.py), written and loaded back.
 
-A tiny DeepseekV3 (seed 0, float32, several shards) is quantised in both formats. Each test checks the layout
-against what Moonshot publishes, then loads it dense and compares it with two models:
+A tiny DeepseekV3 (seed 0, float32, several shards) is quantised in both formats, block-FP8 twice: once with every
+Linear dimension a multiple of the 128 block or below it, once with partial blocks at the edges (Kimi-K2-Instruct's
+own shapes have them, e.g. `kv_a_proj_with_mqa` [576, 7168] with [5, 56] scales, which Loom's own dequantise op
+reads and transformers 5.23's does not). Each test checks the layout against what Moonshot publishes, then loads
+it dense and compares it with two models:
 
 - the *reference*: the original folder with every quantised weight replaced by its dequantisation, computed here
   from the stored tensors without the loader's code (fp8 value x its block's scale; int4 nibbles, lowest bits
@@ -32,13 +35,23 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM, FineGrainedFP8Config
+from transformers.quantizers import AutoHfQuantizer
 
 from tests.tiny_configs import tiny_kimi_k2_config
 from worker.models import quantized_checkpoints
 from worker.models.loader import load_weights
 from worker.models.model_folder import check_model_folder
-from worker.models.quantized_checkpoints import load_options, quantize_fp8_block, quantize_int4_compressed
+from worker.models.quantized_checkpoints import (
+    FP8_BLOCK_METHOD,
+    Fp8BlockConfig,
+    Fp8BlockDequantize,
+    dequantize_fp8_block,
+    load_options,
+    loading_quantization,
+    quantize_fp8_block,
+    quantize_int4_compressed,
+)
 
 FP8_BLOCK = 128
 INT4_GROUP = 32
@@ -68,7 +81,10 @@ def tiny_config(**overrides: int) -> DeepseekV3Config:
 
 
 BLOCK_ALIGNED = {"qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 16}
-"""Every Linear dimension a multiple of 128 or below it: see `test_fp8_partial_edge_blocks_dequantise_exactly`."""
+"""Every Linear dimension a multiple of 128 or below it."""
+PARTIAL_BLOCKS = {"hidden_size": 192, "kv_lora_rank": 304}
+"""Partial blocks at the edges (see `test_fp8_edges_folder_has_partial_blocks`): Kimi's `kv_a_proj_with_mqa`
+[576, 7168] scaled down to [320, 192], with [3, 2] scales."""
 
 
 def write_dense(folder: Path, config: DeepseekV3Config) -> None:
@@ -105,8 +121,9 @@ def is_routed_expert(name: str) -> bool:
 
 
 def dequantise_fp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    rows, cols = weight.shape
-    grid = scale.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[:rows, :cols]
+    """Each value times its block's scale, the grid of scales repeated over the blocks and cut to the weight."""
+    rows, cols = weight.shape[-2:]
+    grid = scale.repeat_interleave(FP8_BLOCK, -2).repeat_interleave(FP8_BLOCK, -1)[..., :rows, :cols]
     return weight.to(torch.float32) * grid
 
 
@@ -142,7 +159,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     made: dict[str, Path] = {}
     for fmt, config, quantise in [
         ("fp8", tiny_config(**BLOCK_ALIGNED), quantize_fp8_block),
-        ("fp8-edges", tiny_config(), quantize_fp8_block),
+        ("fp8-edges", tiny_config(**PARTIAL_BLOCKS), quantize_fp8_block),
         ("int4", tiny_config(), quantize_int4_compressed),
     ]:
         dense, quantised, reference = root / f"{fmt}-dense", root / fmt, root / f"{fmt}-reference"
@@ -224,7 +241,7 @@ def assert_dense(model: torch.nn.Module, dtype: torch.dtype, names: set[str]) ->
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+@pytest.mark.parametrize("fmt", ["fp8", "fp8-edges", "int4"])
 def test_quantised_folder_loads_dense_and_exact(folders: dict[str, Path], fmt: str, dtype: torch.dtype) -> None:
     reference = AutoModelForCausalLM.from_pretrained(folders[f"{fmt}-reference"], dtype=dtype)
     loaded = load_weights(check_model_folder(folders[fmt]), dtype)
@@ -248,7 +265,7 @@ def noise_equivalent_error(original: torch.nn.Module, errors: dict[str, float], 
         return relative_error(noisy(TOKENS).logits, original(TOKENS).logits)
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+@pytest.mark.parametrize("fmt", ["fp8", "fp8-edges", "int4"])
 def test_quantisation_error_is_the_formats(folders: dict[str, Path], fmt: str) -> None:
     original = AutoModelForCausalLM.from_pretrained(folders[f"{fmt}-dense"], dtype=torch.float32)
     loaded = load_weights(check_model_folder(folders[fmt]), torch.float32)
@@ -260,7 +277,7 @@ def test_quantisation_error_is_the_formats(folders: dict[str, Path], fmt: str) -
         n for n, t in tensors(folders[f"{fmt}-dense"]).items() if is_linear_weight(n, t) and not is_routed_expert(n)
     }
     assert set(errors) == (fused_experts if fmt == "int4" else fused_experts | linear)
-    low, high = WEIGHT_ERROR[fmt]
+    low, high = WEIGHT_ERROR[fmt.removesuffix("-edges")]
     assert all(low < error <= high for error in errors.values()), errors
     with torch.no_grad():
         logits_error = relative_error(loaded(TOKENS).logits, original(TOKENS).logits)
@@ -268,18 +285,52 @@ def test_quantisation_error_is_the_formats(folders: dict[str, Path], fmt: str) -
     assert 0 < logits_error < 2 * noise_error
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="transformers 5.23's Fp8Dequantize derives the block from the scale grid (rows // grid rows), so a "
-    "192-row weight's two 128-row blocks are read as 96-row ones; Kimi's kv_a_proj_with_mqa [576, 7168] with its "
-    "[5, 56] scales raises instead",
+def test_fp8_edges_folder_has_partial_blocks(folders: dict[str, Path]) -> None:
+    """The partial blocks that `test_quantised_folder_loads_dense_and_exact[fp8-edges-*]` loads exactly."""
+    stored = tensors(folders["fp8-edges"])
+    shapes = {
+        "model.layers.0.self_attn.kv_a_proj_with_mqa.weight": ((320, 192), (3, 2)),
+        "model.layers.0.self_attn.q_b_proj.weight": ((192, 64), (2, 1)),
+        "model.layers.0.self_attn.kv_b_proj.weight": ((256, 304), (2, 3)),
+        "model.layers.0.mlp.down_proj.weight": ((192, 256), (2, 2)),
+        "model.layers.1.mlp.experts.0.gate_proj.weight": ((64, 192), (1, 2)),
+        "model.layers.1.mlp.experts.0.down_proj.weight": ((192, 64), (2, 1)),
+    }
+    for name, (shape, grid) in shapes.items():
+        assert (stored[name].shape, stored[f"{name}_scale_inv"].shape) == (shape, grid), name
+
+
+def block_fp8_dequantizer() -> Fp8BlockDequantize:
+    """The dequantise op transformers' registry gives a block-FP8 folder's load: Loom's registered quantizer's."""
+    options = load_options({"quantization_config": KIMI_K2_INSTRUCT_QUANTIZATION}, torch.float32)
+    quantizer = AutoHfQuantizer.from_config(options["quantization_config"], pre_quantized=True)
+    op = quantizer.get_load_operations()["dequantize"](quantizer)
+    assert isinstance(op, Fp8BlockDequantize)
+    return op
+
+
+@pytest.mark.parametrize(
+    "shape", [(576, 7168), (320, 192), (192, 64), (256, 128), (2, 192, 300)], ids=lambda s: "x".join(map(str, s))
 )
-def test_fp8_partial_edge_blocks_dequantise_exactly(folders: dict[str, Path]) -> None:
-    reference = AutoModelForCausalLM.from_pretrained(folders["fp8-edges-reference"], dtype=torch.float32)
-    loaded = load_weights(check_model_folder(folders["fp8-edges"]), torch.float32)
-    name = "model.layers.0.self_attn.q_b_proj.weight"
-    assert loaded.state_dict()[name].shape == (192, 64)
-    assert torch.equal(loaded.state_dict()[name], reference.state_dict()[name])
+def test_fp8_block_dequantize_takes_the_block_from_the_config(shape: tuple[int, ...]) -> None:
+    """Kimi-K2-Instruct's `kv_a_proj_with_mqa` [576, 7168] (scales [5, 56]) among them, and stacked experts."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(shape, generator=generator).to(torch.float8_e4m3fn)
+    grid = (*shape[:-2], math.ceil(shape[-2] / FP8_BLOCK), math.ceil(shape[-1] / FP8_BLOCK))
+    scale = torch.rand(grid, generator=generator) + 0.5
+    dense = block_fp8_dequantizer().convert({"weight": weight, "weight_scale_inv": scale})["weight"]
+    assert dense.dtype == torch.float32 and dense.is_contiguous()
+    assert torch.equal(dense, dequantise_fp8(weight, scale))
+
+
+def test_fp8_block_dequantize_refuses_other_layouts() -> None:
+    weight = torch.zeros(320, 192).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"needs \(3, 2\) scales; got a torch.float8_e4m3fn weight with \(2, 1\)"):
+        dequantize_fp8_block(weight, torch.ones(2, 1), (128, 128))
+    with pytest.raises(ValueError, match="torch.uint8 scales"):
+        dequantize_fp8_block(weight, torch.ones(3, 2, dtype=torch.uint8), (128, 128))
+    with pytest.raises(ValueError, match="got a torch.int8 weight"):
+        dequantize_fp8_block(torch.zeros(320, 96, dtype=torch.int8), torch.ones(3, 1), (128, 128))
 
 
 def test_load_options(folders: dict[str, Path]) -> None:
@@ -289,6 +340,18 @@ def test_load_options(folders: dict[str, Path]) -> None:
     assert options["dtype"] == torch.float32 and options["quantization_config"].dequantize
     with pytest.raises(ValueError, match="'gptq'"):
         load_options({"quantization_config": {"quant_method": "gptq", "bits": 4}}, torch.float32)
+    fp8 = json.loads((folders["fp8"] / "config.json").read_text())
+    assert loading_quantization(fp8) == {**KIMI_K2_INSTRUCT_QUANTIZATION, "quant_method": FP8_BLOCK_METHOD}
+    block = load_options(fp8, torch.float32)["quantization_config"]
+    assert type(block) is Fp8BlockConfig and block.quant_method == FP8_BLOCK_METHOD and block.dequantize
+    assert list(block.weight_block_size) == [128, 128]
+    per_tensor = {"quantization_config": {"quant_method": "fp8", "weight_block_size": None}}
+    assert loading_quantization(per_tensor) == per_tensor["quantization_config"]
+    assert type(load_options(per_tensor, torch.float32)["quantization_config"]) is FineGrainedFP8Config
+    with pytest.raises(ValueError, match="scale_fmt='ue8m0'"):
+        load_options({"quantization_config": {**KIMI_K2_INSTRUCT_QUANTIZATION, "scale_fmt": "ue8m0"}}, torch.float32)
+    with pytest.raises(ValueError, match=f"'{FP8_BLOCK_METHOD}'"):
+        load_options({"quantization_config": {"quant_method": FP8_BLOCK_METHOD}}, torch.float32)
     with pytest.raises(ValueError, match="already quantised"):
         quantize_int4_compressed(folders["int4"])
 

@@ -32,7 +32,7 @@ from worker.models.model_folder import (
     loading_problems,
     require_tokenizer,
 )
-from worker.models.quantized_checkpoints import cast_leftovers, load_options
+from worker.models.quantized_checkpoints import cast_leftovers, load_options, loading_quantization
 from worker.models.registry import lora_targets, model_dir
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -56,7 +56,8 @@ class LoadedModel:
 
 
 def hf_config(folder: ModelFolder) -> transformers.PretrainedConfig:
-    """The folder's config as its architecture's transformers configuration class."""
+    """The folder's config as its architecture's transformers configuration class, its quantisation as Loom loads
+    it (`loading_quantization`: block-FP8 by Loom's own quantizer); `ValueError` for one Loom does not load."""
     config_class = getattr(transformers, folder.architecture.config_class)
     # deep copies: the configuration classes rewrite nested dicts (a legacy `rope_scaling`) in place
     fields = {
@@ -64,6 +65,9 @@ def hf_config(folder: ModelFolder) -> transformers.PretrainedConfig:
         for k, v in folder.config.items()
         if k not in ("auto_map", "model_type", "transformers_version")
     }
+    quantization = loading_quantization(folder.config)
+    if quantization is not None:
+        fields["quantization_config"] = quantization
     return config_class(**fields)
 
 
@@ -71,8 +75,8 @@ def load_weights(folder: ModelFolder, dtype: torch.dtype) -> torch.nn.Module:
     """The folder's model with dense `dtype` weights, frozen, in eval mode; a `ModelFolderError` if the weights do
     not match the config."""
     model_class = getattr(transformers, folder.architecture.model_class)
-    config = hf_config(folder)
     try:
+        config = hf_config(folder)
         model, info = model_class.from_pretrained(
             str(folder.path),
             config=config,

@@ -15,23 +15,35 @@ dequantise such a folder while it loads (`worker/models/loader.py` loads with th
 dtypes transformers leaves behind, so the model holds plain `nn.Linear` modules and dense fused expert parameters
 for Loom's LoRA wrappers.
 
+Block-FP8 is dequantised by Loom's own transformers quantizer, registered under `FP8_BLOCK_METHOD` through
+transformers' `register_quantization_config`/`register_quantizer`: `loading_quantization` renames an `fp8` folder's
+method to it when the folder gives a `weight_block_size`, and `Fp8BlockQuantizer` subclasses transformers'
+FineGrainedFP8 quantizer with one change, its dequantise op (`Fp8BlockDequantize`). transformers 5.23's op takes
+the block to be the weight dimension over the scale count, which is wrong where a dimension above the block is not
+a multiple of it (a 192-row weight's two scales read as 96-row blocks, silently; the real Kimi-K2-Instruct's
+`kv_a_proj_with_mqa` [576, 7168] with [5, 56] scales refused); Loom's takes the block from the config and cuts the
+last blocks off at the weight's edges (`dequantize_fp8_block`). It runs per checkpoint tensor while transformers
+streams the shards, before transformers fuses per-expert tensors into the expert parameters.
+
 Limits: round-to-nearest quantisation of the given weights, not Moonshot's quantisation-aware training, so the
 error is the format's and says nothing of Kimi's published accuracy. Tensor names are DeepseekV3's
 (`model.layers.N.{self_attn,mlp}...`) and int4 needs in-features divisible by 32. A folder is rewritten one shard
 at a time (peak memory about one shard read plus one shard written); an interrupted rewrite leaves shards of both
-layouts behind, so rewrite a copy. transformers 5.23 dequantises FP8 wrongly where a weight dimension above 128 is
-not a multiple of 128 (it takes the block to be the dimension over the scale count: a 192-row weight's two scales
-are read as 96-row blocks, silently), and refuses where that does not divide: the real Kimi-K2-Instruct's
-`kv_a_proj_with_mqa` [576, 7168] with [5, 56] scales fails to load.
+layouts behind, so rewrite a copy. Block-FP8 loads need float8_e4m3fn weights with float scales
+(`scale_fmt: float`, fp8 experts: DeepSeek-V3's and Kimi-K2-Instruct's layout); DeepSeek-V4's ue8m0 scales and
+fp4 experts are refused. An `fp8` folder that gives no `weight_block_size` (per-tensor scales) is left to
+transformers' own quantizer.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from compressed_tensors.compressors import BaseCompressor
@@ -41,7 +53,10 @@ from compressed_tensors.quantization.utils import calculate_qparams, maybe_pad_t
 from compressed_tensors.utils.match import match_name
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import CompressedTensorsConfig, FineGrainedFP8Config, PreTrainedModel
+from transformers import FineGrainedFP8Config, PreTrainedModel
+from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+from transformers.quantizers import AutoQuantizationConfig, register_quantization_config, register_quantizer
+from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
 
 FP8_BLOCK_CONFIG: dict = {
     "activation_scheme": "dynamic",
@@ -89,10 +104,80 @@ _LINEAR_WEIGHT = re.compile(r"^model\.layers\.\d+\.(?:self_attn|mlp)\..*_proj(?:
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE_FILE = "model.safetensors"
-_CONFIG_CLASSES = {"fp8": FineGrainedFP8Config, "compressed-tensors": CompressedTensorsConfig}
-"""quant_method -> the transformers config that can dequantise it while loading."""
+_LOADABLE_METHODS = ("fp8", "compressed-tensors")
+"""The `quant_method`s of the folders Loom loads (dequantising them while they load)."""
+
+FP8_BLOCK_METHOD = "loom_fp8_block"
+"""The `quant_method` Loom loads a block-FP8 folder under (`loading_quantization`), served by `Fp8BlockQuantizer`."""
 
 Converter = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def dequantize_fp8_block(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The float32 values of block-FP8 `weight` [..., rows, cols]: each element times the scale of its `block`.
+
+    `scale` holds one scale per block, [..., ceil(rows / block rows), ceil(cols / block cols)], the last row and
+    column of blocks partial where a dimension is not a multiple of the block. Raises `ValueError` for another
+    weight dtype or scale grid.
+    """
+    *leading, rows, cols = weight.shape
+    block_rows, block_cols = block
+    grid = (math.ceil(rows / block_rows), math.ceil(cols / block_cols))
+    if weight.dtype != torch.float8_e4m3fn or not scale.is_floating_point() or scale.shape != (*leading, *grid):
+        raise ValueError(
+            f"a block-FP8 weight is float8_e4m3fn with float scales, one per {block_rows}x{block_cols} block: "
+            f"a {tuple(weight.shape)} weight needs {(*leading, *grid)} scales; got a {weight.dtype} weight "
+            f"with {tuple(scale.shape)} {scale.dtype} scales"
+        )
+    padded = weight.new_zeros((*leading, grid[0] * block_rows, grid[1] * block_cols), dtype=torch.float32)
+    padded[..., :rows, :cols] = weight
+    blocks = padded.view(*leading, grid[0], block_rows, grid[1], block_cols)
+    blocks *= scale.to(torch.float32)[..., :, None, :, None]
+    return padded[..., :rows, :cols]
+
+
+class Fp8BlockDequantize(Fp8Dequantize):
+    """transformers' FP8 dequantise op, with the block size taken from the config (`dequantize_fp8_block`).
+
+    transformers' own op derives the block from the scale grid, wrongly at partial edge blocks; the rest of the op
+    (pairing each weight with its `weight_scale_inv`, per expert before they are fused) is transformers'. The result
+    is in the dtype of the parameter it loads into (float32 when transformers does not say).
+    """
+
+    def _dequantize_one(
+        self, quantized: torch.Tensor, scales: torch.Tensor, output_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        block_rows, block_cols = self.hf_quantizer.quantization_config.weight_block_size
+        dense = dequantize_fp8_block(quantized, scales, (block_rows, block_cols))
+        return dense.to(output_dtype or torch.float32).contiguous()
+
+
+@register_quantization_config(FP8_BLOCK_METHOD)
+class Fp8BlockConfig(FineGrainedFP8Config):
+    """transformers' `FineGrainedFP8Config` of a block-FP8 checkpoint, under `FP8_BLOCK_METHOD`.
+
+    Raises `ValueError` for what `Fp8BlockDequantize` does not read: no block size, ue8m0 scales, fp4 experts.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**{**kwargs, "quant_method": FP8_BLOCK_METHOD})
+
+    def post_init(self) -> None:
+        super().post_init()
+        if self.weight_block_size is None or self.scale_fmt != "float" or self.expert_dtype != "fp8":
+            raise ValueError(
+                "Loom loads block-FP8 with a weight_block_size, float scales and fp8 experts; got "
+                f"weight_block_size={self.weight_block_size}, scale_fmt={self.scale_fmt!r}, "
+                f"expert_dtype={self.expert_dtype!r}"
+            )
+
+
+@register_quantizer(FP8_BLOCK_METHOD)
+class Fp8BlockQuantizer(FineGrainedFP8HfQuantizer):
+    """transformers' FineGrainedFP8 quantizer, dequantising with `Fp8BlockDequantize`."""
+
+    def get_load_operations(self) -> dict[str, type[Fp8Dequantize]]:
+        return {"dequantize": Fp8BlockDequantize}
 
 
 def _block_scales(weight: torch.Tensor, args: QuantizationArgs, block: tuple[int, int]) -> torch.Tensor:
@@ -180,21 +265,37 @@ def quantize_int4_compressed(folder: Path) -> None:
     _rewrite(folder, _int4_converter(), INT4_COMPRESSED_CONFIG)
 
 
-def load_options(config: dict, dtype: torch.dtype) -> dict:
-    """`from_pretrained` keyword arguments that load a folder with this `config.json` into dense `dtype` weights.
+def loading_quantization(config: dict) -> dict | None:
+    """The `quantization_config` of a folder with this `config.json` as Loom loads it; None when unquantised.
 
-    A quantised folder is dequantised while it loads, on any device, so no quantised module or scale is left.
-    Raises `ValueError` for a quantisation transformers cannot dequantise that way.
+    Block-FP8 (`fp8` with a `weight_block_size`) is put under `FP8_BLOCK_METHOD`, so that transformers loads it
+    with `Fp8BlockQuantizer`; `worker/models/loader.py: hf_config` gives it to the model's config in place of the
+    folder's. Raises `ValueError` for a quantisation Loom does not load.
     """
     quantization = config.get("quantization_config")
     if quantization is None:
-        return {"dtype": dtype}
+        return None
     method = quantization.get("quant_method")
-    if method not in _CONFIG_CLASSES:
+    if method not in _LOADABLE_METHODS:
         raise ValueError(
-            f"unsupported quantisation {method!r} in config.json; Loom loads {' and '.join(_CONFIG_CLASSES)}"
+            f"unsupported quantisation {method!r} in config.json; Loom loads {' and '.join(_LOADABLE_METHODS)}"
         )
-    dequantizing = _CONFIG_CLASSES[method].from_dict({**quantization, "dequantize": True})
+    if method == "fp8" and quantization.get("weight_block_size"):
+        return {**quantization, "quant_method": FP8_BLOCK_METHOD}
+    return quantization
+
+
+def load_options(config: dict, dtype: torch.dtype) -> dict:
+    """`from_pretrained` keyword arguments that load a folder with this `config.json` into dense `dtype` weights.
+
+    A quantised folder is dequantised while it loads, on any device, so no quantised module or scale is left; the
+    model's config must carry `loading_quantization(config)`, which these arguments' config merges into.
+    Raises `ValueError` for a quantisation Loom does not load.
+    """
+    quantization = loading_quantization(config)
+    if quantization is None:
+        return {"dtype": dtype}
+    dequantizing = AutoQuantizationConfig.from_dict({**quantization, "dequantize": True})
     return {"dtype": dtype, "quantization_config": dequantizing}
 
 
