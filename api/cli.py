@@ -64,6 +64,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     from api.app import build_state, create_app
 
     state = build_state(settings, progress=lambda msg: print(f"[loom] {msg}", flush=True))
+    state.queue.prepare()
     key = local_api_key(settings, state.sessions)
     url = f"http://{args.host}:{args.port}"
     print(f"[loom] database   {_without_password(settings.database_url)}", flush=True)

@@ -36,8 +36,14 @@ class EmbeddedQueue(SignalledQueue):
         self.progress = progress
         self._handles: dict = {}
 
+    def prepare(self) -> None:
+        self.start()
+
     def start(self) -> None:
         from worker.service import start_workers
+
+        if self._handles:  # already started by `prepare`
+            return
 
         with self.session_factory.begin() as session:
             # In embedded mode no other worker exists: leases left by a previous process are dead.

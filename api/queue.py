@@ -127,6 +127,10 @@ class PollingQueue:
     def __init__(self, poll_interval: float = 0.25) -> None:
         self.poll_interval = poll_interval
 
+    def prepare(self) -> None:
+        """Before serving: load what the queue needs (the embedded queue loads its base models), so that a model
+        that cannot be served ends start-up with its reason instead of failing inside the server's lifespan."""
+
     def start(self) -> None:
         pass
 

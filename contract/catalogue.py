@@ -68,6 +68,10 @@ class BaseModelEntry:
     pool: str = "default"
     """The worker pool that serves the model (`LOOM_WORKER_POOL` of its workers)."""
 
+    def tokenizer_folder(self, model_cache_dir: Path) -> Path:
+        """Where the worker exports the model's tokenizer for clients (`get_info`'s `tokenizer_id`)."""
+        return model_cache_dir / "tokenizers" / self.cache_name
+
     def folder(self, model_cache_dir: Path) -> Path:
         """Where the model's `save_pretrained` files are read from: the local source itself, or the model cache."""
         if self.source is not None and not self.source.startswith("s3://"):

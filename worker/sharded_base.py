@@ -57,6 +57,7 @@ from worker.models.kimi_tokenizer import load_tokenizer
 from worker.models.loader import LoadedModel, load_weights
 from worker.models.model_folder import check_model_folder
 from worker.models.registry import lora_targets, model_dir
+from worker.models.tokenizer_export import export_tokenizer
 
 
 def _deepspeed():
@@ -170,4 +171,5 @@ def load_sharded_model(entry: BaseModelEntry, model_cache_dir: Path) -> LoadedMo
     path = model_dir(entry, model_cache_dir)
     sharded, router, targets = load_sharded_base(path, lora_targets(entry))
     tokenizer = load_tokenizer(path)
+    export_tokenizer(tokenizer, entry.tokenizer_folder(model_cache_dir))
     return LoadedModel(entry, path, sharded.module, tokenizer, router, targets, sharding=sharded)

@@ -189,7 +189,9 @@ def get_info(body: GetInfoRequest, state: State, owner: Tenant) -> dict[str, Any
     info = state.model(run.base_model)
     return GetInfoResponse(
         model_data=ModelData(
-            arch=info.arch, model_name=info.name, tokenizer_id=str(info.folder(state.settings.model_cache_dir))
+            arch=info.arch,
+            model_name=info.name,
+            tokenizer_id=str(info.tokenizer_folder(state.settings.model_cache_dir)),
         ),
         model_id=run.id,
         is_lora=True,

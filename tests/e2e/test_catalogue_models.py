@@ -1,7 +1,7 @@
 """A deployment that serves a model from the operator's catalogue file: a Qwen3-MoE `save_pretrained` folder on
 local disk (the built-in miniature's files, copied elsewhere), trained and sampled through the official `tinker`
 SDK, and chatted with a tool through the official `openai` client, which reads the trained tool call back as
-`tool_calls`."""
+`tool_calls`; and the built-in Kimi K2 miniature's tokenizer and chat format as the SDKs see them."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import tinker
 from tinker import types
 
-from contract.catalogue import TINY_QWEN3_MOE
+from contract.catalogue import TINY_KIMI_K2, TINY_QWEN3_MOE
 from tests.e2e.server import LoomServer, free_port
 from tests.unit.worker_fixtures import MODEL_CACHE
 from worker.models.kimi_tokenizer import load_tokenizer
@@ -58,8 +58,7 @@ def deployment(tmp_path_factory) -> Iterator[tuple[LoomServer, Path]]:
 def test_capabilities_and_models_show_exactly_the_catalogue(deployment, monkeypatch) -> None:
     server, _ = deployment
     monkeypatch.setenv("TINKER_API_KEY", server.api_key)
-    service = tinker.ServiceClient(base_url=server.url)
-    models = service.get_server_capabilities().supported_models
+    models = tinker.RestClient(base_url=server.url).get_server_capabilities().result().supported_models
     assert [m.model_name for m in models] == [MODEL]
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.api_key, max_retries=0)
     cards = [m for m in client.models.list().data if m.owned_by == "loom"]
@@ -70,7 +69,7 @@ def test_train_sample_and_chat_with_a_tool(deployment, monkeypatch) -> None:
     server, folder = deployment
     monkeypatch.setenv("TINKER_API_KEY", server.api_key)
     service = tinker.ServiceClient(base_url=server.url)
-    training = service.create_lora_training_client(base_model="qwen-mini", rank=16, seed=0)
+    training = service.create_lora_training_client(base_model="qwen-mini", rank=16, seed=0).result()
     tokenizer = training.get_tokenizer()
     server_side = load_tokenizer(folder)
     sample_text = "Paris, 晴天 22°C — 'twas fine!\n\n  def f(x): return x**2 <|im_end|>"
@@ -87,9 +86,9 @@ def test_train_sample_and_chat_with_a_tool(deployment, monkeypatch) -> None:
         loss_fn_inputs={"target_tokens": tokens[1:], "weights": [0.0] * (len(prompt) - 1) + [1.0] * len(answer)},
     )
     losses = []
-    for _ in range(30):
+    for _ in range(80):
         fb = training.forward_backward([datum], "cross_entropy")
-        training.optim_step(types.AdamParams(learning_rate=2e-2)).result()
+        training.optim_step(types.AdamParams(learning_rate=2e-3)).result()
         losses.append(fb.result().metrics["loss:sum"])
     assert losses[-1] < losses[0] / 20, losses
 
@@ -110,3 +109,40 @@ def test_train_sample_and_chat_with_a_tool(deployment, monkeypatch) -> None:
     (call,) = choice.message.tool_calls
     assert call.type == "function" and call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+def test_tiny_kimi_k2_tokenizer_and_chat_format_through_the_sdks(tinker_env) -> None:
+    """The official SDK's `get_tokenizer()` encodes exactly as the server's tiktoken-based Kimi tokenizer, and the
+    OpenAI endpoint renders Kimi's chat layout, tools included."""
+    server = tinker_env
+    training = tinker.ServiceClient().create_lora_training_client(base_model=TINY_KIMI_K2.name, rank=4).result()
+    theirs = training.get_tokenizer()
+    ours = load_tokenizer(model_dir(TINY_KIMI_K2, MODEL_CACHE))
+    assert training.get_info().model_data.tokenizer_id == str(TINY_KIMI_K2.tokenizer_folder(MODEL_CACHE))
+    text = "<|im_user|>user<|im_middle|>天气怎么样？ It's 22°C —\n\n  x = [1, 22, 333, 4444]<|im_end|>"
+    assert theirs.encode(text, add_special_tokens=False) == ours.encode(text, add_special_tokens=False)
+    prompt = ours.apply_chat_template(MESSAGES, tools=TOOLS, add_generation_prompt=True, tokenize=False)
+    assert prompt.startswith("<|im_system|>tool_declare<|im_middle|>[{") and prompt.endswith(
+        "<|im_user|>user<|im_middle|>What is the weather in Paris?<|im_end|><|im_assistant|>assistant<|im_middle|>"
+    )
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.api_key, max_retries=0)
+    reply = client.chat.completions.create(
+        model=TINY_KIMI_K2.name, messages=MESSAGES, tools=TOOLS, temperature=0, max_tokens=4
+    )
+    assert reply.usage.prompt_tokens == len(ours.encode(prompt, add_special_tokens=False))
+
+
+def test_a_damaged_model_folder_stops_loom_serve_with_one_line(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir(TINY_QWEN3_MOE, MODEL_CACHE), folder)
+    shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    catalogue = tmp_path / "catalogue.yaml"
+    catalogue.write_text(f"builtins: false\nmodels:\n  - id: acme/broken\n    source: {folder}\n")
+    (tmp_path / "data").mkdir()
+    server = LoomServer(tmp_path / "data", free_port(), env_extra={"LOOM_MODEL_CATALOGUE": str(catalogue)})
+    with pytest.raises(RuntimeError, match="exited early"):
+        server.start()
+    assert server.process.returncode == 1
+    last = server.log_path.read_text().strip().splitlines()[-1]
+    assert last.startswith(f"loom: {shard}: missing; model.safetensors.index.json places")

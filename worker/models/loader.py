@@ -34,6 +34,7 @@ from worker.models.model_folder import (
 )
 from worker.models.quantized_checkpoints import cast_leftovers, load_options, loading_quantization
 from worker.models.registry import lora_targets, model_dir
+from worker.models.tokenizer_export import export_tokenizer
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -116,6 +117,7 @@ def load_base_model(entry: BaseModelEntry, model_cache_dir: Path) -> LoadedModel
     require_tokenizer(folder.path)
     tokenizer = load_tokenizer(folder.path)
     check_entry_matches(entry, folder, tokenizer)
+    export_tokenizer(tokenizer, entry.tokenizer_folder(model_cache_dir))
     model = load_weights(folder, TORCH_DTYPES[entry.dtype])
     router, targets = install_multi_lora(model, lora_targets(entry))
     return LoadedModel(entry, folder.path, model, tokenizer, router, targets)

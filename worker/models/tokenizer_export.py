@@ -1,0 +1,54 @@
+"""A client-loadable copy of each served model's tokenizer: what `get_info` names as `tokenizer_id`.
+
+The Tinker SDK's `get_tokenizer()` calls `AutoTokenizer.from_pretrained(tokenizer_id)` with no remote code. A
+model folder often cannot be read that way: Kimi K2 ships `tiktoken.model` with `tokenization_kimi.py` and an
+`auto_map` in its configs (a plain `AutoTokenizer` then demands `trust_remote_code`). `export_tokenizer` writes,
+once per model cache, a folder holding only tokenizer files that a stock transformers install loads as a fast
+tokenizer encoding exactly as the server does (Kimi's ranks, regex and special tokens converted to a
+`tokenizer.json`), with the chat template the server renders with.
+
+Limits: the folder is on the worker's disk, so it serves clients on the same machine (or a shared model cache);
+written once and never refreshed (delete it after changing a model's tokenizer files).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from worker.models.bpe_ranks import read_ranks
+from worker.models.kimi_tokenizer import KimiTokenizer
+from worker.models.tokenizer_folders import write_kimi_tokenizer
+
+
+def _write(tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+    if isinstance(tokenizer, KimiTokenizer):
+        write_kimi_tokenizer(out, read_ranks(Path(tokenizer.vocab_file)))
+        config_path = out / "tokenizer_config.json"
+        config = json.loads(config_path.read_text())
+        config["chat_template"] = tokenizer.chat_template  # the served folder's own template, as the server uses it
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    else:
+        tokenizer.save_pretrained(str(out))
+
+
+def export_tokenizer(tokenizer: PreTrainedTokenizerBase, out: Path) -> Path:
+    """`out`, holding `tokenizer` as a folder `AutoTokenizer` loads without remote code (written once, atomically)."""
+    if (out / "tokenizer_config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        _write(tokenizer, staging)
+        staging.rename(out)
+    except OSError:
+        if not (out / "tokenizer_config.json").exists():
+            raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out
