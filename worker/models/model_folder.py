@@ -7,8 +7,8 @@ tensor or `*.safetensors` file the index does not list, or a folder with no weig
 transformers reports after loading (missing, unexpected or wrongly shaped tensors, i.e. a config that does not
 match the weights) into the same kind of message. Both run when a worker starts, never at a first request.
 
-`fetch_s3_folder` downloads every object under an `s3://` prefix into a staging folder next to the cache entry
-and renames it into place once all sizes match the listing, so a half-downloaded folder is never used.
+`fetch_s3_folder` downloads every object under an `s3://` prefix into the model cache once (`folder_once`), checking
+every size against the listing, so a half-downloaded folder is never used.
 
 Limits: shapes are checked by transformers while loading (a header check could not know the fused-expert or
 quantised layouts); every rank of a ZeRO-3 group downloads and reads all shards.
@@ -17,8 +17,6 @@ quantised layouts); every rank of a ZeRO-3 group downloads and reads all shards.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from safetensors import safe_open
 
 from contract.architectures import Architecture, architecture_of
 from contract.catalogue_file import CatalogueError
+from worker.models.folder_once import folder_once
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -157,13 +156,10 @@ def fetch_s3_folder(source: str, target: Path) -> Path:
 
     from contract.checkpoint_s3 import env_client, parse_s3_uri
 
-    if (target / "config.json").exists():
-        return target
     bucket, prefix = parse_s3_uri(source.rstrip("/"))
-    client = env_client()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+
+    def download(staging: Path) -> None:
+        client = env_client()
         listed: dict[str, int] = {}
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
             for obj in page.get("Contents", ()):
@@ -176,13 +172,8 @@ def fetch_s3_folder(source: str, target: Path) -> Path:
         for name, size in listed.items():
             if (staging / name).stat().st_size != size:
                 raise ModelFolderError(f"{source}/{name}: downloaded {(staging / name).stat().st_size} of {size} bytes")
-        staging.rename(target)
+
+    try:
+        return folder_once(target, "config.json", download)
     except (BotoCoreError, ClientError) as exc:
         raise ModelFolderError(f"{source}: cannot download ({exc})") from None
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return target

@@ -12,12 +12,11 @@ Limits: weights never come from a hub; a folder in the model cache is built or d
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 from contract.catalogue import BaseModelEntry, LoraTargets
 from worker.models.builtin_models import BUILDERS
+from worker.models.folder_once import folder_once
 from worker.models.model_folder import fetch_s3_folder
 
 _DENSE_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -45,29 +44,11 @@ def lora_targets(entry: BaseModelEntry) -> LoraTargets:
         raise ValueError(f"{entry.name}: no LoRA targets known for architecture {entry.arch}") from None
 
 
-def _build_once(entry: BaseModelEntry, target: Path) -> Path:
-    """Build a built-in's folder at `target` once, atomically (a staging folder renamed into place)."""
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.cache_name}-", dir=target.parent))
-    try:
-        BUILDERS[entry.name](staging)
-        staging.rename(target)
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
 def model_dir(entry: BaseModelEntry, model_cache_dir: Path) -> Path:
     """The local folder holding the model's `save_pretrained` files, materialised first when needed."""
     target = entry.folder(model_cache_dir)
     if entry.source is None:
-        return _build_once(entry, target)
+        return folder_once(target, "config.json", BUILDERS[entry.name])
     if entry.source.startswith("s3://"):
         return fetch_s3_folder(entry.source, target)
     return target

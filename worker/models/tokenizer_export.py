@@ -14,13 +14,12 @@ written once and never refreshed (delete it after changing a model's tokenizer f
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
 from worker.models.bpe_ranks import read_ranks
+from worker.models.folder_once import folder_once
 from worker.models.kimi_tokenizer import KimiTokenizer
 from worker.models.tokenizer_folders import write_kimi_tokenizer
 
@@ -38,17 +37,4 @@ def _write(tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
 
 def export_tokenizer(tokenizer: PreTrainedTokenizerBase, out: Path) -> Path:
     """`out`, holding `tokenizer` as a folder `AutoTokenizer` loads without remote code (written once, atomically)."""
-    if (out / "tokenizer_config.json").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        _write(tokenizer, staging)
-        staging.rename(out)
-    except OSError:
-        if not (out / "tokenizer_config.json").exists():
-            raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return out
+    return folder_once(out, "tokenizer_config.json", lambda staging: _write(tokenizer, staging))
