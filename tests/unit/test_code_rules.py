@@ -37,8 +37,19 @@ FRAMEWORK_NAMES = [
     "convert_tokens_to_string",
     "save_vocabulary",
     "load_tiktoken_bpe",
+    # transformers' quantizer hooks (a registered quantizer's load operations and its dequantise op)
+    "get_load_operations",
+    "_dequantize_one",
 ]
-FRAMEWORK_DECORATORS = ["@router.*", "@*.exception_handler", "@field_validator", "@model_validator", "@property"]
+FRAMEWORK_DECORATORS = [
+    "@router.*",
+    "@*.exception_handler",
+    "@field_validator",
+    "@model_validator",
+    "@property",
+    "@register_quantization_config",
+    "@register_quantizer",
+]
 ENV_READERS = {
     "contract/settings.py": "the settings themselves",
     "api/cli.py": "defaults OMP_WAIT_POLICY for libgomp before torch loads, for itself and the worker it hands to",
