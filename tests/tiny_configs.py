@@ -3,13 +3,11 @@ DeepseekV3 configuration (tests shrink it further, e.g. its vocabulary)."""
 
 from __future__ import annotations
 
-import copy
-
 from transformers import DeepseekV3Config
 
 from worker.models.builtin_models import tiny_kimi_k2_config_dict
+from worker.models.model_folder import transformers_config
 
 
 def tiny_kimi_k2_config() -> DeepseekV3Config:
-    fields = {k: copy.deepcopy(v) for k, v in tiny_kimi_k2_config_dict().items() if k not in ("auto_map", "model_type")}
-    return DeepseekV3Config(**fields)
+    return transformers_config(tiny_kimi_k2_config_dict())

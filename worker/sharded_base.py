@@ -13,7 +13,7 @@ Use (on every rank, same order of calls; `worker/lockstep.py` does this for `loo
     lm = load_sharded_model(entry, cache)  # the engine's LoadedModel, partitioned while loading
     partition_sizes(lm.model)             # what this rank stores
     ... the same engine calls on every rank, each over the whole batch
-  `load_sharded_base(path, targets)` loads any `save_pretrained` folder that way; `shard_frozen_base(model)`
+  `load_sharded_base(check_model_folder(path), targets)` loads any `save_pretrained` folder that way; `shard_frozen_base(model)`
   partitions a model already materialised in full on each rank.
 
 Limits (measured or read in deepspeed 0.19.8; see tests/integration/test_deepspeed_two_rank.py):
@@ -53,11 +53,9 @@ from torch import nn
 from contract.catalogue import BaseModelEntry, LoraTargets
 from worker.lora.adapter import TargetWeight
 from worker.lora.layers import AdapterRouter, MultiLoraExperts, install_multi_lora
-from worker.models.kimi_tokenizer import load_tokenizer
-from worker.models.loader import LoadedModel, load_weights
-from worker.models.model_folder import check_model_folder
-from worker.models.registry import lora_targets, model_dir
-from worker.models.tokenizer_export import export_tokenizer
+from worker.models.loader import LoadedModel, load_weights, open_model
+from worker.models.model_folder import ModelFolder
+from worker.models.registry import lora_targets
 
 
 def _deepspeed():
@@ -148,7 +146,7 @@ def _full_shapes(model: nn.Module) -> Iterator[None]:
 
 
 def load_sharded_base(
-    path: str | Path, lora_targets: LoraTargets, config: dict[str, Any] | None = None
+    folder: ModelFolder, lora_targets: LoraTargets, config: dict[str, Any] | None = None
 ) -> tuple[ShardedBase, AdapterRouter, list[TargetWeight]]:
     """Load a `save_pretrained` folder (checked first) partitioned from the start (float32, sdpa, frozen) and
     install multi-LoRA."""
@@ -157,7 +155,7 @@ def load_sharded_base(
 
     config = config or zero3_config()
     hf_config = HfDeepSpeedConfig(config)
-    model = load_weights(check_model_folder(Path(path)), torch.float32)
+    model = load_weights(folder, torch.float32)
     with _full_shapes(model):
         router, targets = install_multi_lora(model, lora_targets)
     sharded = shard_frozen_base(model, config)
@@ -168,8 +166,6 @@ def load_sharded_base(
 def load_sharded_model(entry: BaseModelEntry, model_cache_dir: Path) -> LoadedModel:
     """A registry base model (its cached `save_pretrained` folder) partitioned over the process group, as the
     `LoadedModel` the engine runs; `sharding` keeps the DeepSpeed engine and configs alive with it."""
-    path = model_dir(entry, model_cache_dir)
-    sharded, router, targets = load_sharded_base(path, lora_targets(entry))
-    tokenizer = load_tokenizer(path)
-    export_tokenizer(tokenizer, entry.tokenizer_folder(model_cache_dir))
-    return LoadedModel(entry, path, sharded.module, tokenizer, router, targets, sharding=sharded)
+    folder, tokenizer = open_model(entry, model_cache_dir)
+    sharded, router, targets = load_sharded_base(folder, lora_targets(entry))
+    return LoadedModel(entry, folder.path, sharded.module, tokenizer, router, targets, sharding=sharded)

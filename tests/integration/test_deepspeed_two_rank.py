@@ -154,6 +154,7 @@ def _rank_main(rank: int, world: int, port: int, folder: str, out_dir: str) -> N
     )
     torch.set_num_threads(1)
     from contract.catalogue import TINY_KIMI_K2
+    from worker.models.model_folder import check_model_folder
     from worker.models.registry import lora_targets
     from worker.sharded_base import init_distributed, load_sharded_base, shard_frozen_base
 
@@ -165,7 +166,7 @@ def _rank_main(rank: int, world: int, port: int, folder: str, out_dir: str) -> N
     sharded = shard_frozen_base(model)
     out["materialised"] = _rank_step(*attach_adapters(sharded.module, router, targets))
     # Partitioned while loading.
-    sharded, router, targets = load_sharded_base(folder, lora_targets(TINY_KIMI_K2))
+    sharded, router, targets = load_sharded_base(check_model_folder(Path(folder)), lora_targets(TINY_KIMI_K2))
     out["loaded"] = _rank_step(*attach_adapters(sharded.module, router, targets))
     torch.save(out, Path(out_dir) / f"rank{rank}.pt")
     torch.distributed.barrier()

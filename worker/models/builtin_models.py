@@ -17,7 +17,6 @@ loading, quantisation, tokenizer and chat-format paths at a size a CPU test can 
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 from collections.abc import Callable
@@ -103,39 +102,37 @@ def _build_smollm2(out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def _save_random_init(
-    model_class: type, config_class: type, config: dict[str, Any], generation: dict[str, Any], out: Path
-) -> None:
-    """A seed-0 random-init model of `config`, saved with `config` itself as its `config.json` and `generation`
-    as its `generation_config.json`."""
+def _save_random_init(config: dict[str, Any], generation: dict[str, Any], out: Path) -> None:
+    """A seed-0 random-init model of `config` (in its architecture's transformers class), saved with `config` itself
+    as its `config.json` and `generation` as its `generation_config.json`."""
     import torch
+    import transformers
+
+    from contract.architectures import architecture_of
+    from worker.models.model_folder import transformers_config
 
     torch.manual_seed(0)
-    fields = {k: copy.deepcopy(v) for k, v in config.items() if k not in ("auto_map", "model_type")}
-    model = model_class(config_class(**fields)).to(torch.float32)
+    model_class = getattr(transformers, architecture_of(config, "config.json").model_class)
+    model = model_class(transformers_config(config)).to(torch.float32)
     model.save_pretrained(out, max_shard_size="50MB")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
 def _build_tiny_kimi_k2(out: Path) -> None:
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
     from worker.models.quantized_checkpoints import quantize_fp8_block
     from worker.models.tokenizer_folders import build_tiny_kimi_tokenizer
 
-    _save_random_init(DeepseekV3ForCausalLM, DeepseekV3Config, tiny_kimi_k2_config_dict(), KIMI_K2_GENERATION, out)
+    _save_random_init(tiny_kimi_k2_config_dict(), KIMI_K2_GENERATION, out)
     quantize_fp8_block(out)
     build_tiny_kimi_tokenizer(out)
 
 
 def _build_tiny_qwen3_moe(out: Path) -> None:
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
     from worker.models.tokenizer_folders import build_qwen3_tokenizer
 
     config = _shrunk("qwen3-30b-a3b", TINY_QWEN3_MOE_SHAPE)
-    _save_random_init(Qwen3MoeForCausalLM, Qwen3MoeConfig, config, QWEN3_GENERATION, out)
+    _save_random_init(config, QWEN3_GENERATION, out)
     build_qwen3_tokenizer(out)
 
 

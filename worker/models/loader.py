@@ -13,7 +13,6 @@ the worker's memory (a ZeRO-3 group partitions it instead, `worker/sharded_base.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from worker.models.model_folder import (
     check_model_folder,
     loading_problems,
     require_tokenizer,
+    transformers_config,
 )
 from worker.models.quantized_checkpoints import cast_leftovers, load_options, loading_quantization
 from worker.models.registry import lora_targets, model_dir
@@ -59,17 +59,9 @@ class LoadedModel:
 def hf_config(folder: ModelFolder) -> transformers.PretrainedConfig:
     """The folder's config as its architecture's transformers configuration class, its quantisation as Loom loads
     it (`loading_quantization`: block-FP8 by Loom's own quantizer); `ValueError` for one Loom does not load."""
-    config_class = getattr(transformers, folder.architecture.config_class)
-    # deep copies: the configuration classes rewrite nested dicts (a legacy `rope_scaling`) in place
-    fields = {
-        k: copy.deepcopy(v)
-        for k, v in folder.config.items()
-        if k not in ("auto_map", "model_type", "transformers_version")
-    }
     quantization = loading_quantization(folder.config)
-    if quantization is not None:
-        fields["quantization_config"] = quantization
-    return config_class(**fields)
+    overrides = {} if quantization is None else {"quantization_config": quantization}
+    return transformers_config(folder.config, **overrides)
 
 
 def load_weights(folder: ModelFolder, dtype: torch.dtype) -> torch.nn.Module:
@@ -111,13 +103,20 @@ def check_entry_matches(entry: BaseModelEntry, folder: ModelFolder, tokenizer: A
         )
 
 
-def load_base_model(entry: BaseModelEntry, model_cache_dir: Path) -> LoadedModel:
-    """`entry`'s model, from its folder (materialised under `model_cache_dir` first when it lives elsewhere)."""
+def open_model(entry: BaseModelEntry, model_cache_dir: Path) -> tuple[ModelFolder, Any]:
+    """`entry`'s checked folder (materialised under `model_cache_dir` first when it lives elsewhere) and its
+    tokenizer, exported for clients: where the dense and the ZeRO-3 loaders both start."""
     folder = check_model_folder(model_dir(entry, model_cache_dir))
     require_tokenizer(folder.path)
     tokenizer = load_tokenizer(folder.path)
     check_entry_matches(entry, folder, tokenizer)
     export_tokenizer(tokenizer, entry.tokenizer_folder(model_cache_dir))
+    return folder, tokenizer
+
+
+def load_base_model(entry: BaseModelEntry, model_cache_dir: Path) -> LoadedModel:
+    """`entry`'s model, from its folder, in the entry's dtype with multi-LoRA installed."""
+    folder, tokenizer = open_model(entry, model_cache_dir)
     model = load_weights(folder, TORCH_DTYPES[entry.dtype])
     router, targets = install_multi_lora(model, lora_targets(entry))
     return LoadedModel(entry, folder.path, model, tokenizer, router, targets)

@@ -6,6 +6,7 @@ a shard the index names that is missing or unreadable, a tensor the index places
 tensor or `*.safetensors` file the index does not list, or a folder with no weights (`require_tokenizer`: or no tokenizer). `loading_problems` turns what
 transformers reports after loading (missing, unexpected or wrongly shaped tensors, i.e. a config that does not
 match the weights) into the same kind of message. Both run when a worker starts, never at a first request.
+`transformers_config` reads a config into its architecture's transformers class, for loading and for building.
 
 `fetch_s3_folder` downloads every object under an `s3://` prefix into the model cache once (`folder_once`), checking
 every size against the listing, so a half-downloaded folder is never used.
@@ -16,7 +17,9 @@ quantised layouts); every rank of a ZeRO-3 group downloads and reads all shards.
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +114,18 @@ def check_model_folder(path: Path) -> ModelFolder:
     else:
         raise ModelFolderError(f"{path}: no weights (neither {SINGLE} nor {INDEX})")
     return ModelFolder(path, config, architecture, weight_map)
+
+
+def transformers_config(config: Mapping[str, Any], **overrides: Any):
+    """A parsed `config.json` as its architecture's transformers configuration class (`kimi_k2` as DeepseekV3's),
+    with `overrides` in place of its fields. Fields are deep-copied: the classes rewrite nested dicts (a legacy
+    `rope_scaling`) in place."""
+    import transformers
+
+    config_class = getattr(transformers, architecture_of(config, "config.json").config_class)
+    skip = ("auto_map", "model_type", "transformers_version")
+    fields = {k: copy.deepcopy(v) for k, v in config.items() if k not in skip}
+    return config_class(**(fields | overrides))
 
 
 def require_tokenizer(path: Path) -> None:
