@@ -79,6 +79,7 @@ class RunStatus(StrEnum):
 class CheckpointKind(StrEnum):
     TRAINING = "training"
     SAMPLER = "sampler"
+    EXTERNAL = "external"
 
 
 TRAINING_LANE = "train"
@@ -138,8 +139,12 @@ class ClientSession(Base):
     tags: Mapped[list[str]] = mapped_column(default=list)
     user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
     sdk_version: Mapped[str | None]
+    display_name: Mapped[str | None]
+    project_id: Mapped[str | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+    """Set by ``POST /sessions/{id}/finish`` (the SDK's ``close()``); its runs' futures still resolve after."""
 
 
 class TrainingRun(Base):
@@ -237,6 +242,7 @@ class Checkpoint(Base):
     public: Mapped[bool] = mapped_column(default=False)
     committed: Mapped[bool] = mapped_column(default=False)
     ephemeral: Mapped[bool] = mapped_column(default=False)
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
 
 
 class SamplingSession(Base):
@@ -249,6 +255,22 @@ class SamplingSession(Base):
     session_id: Mapped[str | None] = mapped_column(ForeignKey("sessions.id"))
     base_model: Mapped[str]
     model_path: Mapped[str | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CustomLoss(Base):
+    """A loss graph stored by ``create_custom_loss`` (a traced torch.fx graph as data, never code), named in
+    ``forward_backward`` by ``id``; ``custom_loss_seq_id`` is the client's number for it within its session."""
+
+    __tablename__ = "custom_losses"
+    __table_args__ = (UniqueConstraint("session_id", "custom_loss_seq_id"),)
+
+    id: Mapped[str] = mapped_column(primary_key=True)
+    owner: Mapped[str] = mapped_column(index=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id"))
+    custom_loss_seq_id: Mapped[int]
+    name: Mapped[str]
+    spec: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
