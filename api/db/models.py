@@ -242,7 +242,7 @@ class Checkpoint(Base):
     public: Mapped[bool] = mapped_column(default=False)
     committed: Mapped[bool] = mapped_column(default=False)
     ephemeral: Mapped[bool] = mapped_column(default=False)
-    user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
 class SamplingSession(Base):

@@ -30,7 +30,10 @@ def upgrade() -> None:
     with op.batch_alter_table("checkpoints") as batch:
         batch.drop_constraint(op.f("ck_checkpoints_kind"), type_="check")
         batch.create_check_constraint(op.f("ck_checkpoints_kind"), "kind IN ('training', 'sampler', 'external')")
-        batch.add_column(sa.Column("user_metadata", sa.JSON(), nullable=False, server_default="{}"))
+        batch.add_column(sa.Column("user_metadata", sa.JSON(), nullable=True))
+    op.execute("UPDATE checkpoints SET user_metadata = '{}'")
+    with op.batch_alter_table("checkpoints") as batch:
+        batch.alter_column("user_metadata", existing_type=sa.JSON(), nullable=False)
     op.create_table(
         "custom_losses",
         sa.Column("id", sa.String(), nullable=False),
