@@ -39,6 +39,8 @@ RETRY_AFTER_S = 2
 class ErrorCode(StrEnum):
     INVALID_REQUEST = "invalid_request"
     UNAUTHENTICATED = "unauthenticated"
+    FORBIDDEN = "forbidden"
+    """A credential other than an API key (a signed download link) is wrong or expired."""
     NOT_FOUND = "not_found"
     UNKNOWN_MODEL = "unknown_model"
     MODEL_NOT_FOUND = "model_not_found"

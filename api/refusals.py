@@ -42,6 +42,7 @@ ORDERED_ROUTES: dict[str, JobKind] = {
     "/api/v1/optim_step": JobKind.OPTIM_STEP,
     "/api/v1/save_weights": JobKind.SAVE_WEIGHTS,
     "/api/v1/save_weights_for_sampler": JobKind.SAVE_WEIGHTS_FOR_SAMPLER,
+    "/api/v1/save_weights_external": JobKind.SAVE_WEIGHTS_EXTERNAL,
     "/api/v1/load_weights": JobKind.LOAD_WEIGHTS,
 }
 """The routes of ops a client numbers within a run, and the kind of job each queues."""

@@ -26,6 +26,9 @@ manifest PUT but before the database commit, whose retry gets `CheckpointExists`
 stale multipart uploads. `delete_s3_uri` removes a manifest first, then the attempt it names. Path components
 `attempts` and `manifest.json` are reserved, so no checkpoint's keys fall inside another's.
 
+`presigned_file_urls(uri, expires_in)` hands out boto3 presigned GET URLs of the files the manifest names (its
+attempt's keys), for downloads that go straight to the bucket.
+
 Limits: the grace period must exceed the longest write (upload) time, or `gc` may delete the shards of a write
 still in progress (its manifest would then name missing files, which `open` refuses). Checkpoint files are flat
 (no sub-folders). A path handed out by `open` may be evicted once other checkpoints fill the cache (also by
@@ -121,6 +124,15 @@ def _parse_manifest(uri: str, raw: bytes) -> dict[str, Any]:
     if not all(_valid_entry(name, meta) for name, meta in files.items()):
         raise CheckpointCorrupt(f"{uri}: malformed manifest entry")
     return manifest
+
+
+def _manifest_bytes(client: Any, uri: str, bucket: str, folder: str) -> bytes:
+    try:
+        return client.get_object(Bucket=bucket, Key=f"{folder}/{MANIFEST}")["Body"].read()
+    except ClientError as error:
+        if _is_missing(error):
+            raise CheckpointCorrupt(f"{uri} has no manifest (never committed, or deleted)") from error
+        raise
 
 
 def _first_mismatch(folder: Path, files: dict[str, dict[str, Any]]) -> str | None:
@@ -219,12 +231,7 @@ class S3CheckpointStore:
                 return self._fetch(uri, bucket, folder, again)  # overwritten while we read: one retry
 
     def _manifest_bytes(self, uri: str, bucket: str, folder: str) -> bytes:
-        try:
-            return self.client.get_object(Bucket=bucket, Key=f"{folder}/{MANIFEST}")["Body"].read()
-        except ClientError as error:
-            if _is_missing(error):
-                raise CheckpointCorrupt(f"{uri} has no manifest (never committed, or deleted)") from error
-            raise
+        return _manifest_bytes(self.client, uri, bucket, folder)
 
     def _fetch(self, uri: str, bucket: str, folder: str, raw: bytes) -> Path:
         manifest = _parse_manifest(uri, raw)
@@ -369,3 +376,21 @@ def delete_s3_uri(uri: str, client: Any = None) -> None:
     except CheckpointCorrupt:
         return  # nothing trustworthy names the data; gc removes it
     _delete_keys(client, bucket, [f"{folder}/{ATTEMPTS}/{manifest['attempt']}/{name}" for name in manifest["files"]])
+
+
+def presigned_file_urls(uri: str, expires_in: int, client: Any = None) -> dict[str, str]:
+    """file name -> a presigned GET URL (valid `expires_in` seconds) of each file of a committed checkpoint.
+
+    The URLs name the attempt the manifest names now; a later overwrite or delete leaves them pointing at objects
+    `gc` removes after its grace period."""
+    client = client or env_client()
+    bucket, folder = parse_s3_uri(uri)
+    manifest = _parse_manifest(uri, _manifest_bytes(client, uri, bucket, folder))
+    return {
+        name: client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": bucket, "Key": f"{folder}/{ATTEMPTS}/{manifest['attempt']}/{name}"},
+            ExpiresIn=expires_in,
+        )
+        for name in manifest["files"]
+    }

@@ -3,7 +3,8 @@
 A checkpoint is written into a private staging folder, a `manifest.json` listing every file's size and SHA-256
 is written last, and the folder is renamed into place (atomic on one filesystem); an existing destination is
 never overwritten unless the caller asks for it. Readers verify the manifest before trusting any file, so a
-torn or tampered checkpoint is refused rather than served. URIs are `file://` paths.
+torn or tampered checkpoint is refused rather than served (`verified_file` checks one file, for the API's download
+route). URIs are `file://` paths.
 
 `CheckpointStore` is what the engine needs of any backend; `open_checkpoint_store(location)` picks one
 (`s3://bucket/prefix` → `contract.checkpoint_s3.S3CheckpointStore`, anything else → a local root folder) and
@@ -63,6 +64,17 @@ class CheckpointStore(Protocol):
         ...
 
 
+def _local_folder(uri: str) -> Path:
+    return Path(uri.removeprefix("file://"))
+
+
+def _verified(uri: str, name: str, meta: dict) -> Path:
+    path = _local_folder(uri) / name
+    if not path.is_file() or path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
+        raise CheckpointCorrupt(f"{uri}: {name} does not match its manifest checksum")
+    return path
+
+
 class LocalCheckpointStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -98,20 +110,27 @@ class LocalCheckpointStore:
 
     def open(self, uri: str) -> Path:
         """The verified local folder of a committed checkpoint."""
-        folder = Path(uri.removeprefix("file://"))
-        manifest_path = folder / MANIFEST
+        for name, meta in self.files(uri).items():
+            _verified(uri, name, meta)
+        return _local_folder(uri)
+
+    @staticmethod
+    def files(uri: str) -> dict[str, dict]:
+        """The files a committed checkpoint's manifest lists: name -> {"bytes", "sha256"}."""
+        manifest_path = _local_folder(uri) / MANIFEST
         if not manifest_path.exists():
             raise CheckpointCorrupt(f"{uri} has no manifest (never committed, or deleted)")
-        manifest = json.loads(manifest_path.read_text())
-        for name, meta in manifest["files"].items():
-            path = folder / name
-            if not path.exists() or path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
-                raise CheckpointCorrupt(f"{uri}: {name} does not match its manifest checksum")
-        return folder
+        return json.loads(manifest_path.read_text())["files"]
+
+    @staticmethod
+    def verified_file(uri: str, name: str) -> Path:
+        """File `name` of a committed checkpoint, once it matches its manifest entry; a name the manifest does not
+        list (`../x`, `manifest.json`, ...) is a `KeyError`."""
+        return _verified(uri, name, LocalCheckpointStore.files(uri)[name])
 
     @staticmethod
     def delete_uri(uri: str) -> None:
-        shutil.rmtree(Path(uri.removeprefix("file://")), ignore_errors=True)
+        shutil.rmtree(_local_folder(uri), ignore_errors=True)
 
     def gc(self, committed_uris: Iterable[str] | None, older_than: timedelta, now: datetime | None = None) -> GcReport:
         """Remove staging folders left by crashed writes and, when `committed_uris` is given, checkpoint folders

@@ -32,6 +32,7 @@ from loom.types import (
     OptimStepResponse,
     SampleResponse,
     SamplingParams,
+    SaveWeightsExternalResponse,
     SaveWeightsForSamplerResponse,
     SaveWeightsResponse,
     UnloadModelResponse,
@@ -48,6 +49,7 @@ class JobKind(StrEnum):
     OPTIM_STEP = "optim_step"
     SAVE_WEIGHTS = "save_weights"
     SAVE_WEIGHTS_FOR_SAMPLER = "save_weights_for_sampler"
+    SAVE_WEIGHTS_EXTERNAL = "save_weights_external"
     LOAD_WEIGHTS = "load_weights"
     SAMPLE = "sample"
     UNLOAD_MODEL = "unload_model"
@@ -147,6 +149,15 @@ class SaveWeightsForSamplerJob(JobPayload):
     sampling_session_id: str | None = None
 
 
+class SaveWeightsExternalJob(JobPayload):
+    """Save the run's adapter as a downloadable PEFT folder (`tinker://<run>/external_weights/<name>`); with
+    `age_recipients`, every file is age-encrypted to them and stored as `<file>.age` (`contract/age_encryption.py`)."""
+
+    kind = JobKind.SAVE_WEIGHTS_EXTERNAL
+    target: CheckpointTarget
+    age_recipients: list[str] | None = None
+
+
 class LoadWeightsJob(JobPayload):
     """Replace the run's state with a training checkpoint's (at seq 0: create the run from it)."""
 
@@ -243,6 +254,7 @@ PAYLOAD_TYPES: dict[JobKind, type[JobPayload]] = {
         OptimStepJob,
         SaveWeightsJob,
         SaveWeightsForSamplerJob,
+        SaveWeightsExternalJob,
         LoadWeightsJob,
         UnloadModelJob,
         SampleJob,
@@ -255,6 +267,7 @@ JobResult = (
     | OptimStepResponse
     | SaveWeightsResponse
     | SaveWeightsForSamplerResponse
+    | SaveWeightsExternalResponse
     | LoadWeightsResponse
     | UnloadModelResponse
     | SampleResponse

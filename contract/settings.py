@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CACHE_ROOT = Path.home() / ".cache" / "loom"
@@ -107,6 +107,25 @@ class Settings(BaseSettings):
         30.0, gt=0, description="how long `retrieve_future` holds a poll before answering `try_again`"
     )
     max_streams_per_key: int = Field(8, gt=0, description="concurrent OpenAI streams per tenant; more get 429")
+
+    # -- downloads -----------------------------------------------------------------------------------------------
+    download_url_seconds: int = Field(
+        3600,
+        ge=60,
+        le=7 * 24 * 3600,
+        description="how long the signed URLs of `get_external_weights_urls` work (S3 presigned URLs: at most 7 days)",
+    )
+    download_url_secret: SecretStr | None = Field(
+        None,
+        description="the HMAC key signing download URLs of the local checkpoint store; default a random key made "
+        "once and kept in `<data dir>/download_url_secret` (API replicas that do not share a data dir must all be "
+        "given the same value)",
+    )
+    public_url: str | None = Field(
+        None,
+        description="the API's base URL as clients reach it (e.g. behind a proxy), put into download URLs; default "
+        "the scheme and host the request came in on",
+    )
 
     # -- workers ---------------------------------------------------------------------------------------------------
     sampler_backend: Literal["loom", "vllm"] = Field(

@@ -36,6 +36,7 @@ def table() -> str:
         ("`seq_id` ahead of the run's newest op", f"at most {limits.SEQ_ID_WINDOW}"),
         ("checkpoint `ttl_seconds`", f"{limits.MIN_TTL_SECONDS} … {limits.MAX_TTL_SECONDS} (omit: kept forever)"),
         ("checkpoint names", f"`{limits.CHECKPOINT_NAME_PATTERN}`"),
+        ("age recipients of one `save_weights_external`", str(limits.MAX_AGE_RECIPIENTS)),
         ("Adam `learning_rate`", f"0 … {limits.MAX_LEARNING_RATE:g}"),
         ("datums per forward_backward", str(limits.MAX_DATUMS)),
         ("2-D `target_tokens` K (cross_entropy)", str(limits.MAX_TARGET_K)),

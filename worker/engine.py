@@ -42,6 +42,7 @@ from pathlib import Path
 
 from api.db.checkpoints import CheckpointRecord, storage_key
 from api.db.models import CheckpointKind
+from contract.age_encryption import encrypt_folder
 from contract.checkpoint_store import CheckpointCorrupt, CheckpointExists, CheckpointStore
 from contract.jobs import (
     CheckpointTarget,
@@ -53,6 +54,7 @@ from contract.jobs import (
     LoadWeightsJob,
     OptimStepJob,
     SampleJob,
+    SaveWeightsExternalJob,
     SaveWeightsForSamplerJob,
     SaveWeightsJob,
     UnloadModelJob,
@@ -63,6 +65,7 @@ from loom.types import (
     CreateModelResponse,
     LoadWeightsResponse,
     OptimStepResponse,
+    SaveWeightsExternalResponse,
     SaveWeightsForSamplerResponse,
     SaveWeightsResponse,
     UnloadModelResponse,
@@ -180,6 +183,13 @@ class Engine:
                 self.pool.put_sampler(record.storage_uri, frozen_copy(run.adapter))
                 result = SaveWeightsForSamplerResponse(path=record.tinker_path, sampling_session_id=session_id)
                 return Outcome(job, result, checkpoint=record)
+            case SaveWeightsExternalJob(target=target, age_recipients=recipients):
+                run = self.pool.run(job.model_id)
+                record = self._store_checkpoint(
+                    job, CheckpointKind.EXTERNAL, target, self._external_files(run, recipients)
+                )
+                result = SaveWeightsExternalResponse(path=record.tinker_path, size_bytes=record.size_bytes)
+                return Outcome(job, result, checkpoint=record)
             case UnloadModelJob():
                 self.pool.drop_run(job.model_id)
                 return Outcome(job, UnloadModelResponse(model_id=job.model_id))
@@ -295,6 +305,17 @@ class Engine:
 
     def _sampler_files(self, run: ResidentRun) -> Callable[[Path], None]:
         return lambda folder: save_adapter(folder, run.adapter, self.lm.targets, self.lm.spec.name)
+
+    def _external_files(self, run: ResidentRun, age_recipients: list[str] | None) -> Callable[[Path], None]:
+        """The run's adapter as a PEFT folder (`adapter_config.json` names the public base model id), encrypted
+        file by file when the save names age recipients."""
+
+        def fill(folder: Path) -> None:
+            save_adapter(folder, run.adapter, self.lm.targets, self.lm.spec.name)
+            if age_recipients:
+                encrypt_folder(folder, age_recipients)
+
+        return fill
 
     def _training_files(self, run: ResidentRun) -> Callable[[Path], None]:
         def fill(folder: Path) -> None:

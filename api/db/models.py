@@ -91,6 +91,7 @@ TRAINING_OPS = frozenset(
         JobKind.OPTIM_STEP,
         JobKind.SAVE_WEIGHTS,
         JobKind.SAVE_WEIGHTS_FOR_SAMPLER,
+        JobKind.SAVE_WEIGHTS_EXTERNAL,
         JobKind.LOAD_WEIGHTS,
         JobKind.UNLOAD_MODEL,
     }

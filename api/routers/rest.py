@@ -33,7 +33,7 @@ PageOffset = Annotated[int, Query(ge=0, le=INT64_MAX)]
 def _checkpoint(c: Checkpoint) -> WireCheckpoint:
     return WireCheckpoint(
         checkpoint_id=c.checkpoint_id,
-        checkpoint_type="training" if c.kind == "training" else "sampler",
+        checkpoint_type=c.kind,
         time=c.created_at,
         tinker_path=c.tinker_path,
         size_bytes=c.size_bytes,

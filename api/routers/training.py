@@ -1,5 +1,5 @@
 """Tinker training endpoints: create_model, get_info, forward_backward (JSON and protobuf), forward, optim_step,
-save_weights, save_weights_for_sampler, load_weights, unload_model.
+save_weights, save_weights_for_sampler, save_weights_external, load_weights, unload_model.
 
 Each mutating call checks ownership and validates the request against the base model *before* queueing, so bad
 input is a 400 with a machine-readable error instead of a failed future; the worker trusts what it is handed.
@@ -34,6 +34,7 @@ from api.openapi import raw_body
 from api.paths import parse_tinker_path, readable_checkpoint
 from api.proto.codec import ProtoDecodeError, decode_forward_backward_request
 from api.refusals import note_ordered_op
+from contract.age_encryption import BadRecipient, parse_recipients
 from contract.jobs import (
     DEFAULT_LORA_RANK,
     CheckpointTarget,
@@ -45,6 +46,7 @@ from contract.jobs import (
     LoadWeightsJob,
     OptimStepJob,
     RunLora,
+    SaveWeightsExternalJob,
     SaveWeightsForSamplerJob,
     SaveWeightsJob,
     UnloadModelJob,
@@ -60,6 +62,7 @@ from loom.types import (
     LoraConfig,
     ModelData,
     OptimStepRequest,
+    SaveWeightsExternalRequest,
     SaveWeightsForSamplerRequest,
     SaveWeightsRequest,
     UnloadModelRequest,
@@ -339,6 +342,31 @@ def save_weights_for_sampler(
             ephemeral=sampler_id is not None,
         )
         payload = SaveWeightsForSamplerJob(target=target, sampling_session_id=sampler_id)
+        job_id = _enqueue_op(session, request, run, seq_id, payload)
+    return _submitted(state, run, job_id)
+
+
+@router.post("/save_weights_external")
+def save_weights_external(
+    body: SaveWeightsExternalRequest, request: Request, state: State, owner: Tenant
+) -> dict[str, Any]:
+    """The run's adapter as a PEFT folder to download (`external_weights_urls`), optionally age-encrypted."""
+    seq_id = _seq(request, owner, body.model_id, body.seq_id, JobKind.SAVE_WEIGHTS_EXTERNAL)
+    name = _checkpoint_name(body.path)
+    if body.age_encryption_recipients is not None:
+        try:
+            parse_recipients(body.age_encryption_recipients)
+        except BadRecipient as exc:
+            raise invalid(f"age_encryption_recipients{exc}", "age_encryption_recipients") from exc
+    with state.transaction() as session:
+        run = _active_run(session, owner, body.model_id)
+        checkpoint_id = f"external_weights/{name}"
+        if _name_taken(session, run.id, checkpoint_id):
+            raise APIError(409, ErrorCode.CONFLICT, f"checkpoint {checkpoint_id} already exists", "path")
+        target = CheckpointTarget(
+            checkpoint_id=checkpoint_id, tinker_path=f"tinker://{run.id}/{checkpoint_id}", ttl_seconds=body.ttl_seconds
+        )
+        payload = SaveWeightsExternalJob(target=target, age_recipients=body.age_encryption_recipients)
         job_id = _enqueue_op(session, request, run, seq_id, payload)
     return _submitted(state, run, job_id)
 

@@ -48,3 +48,6 @@ MAX_JSON_DEPTH = 32
 
 CHECKPOINT_NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
 """Checkpoint names: 1-128 of `[A-Za-z0-9._-]`, not starting with a dot (so never `.`, `..` or a hidden file)."""
+
+MAX_AGE_RECIPIENTS = 10
+"""The most age recipients one `save_weights_external` may encrypt to (Tinker's limit)."""

@@ -3,7 +3,8 @@
 Role: responses of ``GET /api/v1/training_runs[/{id}]``,
 ``GET /api/v1/training_runs/{id}/checkpoints``, ``GET /api/v1/checkpoints``,
 ``POST /api/v1/weights_info``, ``GET /api/v1/samplers/{id}``,
-``GET /api/v1/sessions[/{id}]`` and the checkpoint archive / TTL endpoints.
+``GET /api/v1/sessions[/{id}]``, the checkpoint archive / TTL endpoints and
+``GET …/checkpoints/external_weights/{name}/external_weights_urls``.
 
 Checkpoint paths: ``tinker://<training_run_id>/weights/<name>`` (training
 state), ``…/sampler_weights/<name>`` (sampler weights), ``…/external_weights/…``.
@@ -133,3 +134,10 @@ class CheckpointArchiveUrlResponse(WireModel):
 class SetCheckpointTtlRequest(WireModel):
     ttl_seconds: TtlSeconds | None = None
     """``None`` = never expires."""
+
+
+class ExternalWeightsUrlsResponse(WireModel):
+    urls: dict[str, str]
+    """A signed download URL per file, keyed by the file's path relative to the checkpoint root."""
+    expires: datetime
+    """When the URLs stop working (ask again for fresh ones)."""

@@ -2,7 +2,7 @@
 
 Role: request/response bodies of ``/api/v1/create_model``, ``get_info``,
 ``unload_model``, ``forward_backward``, ``forward``, ``optim_step``,
-``save_weights``, ``save_weights_for_sampler`` and ``load_weights``.
+``save_weights``, ``save_weights_for_sampler``, ``save_weights_external`` and ``load_weights``.
 
 Wire-shape notes:
 - ``ForwardBackwardRequest`` serialises to the SDK ≤0.24 JSON shape
@@ -29,7 +29,7 @@ from pydantic import AliasChoices, Field, model_validator
 
 from ._base import WireModel
 from .bounded import Count64, Int64, JsonObject, LearningRate, Seed, TtlSeconds
-from .limits import INT64_MAX, MAX_DATUMS
+from .limits import INT64_MAX, MAX_AGE_RECIPIENTS, MAX_DATUMS
 from .model_input import Datum
 from .tensors import TensorData
 
@@ -255,6 +255,27 @@ class SaveWeightsForSamplerResponse(WireModel):
 
 
 SaveWeightsForSamplerResponseInternal = SaveWeightsForSamplerResponse
+
+
+class SaveWeightsExternalRequest(WireModel):
+    """A downloadable PEFT adapter under ``tinker://<run>/external_weights/<path>``; with
+    ``age_encryption_recipients`` every file is age-encrypted to them and stored with a ``.age`` suffix."""
+
+    model_id: str
+    path: str
+    """Checkpoint name (not a full tinker:// path)."""
+    seq_id: Int64 | None = None
+    ttl_seconds: TtlSeconds | None = None
+    age_encryption_recipients: list[str] | None = Field(default=None, min_length=1, max_length=MAX_AGE_RECIPIENTS)
+    """age recipients: native ``age1...`` keys or SSH public keys (``ssh-ed25519 ...``, ``ssh-rsa ...``)."""
+    type: Literal["save_weights_external"] = "save_weights_external"
+
+
+class SaveWeightsExternalResponse(WireModel):
+    path: str
+    size_bytes: int | None = None
+    """Bytes of the stored files."""
+    type: Literal["save_weights_external"] | None = "save_weights_external"
 
 
 class LoadWeightsRequest(WireModel):
