@@ -33,6 +33,7 @@ import threading
 import uuid
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from time import monotonic
 from typing import Any, TypeVar
 
@@ -118,6 +119,7 @@ class HttpClient:
         if api_key:
             default_headers[API_KEY_HEADER] = api_key
         default_headers.update(headers or {})
+        self._transport = transport
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="loom-http", daemon=True)
         self._thread.start()
@@ -268,6 +270,24 @@ class HttpClient:
     async def get_json(self, path: str, params: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         response = await self.request("GET", path, params=params, **kwargs)
         return _json_or_text(response) if response.content else None
+
+    async def download(self, url: str, dest: Path) -> int:
+        """GET the absolute, signed ``url`` into the file ``dest`` (written to ``<dest>.part``, then renamed) and
+        return its size. Sent without this client's API key: a signed URL may point at another host (a bucket)."""
+        async with httpx.AsyncClient(transport=self._transport, timeout=60.0, follow_redirects=True) as plain:
+            async with plain.stream("GET", url) as response:
+                if response.status_code >= 300:
+                    await response.aread()
+                    request_id = response.headers.get("x-request-id")
+                    raise errors.status_error(response.status_code, _json_or_text(response), request_id=request_id)
+                partial = dest.with_name(dest.name + ".part")
+                size = 0
+                with partial.open("wb") as out:
+                    async for chunk in response.aiter_bytes(1 << 20):
+                        out.write(chunk)
+                        size += len(chunk)
+        partial.replace(dest)
+        return size
 
 
 def sleep_backoff(

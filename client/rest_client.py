@@ -9,18 +9,22 @@ Routes: ``GET /api/v1/training_runs[/{id}]``, ``GET
 ``DELETE /api/v1/training_runs/{id}/checkpoints/{kind}/{name}``,
 ``PUT …/ttl``, ``POST``/``DELETE …/publish``, ``GET …/archive`` (302 or JSON),
 ``POST /api/v1/weights_info``, ``GET /api/v1/samplers/{id}``,
-``GET /api/v1/sessions[/{id}]``. Checkpoint ids keep their kind segment
-(``weights/<name>``), put into URLs unescaped as tinker does.
+``GET /api/v1/sessions[/{id}]``,
+``GET …/checkpoints/external_weights/{name}/external_weights_urls``. Checkpoint ids keep their kind segment
+(``weights/<name>``), put into URLs unescaped as tinker does. ``download_checkpoint`` fetches those signed
+URLs without the API key (they may point at an S3 bucket).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Coroutine
 from datetime import datetime
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from . import types
+from . import errors, types
 from .futures import APIFuture
 from .http import HttpClient
 
@@ -226,3 +230,50 @@ class RestClient:
 
     async def list_sessions_async(self, limit: int = 20, offset: int = 0) -> types.ListSessionsResponse:
         return await self._http.call_async(self._list_sessions(limit, offset))
+
+    @staticmethod
+    def _external_weights_urls_path(tinker_path: str) -> str:
+        """The URL route of an external weights checkpoint's download URLs (``ValueError`` for other paths)."""
+        parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+        if parsed.checkpoint_type != "external":
+            raise ValueError(
+                "only external weights checkpoints (tinker://<run>/external_weights/<name>) have download URLs; "
+                f"export {tinker_path} with TrainingClient.save_weights_external first"
+            )
+        return (
+            f"/api/v1/training_runs/{parsed.training_run_id}/checkpoints/{parsed.checkpoint_id}/external_weights_urls"
+        )
+
+    async def _external_weights_urls(self, route: str) -> types.ExternalWeightsUrlsResponse:
+        return types.ExternalWeightsUrlsResponse.model_validate(await self._http.get_json(route))
+
+    def get_external_weights_urls(self, tinker_path: str) -> APIFuture[types.ExternalWeightsUrlsResponse]:
+        """Signed download URLs, one per file, of an external weights checkpoint, valid until ``expires``."""
+        route = self._external_weights_urls_path(tinker_path)
+        return self._future(self._external_weights_urls(route), "ExternalWeightsUrls")
+
+    async def get_external_weights_urls_async(self, tinker_path: str) -> types.ExternalWeightsUrlsResponse:
+        route = self._external_weights_urls_path(tinker_path)
+        return await self._http.call_async(self._external_weights_urls(route))
+
+    async def _download(self, route: str, dest: Path) -> dict[str, Path]:
+        response = await self._external_weights_urls(route)
+        root = dest.resolve()
+        targets = {name: (root / name).resolve() for name in response.urls}
+        unsafe = [name for name, target in targets.items() if not target.is_relative_to(root) or target == root]
+        if unsafe:
+            raise errors.LoomError(f"refusing to write checkpoint files outside {root}: {unsafe}")
+        for name, target in targets.items():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            await self._http.download(response.urls[name], target)
+        return targets
+
+    def download_checkpoint(self, tinker_path: str, dest: str | os.PathLike[str]) -> APIFuture[dict[str, Path]]:
+        """Download every file of an external weights checkpoint into the folder ``dest`` (made if missing);
+        the result maps each file's relative name to where it was written."""
+        route = self._external_weights_urls_path(tinker_path)
+        return self._future(self._download(route, Path(dest)), "DownloadCheckpoint")
+
+    async def download_checkpoint_async(self, tinker_path: str, dest: str | os.PathLike[str]) -> dict[str, Path]:
+        route = self._external_weights_urls_path(tinker_path)
+        return await self._http.call_async(self._download(route, Path(dest)))

@@ -340,6 +340,30 @@ class TrainingClient:
         name = info.model_data.tokenizer_id or info.model_data.model_name or self.base_model
         return load_tokenizer(name)
 
+    def save_weights_external(
+        self, name: str, ttl_seconds: int | None = None, age_encryption_recipients: list[str] | None = None
+    ) -> APIFuture[types.SaveWeightsExternalResponse]:
+        """Save the adapter as a downloadable PEFT folder, ``tinker://<run>/external_weights/<name>``
+        (``RestClient.download_checkpoint`` fetches it); with age recipients every file is encrypted to them."""
+
+        def body(seq_id: int) -> dict[str, Any]:
+            return types.SaveWeightsExternalRequest(
+                model_id=self.model_id,
+                path=name,
+                seq_id=seq_id,
+                ttl_seconds=ttl_seconds,
+                age_encryption_recipients=age_encryption_recipients,
+            ).to_wire()
+
+        return self._operation(
+            "/api/v1/save_weights_external", body, types.SaveWeightsExternalResponse, "SaveWeightsExternal"
+        )
+
+    async def save_weights_external_async(
+        self, name: str, ttl_seconds: int | None = None, age_encryption_recipients: list[str] | None = None
+    ) -> APIFuture[types.SaveWeightsExternalResponse]:
+        return self.save_weights_external(name, ttl_seconds, age_encryption_recipients)
+
 
 def load_tokenizer(name: str | None) -> Any:
     """``transformers.AutoTokenizer.from_pretrained(name)``, imported lazily."""

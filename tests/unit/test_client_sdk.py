@@ -575,3 +575,46 @@ def test_archive_url_from_302_or_json(server: FakeServer, service: loom.ServiceC
     server.hooks[path] = lambda req, body: httpx.Response(200, json={"url": "https://s3.test/b.tar"})
     url = service.create_rest_client().get_checkpoint_archive_url_from_tinker_path("tinker://r/weights/a").result(10)
     assert url.url == "https://s3.test/b.tar"
+
+
+def test_save_weights_external_and_download_without_the_api_key(
+    server: FakeServer, service: loom.ServiceClient, tmp_path
+) -> None:
+    files = {"adapter_model.safetensors": b"\0" * 70_000, "adapter_config.json": b"{}"}
+    server.hooks["/api/v1/save_weights_external"] = lambda req, body: server._future(
+        {"path": f"tinker://{body['model_id']}/external_weights/{body['path']}", "size_bytes": 70_002}
+    )
+    urls_path = "/api/v1/training_runs/r/checkpoints/external_weights/x/external_weights_urls"
+    server.hooks[urls_path] = lambda req, body: httpx.Response(
+        200,
+        json={"urls": {n: f"https://bucket.test/{n}?sig=1" for n in files}, "expires": "2030-01-01T00:00:00Z"},
+    )
+    for name, data in files.items():
+        server.hooks[f"/{name}"] = lambda req, body, data=data: httpx.Response(200, content=data)
+    tc = service.create_lora_training_client("tiny")
+    saved = tc.save_weights_external("x", ttl_seconds=3600, age_encryption_recipients=["age1abc"]).result(10)
+    assert saved.path == "tinker://sess:train:0/external_weights/x" and saved.size_bytes == 70_002
+    body = server.bodies("/api/v1/save_weights_external")[0]
+    assert body["seq_id"] == 1 and body["ttl_seconds"] == 3600 and body["age_encryption_recipients"] == ["age1abc"]
+
+    rest = service.create_rest_client()
+    written = rest.download_checkpoint("tinker://r/external_weights/x", tmp_path / "out").result(10)
+    assert {name: path.read_bytes() for name, path in written.items()} == files
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(files)  # no .part left behind
+    downloads = [r for r in server.requests if r.url.host == "bucket.test"]
+    assert len(downloads) == 2 and all("X-API-Key" not in r.headers for r in downloads)
+    with pytest.raises(ValueError, match="save_weights_external"):
+        rest.get_external_weights_urls("tinker://r/weights/x")
+
+    server.hooks[urls_path] = lambda req, body: httpx.Response(
+        200, json={"urls": {"../evil": "https://bucket.test/e"}, "expires": "2030-01-01T00:00:00Z"}
+    )
+    with pytest.raises(loom.LoomError, match="outside"):
+        rest.download_checkpoint("tinker://r/external_weights/x", tmp_path / "out2").result(10)
+    assert not (tmp_path / "evil").exists()
+    server.hooks[urls_path] = lambda req, body: httpx.Response(
+        200, json={"urls": {"a": "https://bucket.test/expired"}, "expires": "2030-01-01T00:00:00Z"}
+    )
+    server.hooks["/expired"] = lambda req, body: httpx.Response(403, json={"error": {"code": "forbidden"}})
+    with pytest.raises(loom.PermissionDeniedError):
+        rest.download_checkpoint("tinker://r/external_weights/x", tmp_path / "out3").result(10)
