@@ -57,6 +57,7 @@ from typing import Any
 
 import boto3
 from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from contract.checkpoint_store import MANIFEST, CheckpointCorrupt, CheckpointExists, GcReport, sha256_file
@@ -80,9 +81,9 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key.strip("/")
 
 
-def env_client() -> Any:
-    """An S3 client configured from the standard AWS environment variables and files."""
-    return boto3.session.Session().client("s3")
+def env_client(config: Config | None = None) -> Any:
+    """An S3 client configured from the standard AWS environment variables and files (and `config`)."""
+    return boto3.session.Session().client("s3", config=config)
 
 
 def _code(error: ClientError) -> str:
@@ -382,8 +383,8 @@ def presigned_file_urls(uri: str, expires_in: int, client: Any = None) -> dict[s
     """file name -> a presigned GET URL (valid `expires_in` seconds) of each file of a committed checkpoint.
 
     The URLs name the attempt the manifest names now; a later overwrite or delete leaves them pointing at objects
-    `gc` removes after its grace period."""
-    client = client or env_client()
+    `gc` removes after its grace period. URLs are signed with SigV4 (what every S3 region accepts; at most 7 days)."""
+    client = client or env_client(Config(signature_version="s3v4"))
     bucket, folder = parse_s3_uri(uri)
     manifest = _parse_manifest(uri, _manifest_bytes(client, uri, bucket, folder))
     return {
