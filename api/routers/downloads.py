@@ -17,6 +17,7 @@ the base of the links is `LOOM_PUBLIC_URL`, or the scheme and host the URL reque
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -36,6 +37,8 @@ from loom.types import ExternalWeightsUrlsResponse
 router = APIRouter(prefix="/api/v1")
 
 EXTERNAL = "external_weights"
+EXPIRES = re.compile(r"[0-9]{1,12}")
+"""A link's expiry: unix seconds (ASCII digits only, so never a number `int` cannot read)."""
 
 
 def _file_urls(request: Request, state: State, path: TinkerPath, uri: str, expires: int) -> dict[str, str]:
@@ -74,7 +77,8 @@ def download_external_file(
     run_id: str, name: str, version: str, file_name: str, state: State, expires: str = "", signature: str = ""
 ) -> FileResponse:
     resource = external_file_resource(run_id, name, version, file_name)
-    valid = expires.isdigit() and signer_for(state.settings).verify(resource, int(expires), signature, time.time())
+    well_formed = EXPIRES.fullmatch(expires) is not None
+    valid = well_formed and signer_for(state.settings).verify(resource, int(expires), signature, time.time())
     if not valid:
         raise APIError(
             403,

@@ -209,6 +209,8 @@ def test_links_with_bad_or_expired_signatures_are_403_and_traversal_is_404(app) 
         f"{path}?expires={int(expires) + 1}&signature={signature}",
         f"{path}?expires={expires}",
         f"{path}?expires=soon&signature={signature}",
+        f"{path}?expires=%C2%B2&signature={signature}",  # a digit to str.isdigit, not to int
+        f"{path}?expires={'9' * 5000}&signature={signature}",
         path,
         f"{path.replace('adapter_config.json', 'adapter_model.safetensors')}?expires={expires}&signature={signature}",
     ]:
