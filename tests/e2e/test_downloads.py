@@ -6,8 +6,9 @@ unmodified `tinker checkpoint download` (with its progress bar, and again with `
 SDK (`RestClient.download_checkpoint`) — and must be byte-identical. The downloaded folder is loaded with
 `peft.PeftModel.from_pretrained` onto the plain transformers SmolLM2 and its per-token logprobs of a sequence match
 the server's `compute_logprobs` on the same weights within 1e-4 (while differing from the base model's by more
-than 1e-3, so an adapter PEFT ignored would fail). Another tenant gets 404 for the URLs. An export encrypted to an
-age key downloads as `.age` files that decrypt to the same adapter.
+than 1e-3, so an adapter PEFT ignored would fail). The run's checkpoint list shows the exports as `external`.
+Another tenant gets 404 for the URLs. An export encrypted to an age key downloads as `.age` files that decrypt to
+the same adapter.
 """
 
 from __future__ import annotations
@@ -88,12 +89,15 @@ def exported(server, tmp_path_factory):
         probe = _tokens(16, seed=3)
         sampler = training.save_weights_and_get_sampling_client().result()
         server_logprobs = sampler.compute_logprobs(types.ModelInput.from_ints(probe)).result()
-        urls = tinker.RestClient().get_external_weights_urls(path).result()
+        rest = tinker.RestClient()
+        urls = rest.get_external_weights_urls(path).result()
+        listed = rest.list_checkpoints(path.removeprefix("tinker://").split("/")[0]).result().checkpoints
     return {
         "path": path,
         "sealed_path": sealed_path,
         "identity": identity,
         "urls": urls,
+        "listed": {c.tinker_path: c.checkpoint_type for c in listed},
         "probe": probe,
         "server_logprobs": server_logprobs,
         "dir": tmp_path_factory.mktemp("downloads"),
@@ -105,6 +109,7 @@ def test_download_paths_agree_and_the_adapter_reproduces_the_server(server, expo
     run_id = path.removeprefix("tinker://").split("/")[0]
     assert path == f"tinker://{run_id}/external_weights/final"
     assert sorted(urls.urls) == ADAPTER_FILES
+    assert exported["listed"][path] == exported["listed"][exported["sealed_path"]] == "external"
 
     by_http = root / "http"
     by_http.mkdir()
