@@ -10,6 +10,7 @@ Modules:
 - :mod:`.service`      sessions, heartbeat, capabilities, health, client config, telemetry
 - :mod:`.futures`      UntypedAPIFuture and the retrieve_future protocol
 - :mod:`.rest`         training runs, checkpoints, weights_info, samplers, sessions
+- :mod:`.sessions`     session finish/search/project/trace export, cancel_future, the calling API key
 
 Every model ignores unknown keys (forward compatibility) and serialises with
 ``model.to_wire()`` (JSON mode, ``None`` left out), as the SDK does.
@@ -86,6 +87,21 @@ from .service import (
     SupportedModel,
     TelemetryResponse,
     TelemetrySendRequest,
+)
+from .sessions import (
+    ApiKeySelfResponse,
+    AssignSessionProjectRequest,
+    CancelFutureResponse,
+    ClientSessionFinished,
+    SessionActive,
+    SessionFinishRequest,
+    SessionFinishResponse,
+    SessionSearchCursor,
+    SessionSearchRequest,
+    SessionSearchResponse,
+    SessionStatus,
+    SessionSummary,
+    SessionTraceExportResponse,
 )
 from .tensors import TensorData, TensorDtype
 from .training import (
@@ -208,4 +224,17 @@ __all__ = [
     "WeightsInfoRequest",
     "WeightsInfoResponse",
     "WireModel",
+    "ApiKeySelfResponse",
+    "AssignSessionProjectRequest",
+    "CancelFutureResponse",
+    "ClientSessionFinished",
+    "SessionActive",
+    "SessionFinishRequest",
+    "SessionFinishResponse",
+    "SessionSearchCursor",
+    "SessionSearchRequest",
+    "SessionSearchResponse",
+    "SessionStatus",
+    "SessionSummary",
+    "SessionTraceExportResponse",
 ]
