@@ -50,6 +50,12 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     INTERNAL = "internal_error"
     SERVICE_UNAVAILABLE = "service_unavailable"
+    SESSION_FINISHED = "session_finished"
+    """410: the session was finished (`ServiceClient.close()`); it takes no new work, its futures still resolve."""
+    UNSUPPORTED = "unsupported"
+    """A Tinker feature a self-hosted Loom cannot offer; the message says why."""
+    FORBIDDEN = "forbidden"
+    """403: a signed link whose signature is wrong or whose time is up."""
 
 
 class APIError(Exception):
@@ -64,6 +70,7 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     409: "conflict_error",
+    410: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
     429: "rate_limit_error",
