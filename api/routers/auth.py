@@ -20,7 +20,7 @@ from fastapi import APIRouter, Response
 from api.db.keys import revoke_api_key
 from api.deps import CallerKey, State
 from api.errors import APIError, ErrorCode
-from loom.types import ApiKeySelfResponse
+from loom.types import ApiKeySelfResponse, AuthTokenRequest
 from loom.types.sessions import ApiKeyDetails, ApiKeyOrgDetails, ApiKeyUserDetails
 
 router = APIRouter(prefix="/api/v1")
@@ -48,7 +48,7 @@ def revoke_own_api_key(key: CallerKey, state: State) -> Response:
 
 
 @router.post("/auth/token")
-def exchange_token() -> dict[str, Any]:
+def exchange_token(_: AuthTokenRequest | None = None) -> dict[str, Any]:
     raise APIError(
         400,
         ErrorCode.UNSUPPORTED,

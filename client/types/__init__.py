@@ -74,6 +74,7 @@ from .sampling import (
     StopReason,
 )
 from .service import (
+    AuthTokenRequest,
     AuthTokenResponse,
     ClientConfigRequest,
     ClientConfigResponse,
@@ -237,4 +238,5 @@ __all__ = [
     "SessionStatus",
     "SessionSummary",
     "SessionTraceExportResponse",
+    "AuthTokenRequest",
 ]

@@ -148,7 +148,7 @@ def test_sampling_uses_retrieve_futures_and_joined_clients_sample(tinker_env: Lo
 
     done = run_python(
         tinker_env,
-        f"""
+        """
         import sys
         from tinker import SamplingClient, types
 
