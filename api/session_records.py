@@ -17,7 +17,7 @@ import json
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
 
-from sqlalchemy import Select, and_, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from api.db.models import Checkpoint, ClientSession, SamplingSession, TrainingRun
@@ -119,6 +119,14 @@ def summaries(session: Session, records: list[ClientSession]) -> list[SessionSum
     ]
 
 
+def in_projects(project_ids: list[str]) -> ColumnElement[bool]:
+    """Sessions in one of `project_ids` (`DEFAULT_PROJECT` holds the sessions given no project)."""
+    projects = [ClientSession.project_id.in_(project_ids)]
+    if DEFAULT_PROJECT in project_ids:
+        projects.append(ClientSession.project_id.is_(None))
+    return or_(*projects)
+
+
 def _where(query: Select, owner: str, request: SessionSearchRequest) -> Select:
     """The filters of `request` that SQL can apply: tenant, cursor, id / display name, projects."""
     query = query.where(ClientSession.owner == owner)
@@ -139,10 +147,7 @@ def _where(query: Select, owner: str, request: SessionSearchRequest) -> Select:
     if matches:
         query = query.where(or_(*matches))
     if request.project_ids is not None:
-        projects = [ClientSession.project_id.in_(request.project_ids)]
-        if DEFAULT_PROJECT in request.project_ids:
-            projects.append(ClientSession.project_id.is_(None))
-        query = query.where(or_(*projects))
+        query = query.where(in_projects(request.project_ids))
     return query
 
 

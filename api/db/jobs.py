@@ -21,7 +21,8 @@ request refused at submit leaves a failed placeholder at its seq_id
 (``record_refusal``) for the same reason: the client may have numbered later
 ops after it (the tinker SDK does). A client that instead sends the next op
 at the refused seq_id (Loom's SDK does) takes the placeholder's place, as long
-as no later op of the run has started. An
+as no later op of the run has started. A queued request the client cancels
+(``cancel_queued_job``) fails at once and is passed over the same way. An
 ordered op whose ``TrainingRun`` row does not exist (yet) waits. Every training
 op has a seq_id (``submit_job`` refuses one without); jobs in any other lane are
 ready as soon as they are queued.

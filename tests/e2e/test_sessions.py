@@ -163,7 +163,9 @@ def test_sampling_uses_retrieve_futures_and_joined_clients_sample(tinker_env: Lo
     service.close("success").result()
 
 
-def test_cancel_future_fails_a_queued_op_without_wedging_its_run(tinker_env: LoomServer, http) -> None:
+def test_cancel_future_fails_a_queued_op_without_wedging_its_run(
+    tinker_env: LoomServer, http, other_tenant_key: str
+) -> None:
     training = tinker.ServiceClient().create_lora_training_client(base_model=SMOL, rank=4).result()
     model_id = training.model_id
 
@@ -174,6 +176,8 @@ def test_cancel_future_fails_a_queued_op_without_wedging_its_run(tinker_env: Loo
         return response.json()["request_id"]
 
     waiting = optim(2)  # seq 1 was never sent: this op stays queued
+    mallory = {"X-API-Key": other_tenant_key}
+    assert http.post("/api/v1/cancel_future", json={"request_id": waiting}, headers=mallory).status_code == 404
     answer = http.post("/api/v1/cancel_future", json={"request_id": waiting}).json()
     assert answer["cancelled"] is True and answer["state"] == "failed"
     assert "cancelled by the client" in result(http, waiting)["error"]

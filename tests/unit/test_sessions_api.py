@@ -119,6 +119,12 @@ def test_search_counts_checkpoints_and_assigning_a_project_moves_the_session(loo
     assert moved.json()["project_id"] == "p9"
     assert moved.json()["checkpoints_count"] == 1 and moved.json()["checkpoint_storage_bytes"] == 1234
     assert search(client, project_ids=["p9"]) == [session_id]
+
+    def runs_in(project_id: str) -> list[str]:
+        listed = client.get("/api/v1/training_runs", params={"project_id": project_id}).json()
+        return [r["training_run_id"] for r in listed["training_runs"]]
+
+    assert runs_in("p9") == [run] and runs_in("default") == []  # the session's runs moved with it
     assert client.put(f"/api/v1/sessions/{session_id}/project", json={}).status_code == 400
 
 
