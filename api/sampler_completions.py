@@ -35,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.db.models import Job, JobState, lane_for
 from api.deps import AppState
-from api.queue import _Waiters
+from api.queue import Waiters
 from contract.jobs import JobKind
 from loom.types import FutureCompletion, FutureFailed, FutureFinished, FuturesRetrieveResponse
 from loom.types.futures import CLONE_SEQ_BLOCK
@@ -52,7 +52,7 @@ _FINAL = (JobState.DONE.value, JobState.FAILED.value)
 _SAMPLE_LANE = lane_for(JobKind.SAMPLE)
 _ONE_US = timedelta(microseconds=1)
 
-_submissions = _Waiters()
+_submissions = Waiters()
 """Per sampling session: the polls waiting on it, woken when a sample is submitted to it in this process."""
 
 
