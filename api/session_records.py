@@ -46,7 +46,7 @@ def finish_of(record: ClientSession) -> ClientSessionFinished | None:
     """The client's finish of the session, if it was finished."""
     if record.finished_at is None:
         return None
-    for tag in record.tags or ():
+    for tag in reversed(record.tags or ()):  # the server's entry is the last: a client's own tags come first
         if tag.startswith(FINISH_TAG):
             return ClientSessionFinished.model_validate(json.loads(tag[len(FINISH_TAG) :]))
     return None

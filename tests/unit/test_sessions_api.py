@@ -130,7 +130,7 @@ def test_search_counts_checkpoints_and_assigning_a_project_moves_the_session(loo
 
 def test_a_finished_session_takes_no_new_work_but_its_futures_resolve(loom_api: LoomApi) -> None:
     client = loom_api.client()
-    session_id = new_session(client)
+    session_id = new_session(client, tags=["loom:finish:not json"])  # a client's tag cannot pose as the finish
     run = new_run(client, session_id)
     sampler = new_sampler(client, session_id)
     pending_sample = sample(client, sampler, 0)
