@@ -2,7 +2,7 @@
 
 `Tenant` resolves the `X-API-Key` header (the official SDK's header; `Authorization: Bearer` is accepted too)
 to the owner of that key; every lookup below filters by that owner, so another tenant's ids answer 404 exactly
-like ids that do not exist.
+like ids that do not exist. `live_session` also refuses (410) new work in a session its client finished.
 
 Limits: handlers that touch the database are plain `def` functions (FastAPI runs them in its thread pool), and
 must keep each `transaction()` short: on SQLite a transaction holds the write lock.
@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.db.jobs import JobConflict, submit_job
 from api.db.keys import authenticate
-from api.db.models import ClientSession, TrainingRun
+from api.db.models import ApiKey, ClientSession, TrainingRun
 from api.errors import APIError, ErrorCode, not_found
 from api.queue import PollingQueue
 from contract.catalogue import BaseModelEntry, Catalogue
@@ -89,6 +89,18 @@ def tenant(request: Request, state: State) -> str:
 Tenant = Annotated[str, Depends(tenant)]
 
 
+def caller_key(request: Request, state: State, _: Tenant) -> ApiKey:
+    """The live API key the request authenticated with (for routes about the key itself, or that sign links)."""
+    with state.reading() as session:
+        record = authenticate(session, api_key(request) or "")
+    if record is None:  # revoked between the two reads
+        raise APIError(401, ErrorCode.UNAUTHENTICATED, "invalid or revoked API key")
+    return record
+
+
+CallerKey = Annotated[ApiKey, Depends(caller_key)]
+
+
 def owned_run(session: Session, owner: str, model_id: str) -> TrainingRun:
     run = session.scalar(select(TrainingRun).where(TrainingRun.id == model_id, TrainingRun.owner == owner))
     if run is None:
@@ -100,6 +112,20 @@ def owned_session(session: Session, owner: str, session_id: str) -> ClientSessio
     found = session.scalar(select(ClientSession).where(ClientSession.id == session_id, ClientSession.owner == owner))
     if found is None:
         raise not_found(f"session {session_id!r} not found")
+    return found
+
+
+def live_session(session: Session, owner: str, session_id: str) -> ClientSession:
+    """The caller's session, if it still takes work: a finished one (`POST /sessions/{id}/finish`) answers 410."""
+    found = owned_session(session, owner, session_id)
+    if found.finished_at is not None:
+        raise APIError(
+            410,
+            ErrorCode.SESSION_FINISHED,
+            f"session {session_id} was finished at {found.finished_at.isoformat()} and takes no new requests "
+            "(its earlier requests still complete); start a new ServiceClient",
+            "session_id",
+        )
     return found
 
 

@@ -40,7 +40,7 @@ class ErrorCode(StrEnum):
     INVALID_REQUEST = "invalid_request"
     UNAUTHENTICATED = "unauthenticated"
     FORBIDDEN = "forbidden"
-    """A credential other than an API key (a signed download link) is wrong or expired."""
+    """403: a credential other than an API key (a signed download or trace link) is wrong or expired."""
     NOT_FOUND = "not_found"
     UNKNOWN_MODEL = "unknown_model"
     MODEL_NOT_FOUND = "model_not_found"
@@ -52,6 +52,10 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     INTERNAL = "internal_error"
     SERVICE_UNAVAILABLE = "service_unavailable"
+    SESSION_FINISHED = "session_finished"
+    """410: the session was finished (`ServiceClient.close()`); it takes no new work, its futures still resolve."""
+    UNSUPPORTED = "unsupported"
+    """A Tinker feature a self-hosted Loom cannot offer; the message says why."""
 
 
 class APIError(Exception):
@@ -66,6 +70,7 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     409: "conflict_error",
+    410: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
     429: "rate_limit_error",

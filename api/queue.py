@@ -25,8 +25,9 @@ from contextlib import contextmanager
 from contract.broker import TokenEvent
 
 
-class _Waiters:
-    """Job id -> asyncio events of the requests long-polling it, woken from any thread."""
+class Waiters:
+    """Key (a job id; a sampling session id in `api/sampler_completions.py`) -> asyncio events of the requests
+    long-polling it, woken from any thread."""
 
     def __init__(self) -> None:
         self._events: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = defaultdict(set)
@@ -160,7 +161,7 @@ class SignalledQueue(PollingQueue):
 
     def __init__(self, poll_interval: float) -> None:
         super().__init__(poll_interval)
-        self._waiters = _Waiters()
+        self._waiters = Waiters()
         self.streams = StreamHub()
 
     def finished(self, job_ids: list[str]) -> None:

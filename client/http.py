@@ -141,6 +141,10 @@ class HttpClient:
     def loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def on_loop_thread(self) -> bool:
         return threading.current_thread() is self._thread
 

@@ -9,7 +9,9 @@ Routes: ``GET /api/v1/training_runs[/{id}]``, ``GET
 ``DELETE /api/v1/training_runs/{id}/checkpoints/{kind}/{name}``,
 ``PUT …/ttl``, ``POST``/``DELETE …/publish``, ``GET …/archive`` (302 or JSON),
 ``POST /api/v1/weights_info``, ``GET /api/v1/samplers/{id}``,
-``GET /api/v1/sessions[/{id}]``,
+``GET /api/v1/sessions[/{id}]``, ``POST /api/v1/sessions/search``, ``PUT
+/api/v1/sessions/{id}/project``, ``GET /api/v1/sessions/{id}/trace_export``,
+``GET /api/v1/auth/apikey/me``,
 ``GET …/checkpoints/external_weights/{name}/external_weights_urls``. Checkpoint ids keep their kind segment
 (``weights/<name>``), put into URLs unescaped as tinker does. ``download_checkpoint`` fetches those signed
 URLs without the API key (they may point at an S3 bucket).
@@ -277,3 +279,48 @@ class RestClient:
     async def download_checkpoint_async(self, tinker_path: str, dest: str | os.PathLike[str]) -> dict[str, Path]:
         route = self._external_weights_urls_path(tinker_path)
         return await self._http.call_async(self._download(route, Path(dest)))
+
+    # ------------------------------------------------------------- sessions
+    async def _search_sessions(self, request: types.SessionSearchRequest) -> types.SessionSearchResponse:
+        body = await self._http.post_json("/api/v1/sessions/search", request.to_wire())
+        return types.SessionSearchResponse.model_validate(body)
+
+    async def _assign_session_project(self, session_id: str, project_id: str) -> types.SessionSummary:
+        request = types.AssignSessionProjectRequest(project_id=project_id)
+        response = await self._http.request("PUT", f"/api/v1/sessions/{session_id}/project", json=request.to_wire())
+        return types.SessionSummary.model_validate(response.json())
+
+    async def _export_session_trace(self, session_id: str) -> types.SessionTraceExportResponse:
+        body = await self._http.get_json(f"/api/v1/sessions/{session_id}/trace_export")
+        return types.SessionTraceExportResponse.model_validate(body)
+
+    async def _whoami(self) -> types.ApiKeySelfResponse:
+        return types.ApiKeySelfResponse.model_validate(await self._http.get_json("/api/v1/auth/apikey/me"))
+
+    def search_sessions(self, request: types.SessionSearchRequest) -> APIFuture[types.SessionSearchResponse]:
+        """One page of your sessions matching ``request``, newest first; pass ``next_cursor`` on for the next."""
+        return self._future(self._search_sessions(request), "SearchSessions")
+
+    async def search_sessions_async(self, request: types.SessionSearchRequest) -> types.SessionSearchResponse:
+        return await self._http.call_async(self._search_sessions(request))
+
+    def assign_session_project(self, session_id: str, project_id: str) -> APIFuture[types.SessionSummary]:
+        """Move a session (with its training runs and samplers) into ``project_id``."""
+        return self._future(self._assign_session_project(session_id, project_id), "AssignSessionProject")
+
+    async def assign_session_project_async(self, session_id: str, project_id: str) -> types.SessionSummary:
+        return await self._http.call_async(self._assign_session_project(session_id, project_id))
+
+    def export_session_trace(self, session_id: str) -> APIFuture[types.SessionTraceExportResponse]:
+        """A signed, expiring link (no API key needed) to the session's timeline, which ui.perfetto.dev opens."""
+        return self._future(self._export_session_trace(session_id), "ExportSessionTrace")
+
+    async def export_session_trace_async(self, session_id: str) -> types.SessionTraceExportResponse:
+        return await self._http.call_async(self._export_session_trace(session_id))
+
+    def whoami(self) -> APIFuture[types.ApiKeySelfResponse]:
+        """The API key this client uses: its id, name, prefix and tenant (never the key itself)."""
+        return self._future(self._whoami(), "Whoami")
+
+    async def whoami_async(self) -> types.ApiKeySelfResponse:
+        return await self._http.call_async(self._whoami())

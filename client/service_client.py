@@ -9,7 +9,11 @@ creates training, sampling and REST clients.
   sent as ``X-API-Key``.
 - Session: ``POST /api/v1/create_session`` on first training/sampling use
   (not for the REST client), then ``session_heartbeat`` every 10 s on the SDK
-  loop; heartbeat failures are logged, never raised.
+  loop; heartbeat failures are logged, never raised (a 410 — the session was
+  finished — ends the heartbeat). ``close()`` (or leaving a ``with`` block)
+  finishes the session (``POST /api/v1/sessions/{id}/finish``, reason
+  ``success``, ``errored`` or ``interrupted`` as in tinker): the server then
+  takes no new work in it, while its submitted requests still complete.
 - Identifiers (as tinker): each training client gets ``model_seq_id`` 0, 1, …
   within the session; ``sampling_session_seq_id`` 0, 1, … is shared by
   ``create_sampling_session`` and ephemeral ``save_weights_for_sampler``.
@@ -25,11 +29,11 @@ import itertools
 import logging
 import os
 import threading
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
-from . import types
+from . import errors, types
 from .futures import submit_and_poll
 from .http import HttpClient, RetryPolicy
 from .rest_client import RestClient
@@ -37,6 +41,8 @@ from .sampling_client import SamplingClient
 from .training_client import TrainingClient
 
 logger = logging.getLogger("loom")
+
+FinishStatus = Literal["success", "errored", "interrupted"]
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 HEARTBEAT_INTERVAL_S = 10.0
@@ -90,15 +96,34 @@ class ServiceClient:
         self._sampling_seq = itertools.count()
 
     # ------------------------------------------------------------- lifecycle
-    def close(self) -> None:
-        """Stop the heartbeat and the SDK loop; the clients made here stop working."""
-        self._http.close()
+    def close(self, status: FinishStatus = "success", detail: str | None = None) -> None:
+        """Finish the session (if one was created), then stop the heartbeat and the SDK loop; the clients made
+        here stop working. A session's first finish reason is kept; closing again does nothing."""
+        if self._http.closed:
+            return
+        try:
+            if self._session_id is not None:
+                self._http.call(self._finish_session(status, detail))
+        finally:
+            self._http.close()
 
     def __enter__(self) -> "ServiceClient":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *_: Any) -> None:
+        if exc_type is None:
+            self.close("success")
+            return
+        try:
+            self.close("errored" if issubclass(exc_type, Exception) else "interrupted")
+        except errors.LoomError as exc:  # the error that ended the block is the one to see
+            logger.warning("could not finish session %s: %s", self._session_id, exc)
+
+    async def _finish_session(self, status: FinishStatus, detail: str | None) -> None:
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+        request = types.SessionFinishRequest(reason={"type": status}, detail=detail)
+        await self._http.post_json(f"/api/v1/sessions/{self._session_id}/finish", request.to_wire())
 
     @property
     def session_id(self) -> str | None:
@@ -150,6 +175,10 @@ class ServiceClient:
                 await self._http.post_json("/api/v1/session_heartbeat", body, retry=False, timeout=10.0)
             except asyncio.CancelledError:
                 raise
+            except errors.APIStatusError as exc:
+                if exc.status_code == 410:  # the session was finished: nothing left to keep alive
+                    return
+                logger.warning("session heartbeat failed: %s", exc)
             except Exception as exc:  # a missed beat is not fatal
                 logger.warning("session heartbeat failed: %s", exc)
 

@@ -21,7 +21,8 @@ request refused at submit leaves a failed placeholder at its seq_id
 (``record_refusal``) for the same reason: the client may have numbered later
 ops after it (the tinker SDK does). A client that instead sends the next op
 at the refused seq_id (Loom's SDK does) takes the placeholder's place, as long
-as no later op of the run has started. An
+as no later op of the run has started. A queued request the client cancels
+(``cancel_queued_job``) fails at once and is passed over the same way. An
 ordered op whose ``TrainingRun`` row does not exist (yet) waits. Every training
 op has a seq_id (``submit_job`` refuses one without); jobs in any other lane are
 ready as soon as they are queued.
@@ -526,6 +527,30 @@ def record_refusal(session: Session, *, owner: str, model_id: str, seq_id: int, 
     if run.next_seq_id == seq_id:  # the run waits for exactly this op; else finishing the op before it moves past it
         _move_run_past(session, model_id, seq_id)
     return True
+
+
+CANCELLED_ERROR = "cancelled by the client before it started"
+"""The error a request cancelled with `cancel_queued_job` fails with."""
+
+
+def cancel_queued_job(session: Session, job_id: str, owner: str) -> Job | None:
+    """Fail `owner`'s job `job_id` with `CANCELLED_ERROR` if it is still queued, so its future resolves; a job a
+    worker holds or that is final is left as it is. Returns the job as it now stands (None: no such job of
+    `owner`). An ordered training op cancelled this way is passed over like any failed op: the run's later ops
+    still run."""
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.owner == owner).with_for_update())
+    if job is None or job.state != JobState.QUEUED.value:
+        return job
+    ordered = job.lane == TRAINING_LANE and job.seq_id is not None
+    run = session.get(TrainingRun, job.model_id, with_for_update=True) if ordered else None
+    job.error = CANCELLED_ERROR
+    job.error_category = ErrorCategory.USER.value
+    job.state = JobState.FAILED.value
+    job.finished_at = utcnow()
+    session.flush()
+    if run is not None and run.next_seq_id == job.seq_id:  # the run waits for exactly this op: move past it now
+        _move_run_past(session, job.model_id, job.seq_id)
+    return job
 
 
 # ---------------------------------------------------------------------------

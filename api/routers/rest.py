@@ -14,10 +14,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from sqlalchemy import func, select
 
-from api.db.models import Checkpoint, TrainingRun
+from api.db.models import Checkpoint, ClientSession, TrainingRun
 from api.deps import State, Tenant, owned_run
 from api.errors import not_found
 from api.paths import parse_tinker_path, readable_checkpoint
+from api.session_records import in_projects
 from contract.checkpoint_store import delete_checkpoint_uri
 from loom.types import Checkpoint as WireCheckpoint
 from loom.types import CheckpointsListResponse, Cursor, TrainingRunsResponse, WeightsInfoRequest, WeightsInfoResponse
@@ -81,15 +82,16 @@ def weights_info(body: WeightsInfoRequest, state: State, owner: Tenant) -> dict[
 
 
 @router.get("/training_runs")
-def list_training_runs(state: State, owner: Tenant, limit: PageSize = 20, offset: PageOffset = 0) -> dict[str, Any]:
+def list_training_runs(
+    state: State, owner: Tenant, limit: PageSize = 20, offset: PageOffset = 0, project_id: str | None = None
+) -> dict[str, Any]:
+    mine = TrainingRun.owner == owner
+    if project_id is not None:  # a run is in its session's project
+        mine = mine & TrainingRun.session_id.in_(select(ClientSession.id).where(in_projects([project_id])))
     with state.reading() as session:
-        total = session.scalar(select(func.count()).select_from(TrainingRun).where(TrainingRun.owner == owner))
+        total = session.scalar(select(func.count()).select_from(TrainingRun).where(mine))
         runs = session.scalars(
-            select(TrainingRun)
-            .where(TrainingRun.owner == owner)
-            .order_by(TrainingRun.created_at.desc())
-            .offset(offset)
-            .limit(limit)
+            select(TrainingRun).where(mine).order_by(TrainingRun.created_at.desc()).offset(offset).limit(limit)
         ).all()
         items = [_run(session, r) for r in runs]
     return TrainingRunsResponse(

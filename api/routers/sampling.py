@@ -1,8 +1,11 @@
-"""Tinker sampling endpoints: create_sampling_session, asample, samplers/{id}.
+"""Tinker sampling endpoints: create_sampling_session, join_sampling_session, asample, samplers/{id}.
 
 A sampling session binds a base model and optionally LoRA weights (`model_path`); `asample` resolves the session
 to the checkpoint's storage location at submit time, so the worker never needs the database to find weights.
 The submit answer carries one `sample_sequence_ids` entry per sequence the result will hold, as SDK 0.38 expects.
+A SamplingClient unpickled in another process joins the session (`join_sampling_session`) for a clone id of its own
+(`api/db/sampler_clones.py`) and numbers its samples in that id's block of seq_ids. A finished session's samplers
+take no new samples (410).
 
 Limits: `num_samples` is capped (see `loom.types.validation.check_sample`).
 """
@@ -17,14 +20,18 @@ from sqlalchemy.orm import Session
 
 from api.admission import WorkerBudget
 from api.db.models import SamplingSession, TrainingRun
-from api.deps import State, Tenant, enqueue, owned_session
+from api.db.sampler_clones import TooManyClones, join_clone
+from api.deps import State, Tenant, enqueue, live_session
 from api.errors import invalid, not_found
 from api.paths import parse_tinker_path, readable_checkpoint
+from api.sampler_completions import note_submitted
 from contract.jobs import SampleJob, TinkerPrompt
 from loom.types import (
     CreateSamplingSessionRequest,
     CreateSamplingSessionResponse,
     GetSamplerResponse,
+    JoinSamplingSessionRequest,
+    JoinSamplingSessionResponse,
     SampleRequest,
     UntypedAPIFuture,
 )
@@ -44,7 +51,7 @@ def _weights_base_model(session: Session, owner: str, model_path: str) -> tuple[
 def create_sampling_session(body: CreateSamplingSessionRequest, state: State, owner: Tenant) -> dict[str, Any]:
     sampler_id = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
     with state.transaction() as session:
-        owned_session(session, owner, body.session_id)
+        live_session(session, owner, body.session_id)
         if body.model_path is not None:
             base_model, _ = _weights_base_model(session, owner, body.model_path)
             if body.base_model is not None and state.model(body.base_model).name != base_model:
@@ -67,14 +74,32 @@ def create_sampling_session(body: CreateSamplingSessionRequest, state: State, ow
     return CreateSamplingSessionResponse(sampling_session_id=sampler_id).to_wire()
 
 
+def _owned_sampler(session: Session, owner: str, sampler_id: str) -> SamplingSession:
+    sampler = session.scalar(
+        select(SamplingSession).where(SamplingSession.id == sampler_id, SamplingSession.owner == owner)
+    )
+    if sampler is None:
+        raise not_found(f"sampling session {sampler_id!r} not found")
+    return sampler
+
+
+@router.post("/join_sampling_session")
+def join_sampling_session(body: JoinSamplingSessionRequest, state: State, owner: Tenant) -> dict[str, Any]:
+    with state.transaction() as session:
+        sampler = _owned_sampler(session, owner, body.sampling_session_id)
+        if sampler.session_id is not None:
+            live_session(session, owner, sampler.session_id)
+        try:
+            clone_id = join_clone(session, sampler)
+        except TooManyClones as exc:
+            raise invalid(str(exc), "sampling_session_id") from exc
+    return JoinSamplingSessionResponse(client_counter=clone_id).to_wire()
+
+
 @router.get("/samplers/{sampler_id}")
 def get_sampler(sampler_id: str, state: State, owner: Tenant) -> dict[str, Any]:
     with state.reading() as session:
-        sampler = session.scalar(
-            select(SamplingSession).where(SamplingSession.id == sampler_id, SamplingSession.owner == owner)
-        )
-    if sampler is None:
-        raise not_found(f"sampler {sampler_id!r} not found")
+        sampler = _owned_sampler(session, owner, sampler_id)
     return GetSamplerResponse(
         sampler_id=sampler.id, base_model=sampler.base_model, model_path=sampler.model_path
     ).to_wire()
@@ -84,13 +109,9 @@ def get_sampler(sampler_id: str, state: State, owner: Tenant) -> dict[str, Any]:
 def asample(body: SampleRequest, request: Request, state: State, owner: Tenant) -> dict[str, Any]:
     with state.transaction() as session:
         if body.sampling_session_id is not None:
-            sampler = session.scalar(
-                select(SamplingSession).where(
-                    SamplingSession.id == body.sampling_session_id, SamplingSession.owner == owner
-                )
-            )
-            if sampler is None:
-                raise not_found(f"sampling session {body.sampling_session_id!r} not found")
+            sampler = _owned_sampler(session, owner, body.sampling_session_id)
+            if sampler.session_id is not None:
+                live_session(session, owner, sampler.session_id)
             base_model, model_path = sampler.base_model, sampler.model_path
         else:
             base_model, model_path = body.base_model, body.model_path
@@ -124,5 +145,7 @@ def asample(body: SampleRequest, request: Request, state: State, owner: Tenant) 
             payload=payload,
         )
     state.queue.submitted(info.name, sampling=True)
+    if body.sampling_session_id is not None:
+        note_submitted(body.sampling_session_id)
     sequence_ids = [f"{job_id}:{i}" for i in range(body.num_samples)]
     return UntypedAPIFuture(request_id=job_id, sample_sequence_ids=sequence_ids).to_wire()

@@ -2,8 +2,10 @@
 get_server_capabilities, healthz, telemetry.
 
 `client/config` answers with the feature flags this server implements: protobuf forward_backward (SDK >= 0.25
-always sends it), no zstd request bodies, no batched `retrieve_futures`, no server-side custom losses; every
-flag left at its default keeps the SDK on the basic, well-tested path.
+always sends it), no zstd request bodies, batched sampling completions (`retrieve_futures`) and server-allocated
+clone ids for unpickled sampling clients (`join_sampling_session`); `client/dynamic_config` turns on explicit
+`cancel_future` for abandoned samples. A heartbeat of a finished session answers 410, which stops the SDK's
+heartbeat loop.
 
 Limits: telemetry is accepted and dropped.
 """
@@ -18,7 +20,7 @@ from sqlalchemy import update
 from api.admission import WorkerBudget
 from api.db.models import ClientSession
 from api.db.types import utcnow
-from api.deps import State, Tenant, owned_session
+from api.deps import State, Tenant, live_session
 from loom.types import (
     ClientConfigRequest,
     ClientConfigResponse,
@@ -38,19 +40,26 @@ router = APIRouter(prefix="/api/v1")
 
 @router.post("/client/config")
 def client_config(owner: Tenant, _: ClientConfigRequest | None = None) -> dict[str, Any]:
-    return ClientConfigResponse(proto_compress_fwdbwd=False, sample_use_retrieve_futures=False).to_wire()
+    return ClientConfigResponse(
+        proto_compress_fwdbwd=False, sample_use_retrieve_futures=True, sample_join_sampling_session=True
+    ).to_wire()
 
 
 @router.post("/client/dynamic_config")
 def client_dynamic_config(owner: Tenant, _: ClientConfigRequest | None = None) -> dict[str, Any]:
-    return ClientDynamicConfigResponse().to_wire()
+    return ClientDynamicConfigResponse(sample_cancel_enabled=True).to_wire()
 
 
 @router.post("/create_session")
 def create_session(body: CreateSessionRequest, state: State, owner: Tenant) -> dict[str, Any]:
     with state.transaction() as session:
         record = ClientSession(
-            owner=owner, tags=body.tags, user_metadata=body.user_metadata or {}, sdk_version=body.sdk_version
+            owner=owner,
+            tags=body.tags,
+            user_metadata=body.user_metadata or {},
+            sdk_version=body.sdk_version,
+            project_id=body.project_id,
+            display_name=body.display_name,
         )
         session.add(record)
         session.flush()
@@ -61,7 +70,7 @@ def create_session(body: CreateSessionRequest, state: State, owner: Tenant) -> d
 @router.post("/session_heartbeat")
 def session_heartbeat(body: SessionHeartbeatRequest, state: State, owner: Tenant) -> dict[str, Any]:
     with state.transaction() as session:
-        owned_session(session, owner, body.session_id)
+        live_session(session, owner, body.session_id)
         session.execute(
             update(ClientSession).where(ClientSession.id == body.session_id).values(last_heartbeat_at=utcnow())
         )

@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from api.admission import WorkerBudget
 from api.db.jobs import next_training_seq, seq_beyond_window
 from api.db.models import Checkpoint, RunStatus, SamplingSession, TrainingRun
-from api.deps import State, Tenant, enqueue, owned_run, owned_session
+from api.deps import State, Tenant, enqueue, live_session, owned_run
 from api.errors import APIError, ErrorCode, invalid, invalid_from_validation
 from api.openapi import raw_body
 from api.paths import parse_tinker_path, readable_checkpoint
@@ -107,13 +107,14 @@ def _active_run(session: Session, owner: str, model_id: str) -> TrainingRun:
     run = owned_run(session, owner, model_id)
     if run.status != RunStatus.ACTIVE.value:
         raise APIError(409, ErrorCode.CONFLICT, f"training run {model_id} was unloaded", "model_id")
+    live_session(session, owner, run.session_id)
     return run
 
 
 def _create_run(
     session: Session, owner: str, session_id: str, model_seq_id: int, base_model: str, lora: LoraConfig, meta: dict
 ) -> TrainingRun:
-    owned_session(session, owner, session_id)
+    live_session(session, owner, session_id)
     model_id = f"{session_id}:train:{model_seq_id}"
     run = session.get(TrainingRun, model_id)
     if run is not None:

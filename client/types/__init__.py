@@ -10,6 +10,7 @@ Modules:
 - :mod:`.service`      sessions, heartbeat, capabilities, health, client config, telemetry
 - :mod:`.futures`      UntypedAPIFuture and the retrieve_future protocol
 - :mod:`.rest`         training runs, checkpoints, weights_info, samplers, sessions
+- :mod:`.sessions`     session finish/search/project/trace export, cancel_future, the calling API key
 
 Every model ignores unknown keys (forward compatibility) and serialises with
 ``model.to_wire()`` (JSON mode, ``None`` left out), as the SDK does.
@@ -74,6 +75,7 @@ from .sampling import (
     StopReason,
 )
 from .service import (
+    AuthTokenRequest,
     AuthTokenResponse,
     ClientConfigRequest,
     ClientConfigResponse,
@@ -87,6 +89,21 @@ from .service import (
     SupportedModel,
     TelemetryResponse,
     TelemetrySendRequest,
+)
+from .sessions import (
+    ApiKeySelfResponse,
+    AssignSessionProjectRequest,
+    CancelFutureResponse,
+    ClientSessionFinished,
+    SessionActive,
+    SessionFinishRequest,
+    SessionFinishResponse,
+    SessionSearchCursor,
+    SessionSearchRequest,
+    SessionSearchResponse,
+    SessionStatus,
+    SessionSummary,
+    SessionTraceExportResponse,
 )
 from .tensors import TensorData, TensorDtype
 from .training import (
@@ -214,4 +231,18 @@ __all__ = [
     "ExternalWeightsUrlsResponse",
     "SaveWeightsExternalRequest",
     "SaveWeightsExternalResponse",
+    "ApiKeySelfResponse",
+    "AssignSessionProjectRequest",
+    "CancelFutureResponse",
+    "ClientSessionFinished",
+    "SessionActive",
+    "SessionFinishRequest",
+    "SessionFinishResponse",
+    "SessionSearchCursor",
+    "SessionSearchRequest",
+    "SessionSearchResponse",
+    "SessionStatus",
+    "SessionSummary",
+    "SessionTraceExportResponse",
+    "AuthTokenRequest",
 ]

@@ -13,8 +13,11 @@ A poll answers one of:
 - :class:`RequestFailedResponse` (``{"error", "category"}``) — the request failed;
 - anything else: the result type of the original request.
 
-``/api/v1/retrieve_futures`` (batched, flag ``sample_use_retrieve_futures``)
-and ``/api/v1/cancel_future`` types are declared too.
+``/api/v1/retrieve_futures`` (flag ``sample_use_retrieve_futures``) is the
+batched alternative for sampling: one long-poll per sampling session (clone)
+reports which of its requests finished or failed since the client's cursor,
+and the client then fetches each payload with ``retrieve_future``.
+``/api/v1/cancel_future`` takes a :class:`CancelFutureRequest`.
 """
 
 from __future__ import annotations
@@ -71,17 +74,27 @@ class CancelFutureRequest(WireModel):
     request_id: RequestID
 
 
+CLONE_SEQ_BLOCK = 1_000_000_000
+"""A sampling session's client ``k`` numbers its requests from ``k * CLONE_SEQ_BLOCK`` (the original is client 0)."""
+
+MAX_RETRIEVED_IDS = 10_000
+"""The most ``retrieved_request_ids`` one ``retrieve_futures`` poll may report."""
+
+
 class SamplingSessionFuturesTarget(WireModel):
     type: Literal["sampling_session"] = "sampling_session"
     sampling_session_id: str
-    cloned_sampler_id: int = 0
+    cloned_sampler_id: Annotated[int, Field(ge=0, lt=CLONE_SEQ_BLOCK)] = 0
 
 
 class FuturesRetrieveRequest(WireModel):
+    """One poll of a sampling session's (clone's) completions: those after ``prev_cursor``, waiting up to
+    ``timeout`` seconds (the server's long-poll window when None) for the first one."""
+
     target: SamplingSessionFuturesTarget
-    prev_cursor: int = 0
-    timeout: float | None = None
-    retrieved_request_ids: list[str] = Field(default_factory=list)
+    prev_cursor: Annotated[int, Field(ge=0)] = 0
+    timeout: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    retrieved_request_ids: Annotated[list[str], Field(max_length=MAX_RETRIEVED_IDS)] = Field(default_factory=list)
 
 
 class FutureFinished(WireModel):

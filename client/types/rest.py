@@ -21,6 +21,7 @@ from pydantic import Field
 
 from ._base import WireModel
 from .bounded import TtlSeconds
+from .sessions import SessionStatus
 from .training import OptimizerConfig
 
 CheckpointType = Literal["training", "sampler", "external"]
@@ -120,10 +121,17 @@ class GetSessionResponse(WireModel):
     sampler_ids: list[str] = Field(default_factory=list)
     user_metadata: dict[str, str] | None = None
     display_name: str | None = None
+    # Loom's additions (the official SDK keeps them as extra fields):
+    project_id: str | None = None
+    created_at: datetime | None = None
+    status: SessionStatus | None = None
+    """None when the session neither finished nor heartbeated lately."""
 
 
 class ListSessionsResponse(WireModel):
     sessions: list[str] = Field(default_factory=list)
+    """Session ids, newest first."""
+    cursor: Cursor | None = None
 
 
 class CheckpointArchiveUrlResponse(WireModel):

@@ -134,5 +134,9 @@ class TelemetryResponse(WireModel):
     status: Literal["accepted"] = "accepted"
 
 
+class AuthTokenRequest(WireModel):
+    """The SDK's JWT exchange sends an empty object."""
+
+
 class AuthTokenResponse(WireModel):
     jwt: str

@@ -153,6 +153,11 @@ class FakeServer:
             )
         if path.startswith("/api/v1/training_runs/") and request.method == "DELETE":
             return httpx.Response(204)
+        if path == "/api/v1/sessions/sess/finish":
+            status = {"type": "client_finished", **body}
+            return httpx.Response(
+                200, json={"session_id": "sess", "finished_at": "2026-01-01T00:00:00Z", "status": status}
+            )
         return httpx.Response(404, json={"detail": "not found"})
 
 
@@ -618,3 +623,82 @@ def test_save_weights_external_and_download_without_the_api_key(
     server.hooks["/expired"] = lambda req, body: httpx.Response(403, json={"error": {"code": "forbidden"}})
     with pytest.raises(loom.PermissionDeniedError):
         rest.download_checkpoint("tinker://r/external_weights/x", tmp_path / "out3").result(10)
+
+
+# ------------------------------------------------------------- sessions
+def test_close_finishes_the_session_once_with_the_blocks_outcome(server: FakeServer) -> None:
+    def make() -> loom.ServiceClient:
+        return loom.ServiceClient(
+            base_url="http://loom.test", api_key="tml-test", transport=httpx.MockTransport(server), retry=FAST
+        )
+
+    with make() as service:
+        service.create_sampling_client(base_model="tiny")
+    with pytest.raises(KeyError), make() as service:
+        service.create_sampling_client(base_model="tiny")
+        raise KeyError("boom")
+    quiet = make()
+    quiet.close()  # no session was ever created: nothing to finish
+    quiet.close()
+    finishes = server.bodies("/api/v1/sessions/sess/finish")
+    assert [f["reason"]["type"] for f in finishes] == ["success", "errored"]
+
+
+def test_a_finished_session_stops_heartbeating(server: FakeServer) -> None:
+    beats = []
+
+    def gone(request: httpx.Request, body: dict) -> httpx.Response:
+        beats.append(body)
+        return httpx.Response(410, json={"error": {"code": "session_finished", "message": "finished"}})
+
+    server.hooks["/api/v1/session_heartbeat"] = gone
+    service = loom.ServiceClient(
+        base_url="http://loom.test",
+        api_key="tml-test",
+        transport=httpx.MockTransport(server),
+        retry=FAST,
+        heartbeat_interval=0.01,
+    )
+    service.create_sampling_client(base_model="tiny")
+    deadline = time.monotonic() + 10
+    while not (service._heartbeat_task and service._heartbeat_task.done()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert service._heartbeat_task.done() and len(beats) == 1
+    service.close()
+
+
+def test_rest_session_methods(server: FakeServer, service: loom.ServiceClient) -> None:
+    summary = {
+        "session_id": "sess",
+        "created_at": "2026-01-01T00:00:00Z",
+        "owner": "alice",
+        "project_id": "p2",
+        "checkpoints_count": 0,
+    }
+    server.hooks["/api/v1/sessions/search"] = lambda r, b: httpx.Response(200, json={"sessions": [summary]})
+    server.hooks["/api/v1/sessions/sess/project"] = lambda r, b: httpx.Response(200, json=summary)
+    server.hooks["/api/v1/sessions/sess/trace_export"] = lambda r, b: httpx.Response(
+        200, json={"status": "ready", "url": "http://loom.test/trace?signature=x"}
+    )
+    me = {
+        "key_id": 7,
+        "name": "k",
+        "details": {"org_details": {"name": "alice"}, "user_details": {"email": "alice"}},
+        "tenant": "alice",
+        "prefix": "tml-abc",
+        "created_at": "2026-01-01T00:00:00Z",
+    }
+    server.hooks["/api/v1/auth/apikey/me"] = lambda r, b: httpx.Response(200, json=me)
+    rest = service.create_rest_client()
+    found = rest.search_sessions(types.SessionSearchRequest(display_name="nightly", limit=5)).result()
+    assert found.sessions[0].project_id == "p2"
+    assert server.bodies("/api/v1/sessions/search")[0] == {
+        "user_metadata": {},
+        "display_name": "nightly",
+        "owner": {"type": "own"},
+        "limit": 5,
+    }
+    assert rest.assign_session_project("sess", "p2").result().session_id == "sess"
+    assert server.bodies("/api/v1/sessions/sess/project") == [{"project_id": "p2"}]
+    assert rest.export_session_trace("sess").result().status == "ready"
+    assert rest.whoami().result().tenant == "alice"
