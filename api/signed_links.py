@@ -3,21 +3,20 @@
 `tinker session export-trace` downloads the trace it is pointed to with a plain GET and no credentials, so the
 link itself must prove that its issuer may read the resource. The MAC key is the issuing API key's stored SHA-256
 digest: it never leaves the server, the key's holder could read the resource anyway, and revoking the key revokes
-every link it issued. `verify` checks the MAC in constant time (`hmac.compare_digest`), then the expiry.
+every link it issued. The MAC is `api.download_links.UrlSigner`'s (constant-time check, then the expiry).
 
 Limits: a link is good until it expires or its key is revoked, however often it is used.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.orm import Session
 
 from api.db.models import ApiKey
+from api.download_links import UrlSigner
 
 
 @dataclass(frozen=True)
@@ -32,13 +31,13 @@ class SignedLink:
         return {"key": self.key, "expires": str(self.expires), "signature": self.signature}
 
 
-def _mac(key: ApiKey, resource: str, expires: int) -> str:
-    return hmac.new(bytes.fromhex(key.key_hash), f"{resource}\n{expires}".encode(), hashlib.sha256).hexdigest()
+def _signer(key: ApiKey) -> UrlSigner:
+    return UrlSigner(bytes.fromhex(key.key_hash))
 
 
 def sign(key: ApiKey, resource: str, lifetime: timedelta, now: datetime | None = None) -> SignedLink:
     expires = int(((now or datetime.now(UTC)) + lifetime).timestamp())
-    return SignedLink(key.id, expires, _mac(key, resource, expires))
+    return SignedLink(key.id, expires, _signer(key).sign(resource, expires))
 
 
 def verify(session: Session, resource: str, link: SignedLink, now: datetime | None = None) -> ApiKey | None:
@@ -46,6 +45,5 @@ def verify(session: Session, resource: str, link: SignedLink, now: datetime | No
     key = session.get(ApiKey, link.key)
     if key is None or key.revoked_at is not None:
         return None
-    if not hmac.compare_digest(_mac(key, resource, link.expires), link.signature):
-        return None
-    return key if (now or datetime.now(UTC)).timestamp() < link.expires else None
+    moment = (now or datetime.now(UTC)).timestamp()
+    return key if _signer(key).verify(resource, link.expires, link.signature, moment) else None
