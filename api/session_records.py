@@ -6,14 +6,12 @@ session is no longer known to be running, so it has no status), and `client_fini
 session itself, so a search for those statuses matches nothing. A session with no project is in
 `DEFAULT_PROJECT`.
 
-Limits: the schema has no column for the finish reason: it is kept as one entry of the session's `tags`
-(`FINISH_TAG` + JSON; tags are never shown), next to `finished_at`. Search filters on metadata and status run in
+Limits: search filters on metadata and status run in
 Python over the tenant's sessions, newest first, so a search scans at most the tenant's sessions once per page.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
 
@@ -21,7 +19,6 @@ from sqlalchemy import ColumnElement, Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from api.db.models import Checkpoint, ClientSession, SamplingSession, TrainingRun
-from api.db.sampler_clones import not_clone_marker
 from api.db.types import utcnow
 from loom.types import (
     ClientSessionFinished,
@@ -38,18 +35,14 @@ from loom.types.sessions import UserSearchOwner
 STALE_AFTER = timedelta(minutes=2)
 """A session not heard from for this long is no longer `active` (the SDK warns its user after the same time)."""
 DEFAULT_PROJECT = "default"
-FINISH_TAG = "loom:finish:"
 SCAN_BATCH = 256
 
 
 def finish_of(record: ClientSession) -> ClientSessionFinished | None:
     """The client's finish of the session, if it was finished."""
-    if record.finished_at is None:
+    if record.finished_at is None or record.finish_status is None:
         return None
-    for tag in reversed(record.tags or ()):  # the server's entry is the last: a client's own tags come first
-        if tag.startswith(FINISH_TAG):
-            return ClientSessionFinished.model_validate(json.loads(tag[len(FINISH_TAG) :]))
-    return None
+    return ClientSessionFinished.model_validate(record.finish_status)
 
 
 def finish(record: ClientSession, finished: ClientSessionFinished) -> ClientSessionFinished:
@@ -58,7 +51,7 @@ def finish(record: ClientSession, finished: ClientSessionFinished) -> ClientSess
     if kept is not None:
         return kept
     record.finished_at = utcnow()
-    record.tags = [*(record.tags or ()), FINISH_TAG + json.dumps(finished.to_wire())]
+    record.finish_status = finished.to_wire()
     return finished
 
 
@@ -79,7 +72,7 @@ def session_details(session: Session, record: ClientSession) -> GetSessionRespon
     )
     samplers = session.scalars(
         select(SamplingSession.id)
-        .where(SamplingSession.session_id == record.id, not_clone_marker())
+        .where(SamplingSession.session_id == record.id)
         .order_by(SamplingSession.created_at, SamplingSession.id)
     )
     return GetSessionResponse(

@@ -20,7 +20,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.db.models import ClientSession, Job, SamplingSession, TrainingRun
-from api.db.sampler_clones import not_clone_marker
 from api.db.types import utcnow
 from api.session_records import finish_of
 
@@ -71,7 +70,7 @@ def build_trace(session: Session, record: ClientSession) -> bytes:
     ).all()
     samplers = session.scalars(
         select(SamplingSession.id)
-        .where(SamplingSession.session_id == record.id, not_clone_marker())
+        .where(SamplingSession.session_id == record.id)
         .order_by(SamplingSession.created_at, SamplingSession.id)
     ).all()
     pids = {model_id: pid for pid, model_id in enumerate([*runs, *samplers], start=1)}

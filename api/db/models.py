@@ -146,6 +146,8 @@ class ClientSession(Base):
     last_heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
     """Set by ``POST /sessions/{id}/finish`` (the SDK's ``close()``); its runs' futures still resolve after."""
+    finish_status: Mapped[dict[str, Any] | None]
+    """The client's finish as it sent it (``ClientSessionFinished`` on the wire: reason, detail)."""
 
 
 class TrainingRun(Base):
@@ -257,6 +259,8 @@ class SamplingSession(Base):
     base_model: Mapped[str]
     model_path: Mapped[str | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    joined_clients: Mapped[int] = mapped_column(default=0, server_default="0")
+    """Clients that joined this sampler (``join_sampling_session``); the n-th joiner gets clone id n."""
 
 
 class CustomLoss(Base):

@@ -1,7 +1,9 @@
 """The rest of the Tinker SDK 0.38 surface: finished and named sessions, external checkpoints, server-side losses.
 
 - ``sessions`` gains ``display_name`` and ``project_id`` (``ServiceClient(display_name=..., project_id=...)``,
-  ``RestClient.assign_session_project``) and ``finished_at`` (``POST /sessions/{id}/finish`` on ``close()``).
+  ``RestClient.assign_session_project``), ``finished_at`` and ``finish_status`` (``POST /sessions/{id}/finish`` on
+  ``close()``: when, and the client's reason).
+- ``sampling_sessions.joined_clients`` counts the clients that joined it (``join_sampling_session`` clone ids).
 - ``checkpoints.kind`` may be ``external``: a PEFT adapter written by ``save_weights_external`` for download.
 - ``checkpoints.user_metadata`` holds the metadata Tinker shows per checkpoint (copies note their source).
 - ``custom_losses``: the traced loss graphs of ``create_custom_loss``, one per (session, custom_loss_seq_id).
@@ -27,6 +29,9 @@ def upgrade() -> None:
         batch.add_column(sa.Column("display_name", sa.String(), nullable=True))
         batch.add_column(sa.Column("project_id", sa.String(), nullable=True))
         batch.add_column(sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True))
+        batch.add_column(sa.Column("finish_status", sa.JSON(), nullable=True))
+    with op.batch_alter_table("sampling_sessions") as batch:
+        batch.add_column(sa.Column("joined_clients", sa.Integer(), nullable=False, server_default="0"))
     with op.batch_alter_table("checkpoints") as batch:
         batch.drop_constraint(op.f("ck_checkpoints_kind"), type_="check")
         batch.create_check_constraint(op.f("ck_checkpoints_kind"), "kind IN ('training', 'sampler', 'external')")
@@ -60,7 +65,10 @@ def downgrade() -> None:
         batch.drop_column("user_metadata")
         batch.drop_constraint(op.f("ck_checkpoints_kind"), type_="check")
         batch.create_check_constraint(op.f("ck_checkpoints_kind"), "kind IN ('training', 'sampler')")
+    with op.batch_alter_table("sampling_sessions") as batch:
+        batch.drop_column("joined_clients")
     with op.batch_alter_table("sessions") as batch:
+        batch.drop_column("finish_status")
         batch.drop_column("finished_at")
         batch.drop_column("project_id")
         batch.drop_column("display_name")
