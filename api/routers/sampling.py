@@ -3,6 +3,7 @@
 A sampling session binds a base model and optionally LoRA weights (`model_path`); `asample` resolves the session
 to the checkpoint's storage location at submit time, so the worker never needs the database to find weights.
 The submit answer carries one `sample_sequence_ids` entry per sequence the result will hold, as SDK 0.38 expects.
+With `record_stability_info=True` the job is kept as the record stable_reinforce trains against (`api/stability.py`).
 
 Limits: `num_samples` is capped (see `loom.types.validation.check_sample`).
 """
@@ -110,7 +111,11 @@ def asample(body: SampleRequest, request: Request, state: State, owner: Tenant) 
         topk_prompt_logprobs=body.topk_prompt_logprobs,
     )
     payload = SampleJob(
-        prompt=prompt, sampling_params=body.sampling_params, num_samples=body.num_samples, storage_uri=storage_uri
+        prompt=prompt,
+        sampling_params=body.sampling_params,
+        num_samples=body.num_samples,
+        storage_uri=storage_uri,
+        record_stability_info=body.record_stability_info or None,
     )
     seq_id = body.seq_id if body.sampling_session_id is not None else None
     with state.transaction() as session:

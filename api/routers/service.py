@@ -2,7 +2,7 @@
 get_server_capabilities, healthz, telemetry.
 
 `client/config` answers with the feature flags this server implements: protobuf forward_backward (SDK >= 0.25
-always sends it), no zstd request bodies, no batched `retrieve_futures`, no server-side custom losses; every
+always sends it), no zstd request bodies, no batched `retrieve_futures`; server-side custom losses (`create_custom_loss`) on; every
 flag left at its default keeps the SDK on the basic, well-tested path.
 
 Limits: telemetry is accepted and dropped.
@@ -38,7 +38,9 @@ router = APIRouter(prefix="/api/v1")
 
 @router.post("/client/config")
 def client_config(owner: Tenant, _: ClientConfigRequest | None = None) -> dict[str, Any]:
-    return ClientConfigResponse(proto_compress_fwdbwd=False, sample_use_retrieve_futures=False).to_wire()
+    return ClientConfigResponse(
+        proto_compress_fwdbwd=False, sample_use_retrieve_futures=False, custom_loss_server_side=True
+    ).to_wire()
 
 
 @router.post("/client/dynamic_config")

@@ -10,12 +10,21 @@ Modules:
 - :mod:`.service`      sessions, heartbeat, capabilities, health, client config, telemetry
 - :mod:`.futures`      UntypedAPIFuture and the retrieve_future protocol
 - :mod:`.rest`         training runs, checkpoints, weights_info, samplers, sessions
+- :mod:`.custom_loss`  create_custom_loss: a traced loss graph as data
 
 Every model ignores unknown keys (forward compatibility) and serialises with
 ``model.to_wire()`` (JSON mode, ``None`` left out), as the SDK does.
 """
 
 from ._base import WireModel
+from .custom_loss import (
+    CreateCustomLossRequest,
+    CreateCustomLossResponse,
+    CustomLossGraph,
+    CustomLossInput,
+    CustomLossInputRank,
+    CustomLossNode,
+)
 from .futures import (
     CancelFutureRequest,
     FutureCompletion,
@@ -43,6 +52,7 @@ from .model_input import (
     ImageChunk,
     ModelInput,
     ModelInputChunk,
+    ProvenanceSpan,
 )
 from .rest import (
     Checkpoint,
@@ -89,7 +99,6 @@ from .service import (
 )
 from .tensors import TensorData, TensorDtype
 from .training import (
-    OTHER_TINKER_LOSS_FN_TYPES,
     AdamParams,
     CreateModelRequest,
     CreateModelResponse,
@@ -118,6 +127,12 @@ from .training import (
 )
 
 __all__ = [
+    "CreateCustomLossRequest",
+    "CreateCustomLossResponse",
+    "CustomLossGraph",
+    "CustomLossInput",
+    "CustomLossInputRank",
+    "CustomLossNode",
     "AdamParams",
     "AuthTokenResponse",
     "CancelFutureRequest",
@@ -136,6 +151,7 @@ __all__ = [
     "CreateSessionResponse",
     "Cursor",
     "Datum",
+    "ProvenanceSpan",
     "DmelChunk",
     "EncodedTextChunk",
     "ForwardBackwardInput",
@@ -169,7 +185,6 @@ __all__ = [
     "ModelID",
     "ModelInput",
     "ModelInputChunk",
-    "OTHER_TINKER_LOSS_FN_TYPES",
     "OptimStepRequest",
     "OptimStepResponse",
     "OptimizerConfig",

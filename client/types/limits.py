@@ -48,3 +48,9 @@ MAX_JSON_DEPTH = 32
 
 CHECKPOINT_NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
 """Checkpoint names: 1-128 of `[A-Za-z0-9._-]`, not starting with a dot (so never `.`, `..` or a hidden file)."""
+
+MAX_CUSTOM_LOSS_NODES = 512
+"""The most nodes a custom loss graph (`create_custom_loss`) may have, placeholders and output included."""
+
+MAX_CUSTOM_LOSS_INPUTS = 16
+"""The most inputs a custom loss takes, `logprobs` included (the SDK's own limit)."""
