@@ -9,7 +9,8 @@
 - `gspo` takes its optional `sequence_ratio_mask`; `stable_reinforce` needs provenance naming samples recorded by
   the run's own session (`record_stability_info=True`): the payload then carries the sampled rows and the
   sampler's recorded logprobs (not the client's); a token that does not match the record, a nonzero advantage on
-  a prompt row, an unrecorded sample, another session's or another tenant's sample are refused.
+  a prompt row, an unrecorded sample, another session's or another tenant's sample are refused (the last three
+  with the message of a missing one).
 """
 
 from __future__ import annotations
@@ -200,12 +201,19 @@ def test_gspo_accepts_its_sequence_ratio_mask(door):
 # ------------------------------------------------------------------------------------------- stable_reinforce
 
 
-def recorded_sample(state, tenant: Tenant, record: bool = True, tokens: list[int] = SAMPLED) -> str:
-    """A sample of `tenant`'s session (recorded or not), finished as a worker would finish it; its sequence id."""
+def recorded_sample(
+    state, tenant: Tenant, record: bool = True, tokens: list[int] = SAMPLED, session_id: str | None = None
+) -> str:
+    """A sample of `tenant`'s session (or its `session_id`), recorded or not, finished as a worker would finish it;
+    its sequence id."""
     tenant.samplers += 1
     sampler = tenant.http.post(
         "/api/v1/create_sampling_session",
-        json={"session_id": tenant.session_id, "sampling_session_seq_id": tenant.samplers, "base_model": BASE},
+        json={
+            "session_id": session_id or tenant.session_id,
+            "sampling_session_seq_id": tenant.samplers,
+            "base_model": BASE,
+        },
     ).json()["sampling_session_id"]
     sampled = tenant.http.post(
         "/api/v1/asample",
@@ -270,6 +278,10 @@ def test_stable_reinforce_refuses_provenance_it_cannot_verify(door):
     foreign = error(alice.forward_backward("stable_reinforce", [datum(rl_inputs(), spans(sequence_id))]))
     missing = error(alice.forward_backward("stable_reinforce", [datum(rl_inputs(), spans("nope:0"))]))
     assert foreign["message"].replace(sequence_id, "nope:0") == missing["message"]
+    other_session = alice.http.post("/api/v1/create_session", json={}).json()["session_id"]
+    elsewhere = recorded_sample(state, alice, session_id=other_session)
+    err = error(alice.forward_backward("stable_reinforce", [datum(rl_inputs(), spans(elsewhere))]))
+    assert err["message"].replace(elsewhere, "nope:0") == missing["message"]
 
     other = recorded_sample(state, alice, tokens=[8, 9, 11])  # the datum's last target is 10, not 11
     err = error(alice.forward_backward("stable_reinforce", [datum(rl_inputs(), spans(other))]))
