@@ -6,8 +6,9 @@ checks it here when it is created (`check_custom_loss`), and the worker rebuilds
 is ever executed: a function is called only if its qualified name is in `ALLOWED_FUNCTIONS`, a method only if it is
 a `torch.Tensor` method named in `ALLOWED_METHODS` and called on a tensor, and `getattr` reads only the attributes
 in `ALLOWED_ATTRIBUTES`. Graphs are bounded: `MAX_CUSTOM_LOSS_NODES` nodes, and each node's arguments at most
-`MAX_ARGUMENT_VALUES` encoded values nested at most `MAX_ARGUMENT_DEPTH` deep. No allowed operation creates a
-tensor larger than its inputs, so memory and compute stay proportional to the datum.
+`MAX_ARGUMENT_VALUES` encoded values nested at most `MAX_ARGUMENT_DEPTH` deep. No allowed operation takes a size
+to create a tensor from; values that outgrow the datum through broadcasting or concatenation are stopped by the
+worker as the graph runs (`worker/custom_loss.py`, `MAX_GROWTH`).
 
 Limits: the lists are what per-token RL/SL losses need (elementwise math, reductions, comparisons, masking,
 indexing, softmax-family functions); in-place operations, tensor factories that take sizes, `torch.nn` modules,

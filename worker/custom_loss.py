@@ -7,8 +7,15 @@
 tensor attributes. Calling it on a datum's target logprobs and inputs walks the nodes in order and returns the
 scalar loss and the metrics, whose gradients reach the LoRA weights through the logprobs.
 
-Limits: any failure while it runs (shapes that do not broadcast, a non-scalar or non-finite loss or metric) raises;
-the trainer reports that as the request's own error (`LossError`), so other requests of the tick are unaffected.
+Memory: broadcasting, concatenation and advanced indexing can make a value far larger than the datum (an outer
+product of two [T] vectors is [T, T]; a chain of them grows without bound). So each step's output shape is worked
+out first on "meta" tensors (shapes only, no memory), and a step whose output would hold more than `MAX_GROWTH`
+times the datum's largest input is refused before it runs; a step whose shape depends on the data (boolean masks
+select, never grow) is checked on its real result.
+
+Limits: any failure while it runs (shapes that do not broadcast, a value too large, a non-scalar or non-finite loss
+or metric) raises; the trainer reports that as the request's own error (`LossError`), so other requests of the tick
+are unaffected.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from contract.custom_loss_graph import ALLOWED_ATTRIBUTES, GETATTR, check_custom
 from contract.jobs import CustomLossSpec
 
 Metrics = dict[str, float]
+
+MAX_GROWTH = 64
+"""How many times the datum's largest input any value of a custom loss may hold (room for [T] -> [T, K], K ≤ 64)."""
 
 
 def _read_attribute(value: Any, name: str) -> Any:
@@ -112,12 +122,49 @@ class CustomLoss:
         """The loss of one datum and its metrics (as floats); raises if it cannot be computed."""
         env: dict[str, Any] = {"logprobs": logprobs}
         env.update({name: inputs[name] for name in self.input_names[1:]})
+        limit = MAX_GROWTH * max(_numel(value) for value in env.values())
         for step in self.steps:
+            args = _decode(step.args, env)
             kwargs = {key: _decode(value, env) for key, value in step.kwargs.items()}
-            env[step.name] = step.call(*_decode(step.args, env), **kwargs)
+            try:
+                predicted = step.call(*_to_meta(args), **_to_meta(kwargs))
+            except Exception:  # a data-dependent shape (or a step that will fail for real anyway)
+                predicted = None
+            _check_size(step.name, predicted, limit)
+            env[step.name] = step.call(*args, **kwargs)
+            _check_size(step.name, env[step.name], limit)
         loss, metrics = _decode(self.output, env)
         loss = _finite_scalar(loss, "its loss")
         return loss, {key: float(_finite_scalar(value, f"metric {key!r}").detach()) for key, value in metrics.items()}
+
+
+def _to_meta(value: Any) -> Any:
+    """`value` with every tensor replaced by a meta tensor of its shape and dtype (no memory)."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    if isinstance(value, (list, tuple)):
+        return type(value)([_to_meta(item) for item in value])
+    if isinstance(value, dict):
+        return {key: _to_meta(item) for key, item in value.items()}
+    return value
+
+
+def _numel(value: Any) -> int:
+    """Elements held by the tensors in `value` (nested in lists, tuples and dicts)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel()
+    if isinstance(value, (list, tuple)):
+        return sum(_numel(item) for item in value)
+    if isinstance(value, dict):
+        return sum(_numel(item) for item in value.values())
+    return 0
+
+
+def _check_size(name: str, value: Any, limit: int) -> None:
+    if _numel(value) > limit:
+        raise ValueError(
+            f"node {name!r} would hold {_numel(value)} elements, more than {MAX_GROWTH}x the datum's largest input"
+        )
 
 
 def _finite_scalar(value: Any, what: str) -> torch.Tensor:

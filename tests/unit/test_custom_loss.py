@@ -4,7 +4,8 @@
 Graphs are traced from losses written here with the official SDK's own tracer (`trace_loss` + `encode_graph`, what
 `ServiceClient.create_custom_loss` uploads). The reference for each is the same Python function run directly on
 torch tensors: the interpreter must give its value, its metrics and its gradient w.r.t. the logprobs
-(torch.autograd.grad) on seeded random inputs. The check must refuse anything outside its lists (foreign functions,
+(torch.autograd.grad) on seeded random inputs. A graph whose values would outgrow the datum (outer products,
+repeated concatenation) is refused step by step before the large value exists. The check must refuse anything outside its lists (foreign functions,
 in-place or host methods, captured tensors, modules, devices, forward references, oversized graphs, bad metric
 names) with a 400-ready `InvalidCustomLoss`; a graph that passes but fails at run time raises, and in a mixed
 forward/backward it fails its own request alone (`LossError`), the other tenant's result unchanged.
@@ -13,6 +14,7 @@ forward/backward it fails its own request alone (`LossError`), the other tenant'
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -93,7 +95,7 @@ def test_interpreter_matches_the_function_run_directly(case, seed):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-6)
     assert metrics.keys() == ref_metrics.keys()
     for key, value in metrics.items():
-        assert value == pytest.approx(float(ref_metrics[key]), rel=1e-6, abs=1e-6)
+        assert value == pytest.approx(float(ref_metrics[key].detach()), rel=1e-6, abs=1e-6)
     assert grad.abs().sum() > 0
 
 
@@ -257,3 +259,50 @@ def test_custom_loss_in_the_trainer_matches_a_reference_from_the_logprobs():
     assert custom.metrics["custom/ppo_like:sum"] == pytest.approx(custom.loss_sum, rel=1e-6)
     mean_ratio = sum(float(m["custom/ratio:mean"]) for _, m in refs) / len(refs)
     assert custom.metrics["custom/ratio:mean"] == pytest.approx(mean_ratio, rel=1e-5)
+
+
+def outer(logprobs, advantages):
+    grid = logprobs[:, None] * advantages[None, :]  # [T, T]
+    cube = grid[:, :, None] * logprobs[None, None, :]  # [T, T, T]
+    return cube.sum(), {}
+
+
+def doubling(logprobs, advantages):
+    x = logprobs
+    for _ in range(12):
+        x = torch.cat([x, x])
+    return (x * advantages.sum()).sum(), {}
+
+
+def masked(logprobs, advantages):
+    chosen = logprobs[advantages > 0]  # a data-dependent shape: checked on the real result
+    return -chosen.sum(), {}
+
+
+@pytest.mark.parametrize("fn", [outer, doubling])
+def test_a_graph_that_would_blow_up_memory_is_refused_before_the_step_runs(fn, monkeypatch):
+    loss_fn = CustomLoss(spec_of(fn, {"logprobs": 1, "advantages": 1}))
+    real_calls: list[int] = []  # the sizes of the values computed on real (non-meta) tensors
+    spied = [dataclasses.replace(step, call=_spy(step.call, real_calls)) for step in loss_fn.steps]
+    monkeypatch.setattr(loss_fn, "steps", spied)
+    n = 128
+    with pytest.raises(ValueError, match="more than 64x"):
+        loss_fn(-torch.rand(n), {"advantages": torch.randn(n)})
+    assert all(size <= 64 * n for size in real_calls)
+
+
+def _spy(call, sizes: list[int]):
+    def wrapped(*args, **kwargs):
+        out = call(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and out.device.type != "meta":
+            sizes.append(out.numel())
+        return out
+
+    return wrapped
+
+
+def test_data_dependent_shapes_still_run():
+    loss_fn = CustomLoss(spec_of(masked, {"logprobs": 1, "advantages": 1}))
+    lp, adv = -torch.rand(9), torch.tensor([1.0, -1.0] * 4 + [2.0])
+    loss, _ = loss_fn(lp, {"advantages": adv})
+    assert float(loss) == pytest.approx(float(-lp[adv > 0].sum()))
