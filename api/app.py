@@ -25,7 +25,19 @@ from api.openai_compat import router as openai_router
 from api.openapi import publish_schemas
 from api.queue import PollingQueue
 from api.responses import NonFiniteJSONResponse
-from api.routers import aliases, auth, downloads, futures, health, rest, sampling, service, sessions, training
+from api.routers import (
+    aliases,
+    auth,
+    custom_losses,
+    downloads,
+    futures,
+    health,
+    rest,
+    sampling,
+    service,
+    sessions,
+    training,
+)
 from contract.catalogue_file import served_catalogue
 from contract.settings import Settings
 
@@ -73,7 +85,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     refusals.install(app)
     publish_schemas(app, training.RAW_BODY_MODELS)
     modules = (health, service, training, sampling, futures, rest, aliases, openai_router, sessions, auth, downloads)
-    for module in modules:
+    for module in (*modules, custom_losses):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_body_bytes)
     app.add_middleware(RefuseContentEncoding)

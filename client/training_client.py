@@ -142,7 +142,7 @@ class TrainingClient:
 
     # ---------------------------------------------------- forward / backward
     def _fwd(
-        self, data: Sequence[DatumLike], loss_fn: str, loss_fn_config: dict[str, float] | None, forward_only: bool
+        self, data: Sequence[DatumLike], loss_fn: str, loss_fn_config: dict[str, float | str] | None, forward_only: bool
     ) -> APIFuture[types.ForwardBackwardOutput]:
         fb_input = types.ForwardBackwardInput(data=list(data), loss_fn=loss_fn, loss_fn_config=loss_fn_config)  # type: ignore[arg-type]
 
@@ -165,7 +165,7 @@ class TrainingClient:
         self,
         data: Sequence[DatumLike],
         loss_fn: types.LossFnType,
-        loss_fn_config: dict[str, float] | None = None,
+        loss_fn_config: dict[str, float | str] | None = None,
     ) -> APIFuture[types.ForwardBackwardOutput]:
         """Forward + backward; gradients accumulate until :meth:`optim_step`."""
         return self._fwd(data, loss_fn, loss_fn_config, forward_only=False)
@@ -174,7 +174,7 @@ class TrainingClient:
         self,
         data: Sequence[DatumLike],
         loss_fn: types.LossFnType,
-        loss_fn_config: dict[str, float] | None = None,
+        loss_fn_config: dict[str, float | str] | None = None,
     ) -> APIFuture[types.ForwardBackwardOutput]:
         return self.forward_backward(data, loss_fn, loss_fn_config)
 
@@ -182,7 +182,7 @@ class TrainingClient:
         self,
         data: Sequence[DatumLike],
         loss_fn: types.LossFnType,
-        loss_fn_config: dict[str, float] | None = None,
+        loss_fn_config: dict[str, float | str] | None = None,
     ) -> APIFuture[types.ForwardBackwardOutput]:
         """Forward only: losses and logprobs, no gradients."""
         return self._fwd(data, loss_fn, loss_fn_config, forward_only=True)
@@ -191,7 +191,7 @@ class TrainingClient:
         self,
         data: Sequence[DatumLike],
         loss_fn: types.LossFnType,
-        loss_fn_config: dict[str, float] | None = None,
+        loss_fn_config: dict[str, float | str] | None = None,
     ) -> APIFuture[types.ForwardBackwardOutput]:
         return self.forward(data, loss_fn, loss_fn_config)
 

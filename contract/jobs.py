@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from loom.types import (
     AdamParams,
     CreateModelResponse,
+    CustomLossGraph,
+    CustomLossInput,
     ForwardBackwardInput,
     ForwardBackwardOutput,
     LoadWeightsResponse,
@@ -102,11 +104,32 @@ class CreateModelJob(JobPayload):
     lora: RunLora
 
 
+class CustomLossSpec(ContractModel):
+    """A stored custom loss as a worker runs it: its declared inputs (`logprobs` first) and its graph, both checked
+    by the API (`contract/custom_loss_graph.py`) when the loss was created."""
+
+    name: str
+    inputs: list[CustomLossInput]
+    graph: CustomLossGraph
+
+
+class RecordedTargets(ContractModel):
+    """stable_reinforce's view of one datum's target rows, resolved by the API from the datum's provenance against
+    the sampler's records: which rows reproduce a sampled token, and the sampler's logprob of it (0 elsewhere)."""
+
+    sampled: list[bool]
+    logprobs: list[float]
+
+
 class ForwardBackwardJob(JobPayload):
     """One forward and backward pass over `input`; gradients accumulate on the run until its next `optim_step`."""
 
     kind = JobKind.FORWARD_BACKWARD
     input: ForwardBackwardInput
+    custom_loss: CustomLossSpec | None = None
+    """The loss `loss_fn="custom"` names by its `loss_id`, resolved by the API."""
+    recorded: list[RecordedTargets] | None = None
+    """stable_reinforce only: one entry per datum."""
 
     def cost_tokens(self) -> int:
         return sum(datum.model_input.length for datum in self.input.data)
@@ -220,6 +243,8 @@ class SampleJob(JobPayload):
     sampling_params: SamplingParams
     num_samples: int = Field(default=1, ge=1)
     storage_uri: str | None = None
+    record_stability_info: bool | None = None
+    """True: the result is kept as the record stable_reinforce trains against (`api/stability.py`)."""
 
 
 class OpenAIChoice(ContractModel):

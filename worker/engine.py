@@ -244,11 +244,10 @@ class Engine:
         admitted: list[ClaimedJob] = []
         for job in jobs:
             try:
-                run = self.pool.run(job.model_id)
-            except RunNotResident as exc:
+                items.append(work_item(self.pool.run(job.model_id).slot, job.payload))
+            except (RunNotResident, UserInputError) as exc:
                 outcomes.append(Outcome.user_error(job, exc))
                 continue
-            items.append(work_item(run.slot, job.payload))
             admitted.append(job)
         if not items:
             return outcomes

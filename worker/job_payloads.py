@@ -10,9 +10,20 @@ from __future__ import annotations
 
 import torch
 
-from contract.jobs import ChatPrompt, CompletionPrompt, ForwardBackwardJob, ForwardJob, SampleJob, TinkerPrompt
+from contract.custom_loss_graph import InvalidCustomLoss
+from contract.jobs import (
+    ChatPrompt,
+    CompletionPrompt,
+    ForwardBackwardJob,
+    ForwardJob,
+    RecordedTargets,
+    SampleJob,
+    TinkerPrompt,
+)
 from loom.types import ForwardBackwardInput, ForwardBackwardOutput, SampledSequence, SampleResponse, TensorData
 from loom.types.validation import InvalidRequest, check_sampling, check_tokens, max_tokens_of
+from worker.custom_loss import CustomLoss
+from worker.losses import RECORDED_LOGPROBS, SAMPLED_MASK
 from worker.models.loader import LoadedModel
 from worker.openai_jobs import PromptError, render_prompt
 from worker.sampler import SampleOutput, SampleWork
@@ -23,23 +34,41 @@ class UserInputError(ValueError):
     """The request cannot run on this model; reported as a `user` error."""
 
 
-def train_data(fb: ForwardBackwardInput) -> list[TrainDatum]:
-    """The datums of a forward_backward input as tensors (targets as int64, every other input as float32)."""
+def train_data(fb: ForwardBackwardInput, recorded: list[RecordedTargets] | None = None) -> list[TrainDatum]:
+    """The datums of a forward_backward input as tensors: targets as int64; every other input as float32, except
+    that a custom loss gets its int64 inputs as int64 (as the SDK's client-side path would). `recorded` (one per
+    datum, stable_reinforce) adds the sampler's records as the inputs `SAMPLED_MASK` and `RECORDED_LOGPROBS`."""
     datums = []
-    for datum in fb.data:
+    for k, datum in enumerate(fb.data):
         tokens = [t for chunk in datum.model_input.chunks for t in chunk.tokens]
         inputs = {}
         for key, tensor in datum.loss_fn_inputs.items():
-            dtype = torch.long if key == "target_tokens" else torch.float32
+            integer = key == "target_tokens" or (fb.loss_fn == "custom" and tensor.dtype == "int64")
+            dtype = torch.long if integer else torch.float32
             inputs[key] = torch.tensor(tensor.dense_data(), dtype=dtype).reshape(tensor.dense_shape)
+        if recorded is not None:
+            inputs[SAMPLED_MASK] = torch.tensor(recorded[k].sampled, dtype=torch.float32)
+            inputs[RECORDED_LOGPROBS] = torch.tensor(recorded[k].logprobs, dtype=torch.float32)
         datums.append(TrainDatum(tokens, inputs))
     return datums
 
 
 def work_item(slot: int, job: ForwardBackwardJob) -> WorkItem:
-    """One request's share of a mixed forward/backward pass on adapter `slot` (a `ForwardJob` computes no gradients)."""
+    """One request's share of a mixed forward/backward pass on adapter `slot` (a `ForwardJob` computes no gradients).
+    A custom loss is rebuilt from its stored graph here; a graph this worker refuses raises `UserInputError`."""
     fb = job.input
-    return WorkItem(slot, train_data(fb), fb.loss_fn, fb.loss_fn_config or {}, isinstance(job, ForwardJob))
+    try:
+        custom_loss = None if job.custom_loss is None else CustomLoss(job.custom_loss)
+    except InvalidCustomLoss as exc:
+        raise UserInputError(f"custom loss {job.custom_loss.name!r}: {exc.param}: {exc}") from exc
+    return WorkItem(
+        slot,
+        train_data(fb, job.recorded),
+        fb.loss_fn,
+        fb.loss_fn_config or {},
+        isinstance(job, ForwardJob),
+        custom_loss,
+    )
 
 
 def forward_backward_result(result: ItemResult) -> ForwardBackwardOutput:
@@ -49,7 +78,7 @@ def forward_backward_result(result: ItemResult) -> ForwardBackwardOutput:
             {"logprobs": TensorData(data=lp.reshape(-1).tolist(), dtype="float32", shape=list(lp.shape))}
             for lp in result.logprobs
         ],
-        metrics={"loss:sum": result.loss_sum},
+        metrics={"loss:sum": result.loss_sum, **result.metrics},
     )
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from contract.settings import DEFAULT_TRAIN_TOKEN_BUDGET
+from worker.custom_loss import CustomLoss, Metrics, reduce_metrics
 from worker.losses import LOSSES
 from worker.models.loader import LoadedModel
 
@@ -42,8 +43,10 @@ class WorkItem:
     slot: int
     data: list[TrainDatum]
     loss_fn: str
-    loss_fn_config: Mapping[str, float] = field(default_factory=dict)
+    loss_fn_config: Mapping[str, float | str] = field(default_factory=dict)
     forward_only: bool = False
+    custom_loss: CustomLoss | None = None
+    """The stored graph a `custom` request runs in place of a built-in loss."""
 
 
 @dataclass
@@ -52,6 +55,8 @@ class ItemResult:
     """Per datum: target-token logprobs, shape (N,) or (N, K)."""
     losses: list[float]
     """Per datum loss value."""
+    metrics: Metrics = field(default_factory=dict)
+    """A custom loss's own metrics, reduced over the datums (`reduce_metrics`)."""
 
     @property
     def loss_sum(self) -> float:
@@ -93,10 +98,15 @@ def run_forward_backward(
     slots = [items[i].slot for i, _ in rows]
     logprobs: dict[tuple[int, int], torch.Tensor] = {}
     losses: dict[tuple[int, int], float] = {}
+    metrics: dict[tuple[int, int], Metrics] = {}
     for batch in micro_batches(lengths, slots, token_budget):
-        _run_micro_batch(lm, items, [rows[r] for r in batch], logprobs, losses)
+        _run_micro_batch(lm, items, [rows[r] for r in batch], logprobs, losses, metrics)
     return [
-        ItemResult([logprobs[i, j] for j in range(len(item.data))], [losses[i, j] for j in range(len(item.data))])
+        ItemResult(
+            [logprobs[i, j] for j in range(len(item.data))],
+            [losses[i, j] for j in range(len(item.data))],
+            reduce_metrics([metrics[i, j] for j in range(len(item.data))]),
+        )
         for i, item in enumerate(items)
     ]
 
@@ -107,9 +117,10 @@ def _run_micro_batch(
     rows: list[tuple[int, int]],
     logprobs: dict[tuple[int, int], torch.Tensor],
     losses: dict[tuple[int, int], float],
+    metrics: dict[tuple[int, int], Metrics],
 ) -> None:
     """Forward (and backward, if any row trains) over `rows` (item, datum), padded to the longest; writes each
-    row's target logprobs and loss into `logprobs` / `losses`."""
+    row's target logprobs, loss and custom metrics into `logprobs` / `losses` / `metrics`."""
     max_len = max(len(items[i].data[j].tokens) for i, j in rows)
     pad_id = 0
     input_ids = torch.full((len(rows), max_len), pad_id, dtype=torch.long)
@@ -134,9 +145,13 @@ def _run_micro_batch(
             targets = datum.inputs["target_tokens"]
             lp = token_lp[r, :n] if targets.dim() == 1 else _target_logprobs(logits[r, :n], targets)
             try:
-                loss = LOSSES[item.loss_fn](lp, datum.inputs, item.loss_fn_config)
+                if item.custom_loss is not None:
+                    loss, metrics[i, j] = item.custom_loss(lp, datum.inputs)
+                else:
+                    loss, metrics[i, j] = LOSSES[item.loss_fn](lp, datum.inputs, item.loss_fn_config), {}
             except Exception as exc:
-                raise LossError(f"{item.loss_fn} failed on datum {j}: {type(exc).__name__}: {exc}") from exc
+                what = item.loss_fn if item.custom_loss is None else f"custom loss {item.custom_loss.name!r}"
+                raise LossError(f"{what} failed on datum {j}: {type(exc).__name__}: {exc}") from exc
             logprobs[i, j] = lp.detach()
             losses[i, j] = float(loss.detach())
             if not item.forward_only:

@@ -6,6 +6,7 @@ The submit answer carries one `sample_sequence_ids` entry per sequence the resul
 A SamplingClient unpickled in another process joins the session (`join_sampling_session`) for a clone id of its own
 (`api/db/sampler_clones.py`) and numbers its samples in that id's block of seq_ids. A finished session's samplers
 take no new samples (410).
+With `record_stability_info=True` the job is kept as the record stable_reinforce trains against (`api/stability.py`).
 
 Limits: `num_samples` is capped (see `loom.types.validation.check_sample`).
 """
@@ -131,7 +132,11 @@ def asample(body: SampleRequest, request: Request, state: State, owner: Tenant) 
         topk_prompt_logprobs=body.topk_prompt_logprobs,
     )
     payload = SampleJob(
-        prompt=prompt, sampling_params=body.sampling_params, num_samples=body.num_samples, storage_uri=storage_uri
+        prompt=prompt,
+        sampling_params=body.sampling_params,
+        num_samples=body.num_samples,
+        storage_uri=storage_uri,
+        record_stability_info=body.record_stability_info or None,
     )
     seq_id = body.seq_id if body.sampling_session_id is not None else None
     with state.transaction() as session:

@@ -5,7 +5,7 @@ get_server_capabilities, healthz, telemetry.
 always sends it), no zstd request bodies, batched sampling completions (`retrieve_futures`) and server-allocated
 clone ids for unpickled sampling clients (`join_sampling_session`); `client/dynamic_config` turns on explicit
 `cancel_future` for abandoned samples. A heartbeat of a finished session answers 410, which stops the SDK's
-heartbeat loop.
+heartbeat loop. Server-side custom losses (`create_custom_loss`) are on.
 
 Limits: telemetry is accepted and dropped.
 """
@@ -41,7 +41,10 @@ router = APIRouter(prefix="/api/v1")
 @router.post("/client/config")
 def client_config(owner: Tenant, _: ClientConfigRequest | None = None) -> dict[str, Any]:
     return ClientConfigResponse(
-        proto_compress_fwdbwd=False, sample_use_retrieve_futures=True, sample_join_sampling_session=True
+        proto_compress_fwdbwd=False,
+        sample_use_retrieve_futures=True,
+        sample_join_sampling_session=True,
+        custom_loss_server_side=True,
     ).to_wire()
 
 

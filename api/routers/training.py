@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.admission import WorkerBudget
+from api.db.custom_losses import owned_custom_loss
 from api.db.jobs import next_training_seq, seq_beyond_window
 from api.db.models import Checkpoint, RunStatus, SamplingSession, TrainingRun
 from api.deps import State, Tenant, enqueue, live_session, owned_run
@@ -34,11 +35,13 @@ from api.openapi import raw_body
 from api.paths import parse_tinker_path, readable_checkpoint
 from api.proto.codec import ProtoDecodeError, decode_forward_backward_request
 from api.refusals import note_ordered_op
+from api.stability import recorded_targets
 from contract.age_encryption import BadRecipient, parse_recipients
 from contract.jobs import (
     DEFAULT_LORA_RANK,
     CheckpointTarget,
     CreateModelJob,
+    CustomLossSpec,
     ForwardBackwardJob,
     ForwardJob,
     JobKind,
@@ -54,6 +57,7 @@ from contract.jobs import (
 )
 from loom.types import (
     CreateModelRequest,
+    ForwardBackwardInput,
     ForwardBackwardRequest,
     ForwardRequest,
     GetInfoRequest,
@@ -221,18 +225,44 @@ async def _forward_backward_body(request: Request) -> bytes | dict[str, Any]:
 def _queue_forward_backward(state: State, request: Request, owner: str, fb: ForwardBackwardRequest):
     kind = JobKind.FORWARD if fb.is_forward_only else JobKind.FORWARD_BACKWARD
     seq_id = _seq(request, owner, fb.model_id, fb.seq_id, kind)
+    fb_input = fb.forward_backward_input
     with state.transaction() as session:
         run = _active_run(session, owner, fb.model_id)
+        custom_loss = _custom_loss(session, owner, run, fb_input)
     info = state.model(run.base_model)
     try:
-        check_forward_backward(fb.forward_backward_input, info.vocab_size, info.max_context_length)
+        custom_inputs = custom_loss.inputs if custom_loss is not None else ()
+        check_forward_backward(fb_input, info.vocab_size, info.max_context_length, custom_inputs)
     except InvalidRequest as exc:
         raise invalid(str(exc) if exc.param is None else f"{exc.param}: {exc}", exc.param) from exc
-    WorkerBudget.of(info, state.settings).check_forward_backward(fb.forward_backward_input)
+    WorkerBudget.of(info, state.settings).check_forward_backward(fb_input)
+    recorded = None
+    if fb_input.loss_fn == "stable_reinforce":
+        with state.reading() as session:
+            recorded = recorded_targets(session, owner, run.session_id, fb_input.data)
     job = ForwardJob if fb.is_forward_only else ForwardBackwardJob
+    payload = job(input=fb_input, custom_loss=custom_loss, recorded=recorded)
     with state.transaction() as session:
-        job_id = _enqueue_op(session, request, run, seq_id, job(input=fb.forward_backward_input))
+        job_id = _enqueue_op(session, request, run, seq_id, payload)
     return _submitted(state, run, job_id)
+
+
+def _custom_loss(session: Session, owner: str, run: TrainingRun, fb: ForwardBackwardInput) -> CustomLossSpec | None:
+    """The stored loss a `custom` request names by `loss_fn_config.loss_id` (None for the built-in losses): 404
+    when the tenant has no such loss, 400 when it belongs to another session than the run's."""
+    loss_id = (fb.loss_fn_config or {}).get("loss_id")
+    if fb.loss_fn != "custom" or not isinstance(loss_id, str):
+        return None  # a missing or numeric loss_id is refused with the other config checks
+    found = owned_custom_loss(session, owner, loss_id)
+    if found is None:
+        raise APIError(404, ErrorCode.NOT_FOUND, f"custom loss {loss_id!r} not found", "loss_fn_config.loss_id")
+    session_id, spec = found
+    if session_id != run.session_id:
+        raise invalid(
+            f"custom loss {loss_id!r} was created in session {session_id}; only that session's runs can use it",
+            "loss_fn_config.loss_id",
+        )
+    return spec
 
 
 def _note_decoded(request: Request, owner: str, raw: bytes | dict[str, Any]) -> None:

@@ -11,12 +11,21 @@ Modules:
 - :mod:`.futures`      UntypedAPIFuture and the retrieve_future protocol
 - :mod:`.rest`         training runs, checkpoints, weights_info, samplers, sessions
 - :mod:`.sessions`     session finish/search/project/trace export, cancel_future, the calling API key
+- :mod:`.custom_loss`  create_custom_loss: a traced loss graph as data
 
 Every model ignores unknown keys (forward compatibility) and serialises with
 ``model.to_wire()`` (JSON mode, ``None`` left out), as the SDK does.
 """
 
 from ._base import WireModel
+from .custom_loss import (
+    CreateCustomLossRequest,
+    CreateCustomLossResponse,
+    CustomLossGraph,
+    CustomLossInput,
+    CustomLossInputRank,
+    CustomLossNode,
+)
 from .futures import (
     CancelFutureRequest,
     FutureCompletion,
@@ -44,6 +53,7 @@ from .model_input import (
     ImageChunk,
     ModelInput,
     ModelInputChunk,
+    ProvenanceSpan,
 )
 from .rest import (
     Checkpoint,
@@ -107,7 +117,6 @@ from .sessions import (
 )
 from .tensors import TensorData, TensorDtype
 from .training import (
-    OTHER_TINKER_LOSS_FN_TYPES,
     AdamParams,
     CreateModelRequest,
     CreateModelResponse,
@@ -138,6 +147,12 @@ from .training import (
 )
 
 __all__ = [
+    "CreateCustomLossRequest",
+    "CreateCustomLossResponse",
+    "CustomLossGraph",
+    "CustomLossInput",
+    "CustomLossInputRank",
+    "CustomLossNode",
     "AdamParams",
     "AuthTokenResponse",
     "CancelFutureRequest",
@@ -156,6 +171,7 @@ __all__ = [
     "CreateSessionResponse",
     "Cursor",
     "Datum",
+    "ProvenanceSpan",
     "DmelChunk",
     "EncodedTextChunk",
     "ForwardBackwardInput",
@@ -189,7 +205,6 @@ __all__ = [
     "ModelID",
     "ModelInput",
     "ModelInputChunk",
-    "OTHER_TINKER_LOSS_FN_TYPES",
     "OptimStepRequest",
     "OptimStepResponse",
     "OptimizerConfig",

@@ -51,3 +51,9 @@ CHECKPOINT_NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
 
 MAX_AGE_RECIPIENTS = 10
 """The most age recipients one `save_weights_external` may encrypt to (Tinker's limit)."""
+
+MAX_CUSTOM_LOSS_NODES = 512
+"""The most nodes a custom loss graph (`create_custom_loss`) may have, placeholders and output included."""
+
+MAX_CUSTOM_LOSS_INPUTS = 16
+"""The most inputs a custom loss takes, `logprobs` included (the SDK's own limit)."""

@@ -11,7 +11,10 @@ Chunk kinds, discriminated by ``type``:
   declared so requests validate and the server can reject them with a clear
   error; a chunk without ``type`` is read as ``encoded_text``.
 
-``Datum`` = ``model_input`` + ``loss_fn_inputs`` (name -> :class:`TensorData`).
+``Datum`` = ``model_input`` + ``loss_fn_inputs`` (name -> :class:`TensorData`), plus optional provenance:
+``model_input_spans`` / ``loss_fn_input_spans``, runs of :class:`ProvenanceSpan` tiling the input tokens and the
+rows of ``target_tokens`` (SDK 0.38's ``Datum.with_provenance``; on the wire only in protobuf bodies, decoded by
+``api/proto``). ``stable_reinforce`` needs them; other losses ignore them.
 Raw lists, numpy arrays and torch tensors given for ``loss_fn_inputs`` are
 converted; lists get tinker's per-key default dtype (``target_tokens`` int64,
 the float keys float32).
@@ -26,6 +29,7 @@ from pydantic import Discriminator, Field, Tag, field_serializer, field_validato
 
 from ._base import WireModel
 from .bounded import Count64
+from .limits import MAX_TENSOR_ELEMENTS
 from .tensors import TensorData, TensorDtype, coerce_tensor
 
 
@@ -165,11 +169,26 @@ LOSS_FN_INPUT_DTYPES: dict[str, TensorDtype] = {
 """Default dtype of raw-list ``loss_fn_inputs`` by key (as in tinker)."""
 
 
+class ProvenanceSpan(WireModel):
+    """A run of ``length`` consecutive datum positions claimed to be positions ``[offset, offset + length)`` of the
+    prompt (``prompt_tokens``) or of the sampled tokens (``sampled_tokens``) of the sequence ``sequence_id``
+    (``SampledSequence.sequence_id``): SDK 0.38's ``PromptProvenanceSpan`` / ``SampledProvenanceSpan``."""
+
+    type: Literal["prompt_tokens", "sampled_tokens"]
+    sequence_id: str = Field(min_length=1, max_length=256)
+    offset: Count64 = 0
+    length: Count64
+
+
 class Datum(WireModel):
     """One training example: the input sequence and the loss's per-token tensors."""
 
     model_input: ModelInput
     loss_fn_inputs: dict[str, TensorData] = Field(default_factory=dict)
+    model_input_spans: list[ProvenanceSpan] | None = Field(default=None, max_length=MAX_TENSOR_ELEMENTS)
+    """Provenance of the input tokens: runs whose lengths sum to ``model_input``'s length."""
+    loss_fn_input_spans: list[ProvenanceSpan] | None = Field(default=None, max_length=MAX_TENSOR_ELEMENTS)
+    """Provenance of the loss rows: runs whose lengths sum to ``target_tokens``' first dimension."""
 
     @model_validator(mode="before")
     @classmethod

@@ -16,9 +16,8 @@ Wire-shape notes:
 - Numbers carry their bounds in their types (``bounded.py``): ids and seq_ids
   are 64-bit, seeds, TTLs and the learning rate are range-checked, and one
   request holds at most ``MAX_DATUMS`` datums.
-- ``LossFnType`` lists the losses Loom implements. SDK 0.38 also knows
-  ``gspo``, ``stable_reinforce`` and ``custom`` (:data:`OTHER_TINKER_LOSS_FN_TYPES`);
-  those fail validation here.
+- ``LossFnType`` lists every loss of SDK 0.38, all implemented server-side. ``custom`` names a loss stored by
+  ``create_custom_loss``: its ``loss_fn_config`` is ``{"loss_id": <id>}``, the one text value a config may hold.
 """
 
 from __future__ import annotations
@@ -33,11 +32,10 @@ from .limits import INT64_MAX, MAX_AGE_RECIPIENTS, MAX_DATUMS
 from .model_input import Datum
 from .tensors import TensorData
 
-LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
-"""Built-in losses Loom runs server-side."""
-
-OTHER_TINKER_LOSS_FN_TYPES = ("gspo", "stable_reinforce", "custom")
-"""Loss names SDK 0.38 can send that Loom does not implement."""
+LossFnType = Literal[
+    "cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce", "custom"
+]
+"""The losses of SDK 0.38's ``LossFnType``, all run server-side."""
 
 
 # --------------------------------------------------------------------- models
@@ -109,8 +107,9 @@ class UnloadModelResponse(WireModel):
 class ForwardBackwardInput(WireModel):
     data: list[Datum] = Field(max_length=MAX_DATUMS)
     loss_fn: LossFnType
-    loss_fn_config: dict[str, float] | None = None
-    """Loss hyper-parameters, e.g. ``clip_low_threshold`` for ppo, ``beta`` for dro."""
+    loss_fn_config: dict[str, float | str] | None = None
+    """Loss hyper-parameters, e.g. ``clip_low_threshold`` for ppo, ``beta`` for dro, ``kl_coeff`` for
+    stable_reinforce; ``loss_id`` (text) for ``custom``."""
 
 
 def _flat_to_nested(data: Any, nested_key: str) -> Any:

@@ -4,10 +4,12 @@ One implementation serves the API (which turns a failure into a 400 at submit ti
 handed valid work), the worker (for OpenAI prompts, which only it can render to tokens), and SDK users who want
 to fail fast locally. Each check raises `InvalidRequest` naming the offending field in `param`.
 
-Checked: known loss and loss_fn_config keys; required/unknown `loss_fn_inputs`; token ids inside the vocabulary;
-sequence length within the context; `target_tokens` shape (N,) or (N, K) with N = model_input length (2-D only
-for cross_entropy, K at most `MAX_TARGET_K`); every other input shaped like the targets (weights) or (N,); finite
-values everywhere; sampling parameter ranges (top-k prompt logprobs within the vocabulary). The model-independent
+Checked: known loss and loss_fn_config keys (numbers, but text for a custom loss's `loss_id`); required/unknown
+`loss_fn_inputs` (a custom loss's are the ones it declared, at their declared ranks); token ids inside the
+vocabulary; sequence length within the context; `target_tokens` shape (N,) or (N, K) with N = model_input length
+(2-D only for cross_entropy and custom losses declared so, K at most `MAX_TARGET_K`); every other input shaped like
+the targets (weights) or (N,); finite values everywhere; stable_reinforce's provenance spans (tiling, and nonzero
+advantages only on sampled rows; the spans' sequences themselves are checked by the server, `api/stability.py`); sampling parameter ranges (top-k prompt logprobs within the vocabulary). The model-independent
 bounds (64-bit ids, seeds, TTLs, learning rate, datums per request, tensor sizes and CSR layout) are declared on the
 wire types themselves (`bounded.py`, `tensors.py`), from the numbers in `limits.py`.
 
@@ -20,8 +22,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .custom_loss import CustomLossInput
 from .limits import MAX_SAMPLES, MAX_TARGET_K
-from .model_input import Datum, EncodedTextChunk, ModelInput
+from .model_input import Datum, EncodedTextChunk, ModelInput, ProvenanceSpan
 from .sampling import SampleRequest, SamplingParams
 from .tensors import TensorData
 from .training import ForwardBackwardInput
@@ -32,15 +35,29 @@ LOSS_REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
     "ppo": ("target_tokens", "logprobs", "advantages"),
     "cispo": ("target_tokens", "logprobs", "advantages"),
     "dro": ("target_tokens", "logprobs", "advantages"),
+    "gspo": ("target_tokens", "logprobs", "advantages"),
+    "stable_reinforce": ("target_tokens", "advantages"),
 }
+"""Inputs of the built-in losses; a `custom` loss needs `target_tokens` and the inputs it declared."""
 LOSS_OPTIONAL_INPUTS = frozenset({"weights", "clip_low_threshold", "clip_high_threshold"})
+LOSS_EXTRA_OPTIONAL_INPUTS: dict[str, frozenset[str]] = {
+    "gspo": frozenset({"sequence_ratio_mask"}),
+    "stable_reinforce": frozenset({"logprobs"}),
+}
+"""Optional inputs of one loss only. stable_reinforce accepts the client's `logprobs` (the cookbook sends them)
+but uses the sampler's recorded ones."""
 LOSS_CONFIG_KEYS: dict[str, frozenset[str]] = {
     "cross_entropy": frozenset(),
     "importance_sampling": frozenset(),
     "ppo": frozenset({"clip_low_threshold", "clip_high_threshold"}),
     "cispo": frozenset({"clip_low_threshold", "clip_high_threshold"}),
     "dro": frozenset({"beta"}),
+    "gspo": frozenset({"clip_low_threshold", "clip_high_threshold"}),
+    "stable_reinforce": frozenset({"clip_high_threshold", "kl_coeff"}),
+    "custom": frozenset({"loss_id"}),
 }
+TEXT_CONFIG_KEYS = frozenset({"loss_id"})
+"""The `loss_fn_config` keys whose value is text; every other value is a number."""
 
 
 DEFAULT_MAX_TOKENS = 16
@@ -92,13 +109,25 @@ def _check_finite(values: Sequence[Any], param: str) -> None:
             raise InvalidRequest("contains NaN or infinity", param)
 
 
-def check_datum(datum: Datum, loss_fn: str, vocab_size: int, max_length: int, param: str) -> list[int]:
+def check_datum(
+    datum: Datum,
+    loss_fn: str,
+    vocab_size: int,
+    max_length: int,
+    param: str,
+    custom_inputs: Sequence[CustomLossInput] = (),
+) -> list[int]:
+    """One datum of a `loss_fn` request; `custom_inputs` are a `custom` loss's declared inputs (`logprobs` first).
+    A custom loss reads only what it declared, so other inputs (which the SDK sends along) go unchecked."""
     tokens = model_input_tokens(datum.model_input, vocab_size, max_length, f"{param}.model_input")
     inputs = datum.loss_fn_inputs
-    missing = [k for k in LOSS_REQUIRED_INPUTS[loss_fn] if k not in inputs]
+    ranks = {item.name: item.rank for item in custom_inputs[1:]}
+    required = ("target_tokens", *ranks) if loss_fn == "custom" else LOSS_REQUIRED_INPUTS[loss_fn]
+    missing = [k for k in required if k not in inputs]
     if missing:
         raise InvalidRequest(f"{loss_fn} needs loss_fn_inputs {missing}", f"{param}.loss_fn_inputs")
-    unknown = sorted(set(inputs) - set(LOSS_REQUIRED_INPUTS[loss_fn]) - LOSS_OPTIONAL_INPUTS)
+    optional = LOSS_OPTIONAL_INPUTS | LOSS_EXTRA_OPTIONAL_INPUTS.get(loss_fn, frozenset())
+    unknown = [] if loss_fn == "custom" else sorted(set(inputs) - set(required) - optional)
     if unknown:
         raise InvalidRequest(f"loss_fn_inputs {unknown} are not used by {loss_fn}", f"{param}.loss_fn_inputs")
     targets = inputs["target_tokens"]
@@ -108,32 +137,85 @@ def check_datum(datum: Datum, loss_fn: str, vocab_size: int, max_length: int, pa
         raise InvalidRequest(
             f"shape {t_shape} must be [{len(tokens)}] or [{len(tokens)}, K] (model_input length)", where
         )
-    if len(t_shape) == 2 and loss_fn != "cross_entropy":
-        raise InvalidRequest("2-D target_tokens are only supported by cross_entropy", where)
+    target_rank = custom_inputs[0].rank if custom_inputs else (2 if loss_fn == "cross_entropy" else 1)
+    if len(t_shape) > target_rank or (loss_fn == "custom" and len(t_shape) != target_rank):
+        raise InvalidRequest(f"{len(t_shape)}-D target_tokens do not fit {loss_fn}'s logprobs", where)
     if len(t_shape) == 2 and not 1 <= t_shape[1] <= MAX_TARGET_K:
         raise InvalidRequest(f"K = {t_shape[1]} target tokens per position must be in [1, {MAX_TARGET_K}]", where)
     for t in targets.dense_data():
         if not (float(t).is_integer() and 0 <= t < vocab_size):
             raise InvalidRequest(f"target token {t} is outside the vocabulary [0, {vocab_size})", where)
     for key, tensor in inputs.items():
-        if key == "target_tokens":
+        if key == "target_tokens" or (loss_fn == "custom" and key not in ranks):
             continue
-        expected = t_shape if key == "weights" else [len(tokens)]
-        if _shape(tensor) != expected:
-            raise InvalidRequest(f"shape {_shape(tensor)} does not match {expected}", f"{param}.loss_fn_inputs.{key}")
-        _check_finite(tensor.dense_data(), f"{param}.loss_fn_inputs.{key}")
+        shape, where = _shape(tensor), f"{param}.loss_fn_inputs.{key}"
+        if key in ranks:
+            if len(shape) != ranks[key] or (shape and shape[0] != len(tokens)):
+                raise InvalidRequest(
+                    f"shape {shape} is not the declared rank {ranks[key]} over {len(tokens)} rows", where
+                )
+        elif shape != (t_shape if key == "weights" else [len(tokens)]):
+            raise InvalidRequest(
+                f"shape {shape} does not match {t_shape if key == 'weights' else [len(tokens)]}", where
+            )
+        _check_finite(tensor.dense_data(), where)
+    if loss_fn == "stable_reinforce":
+        check_provenance(datum, len(tokens), param)
     return tokens
 
 
-def check_forward_backward(fb: ForwardBackwardInput, vocab_size: int, max_length: int) -> None:
-    unknown = sorted(set(fb.loss_fn_config or {}) - LOSS_CONFIG_KEYS[fb.loss_fn])
+def check_provenance(datum: Datum, length: int, param: str) -> None:
+    """stable_reinforce's provenance, as far as it can be checked without the server's records: both span lists,
+    tiling the input tokens and the target rows, and nonzero advantages only on rows of sampled spans."""
+    if datum.model_input_spans is None or datum.loss_fn_input_spans is None:
+        raise InvalidRequest(
+            "stable_reinforce needs provenance: sample with record_stability_info=True and attach the sequences' "
+            "spans with Datum.with_provenance",
+            f"{param}.loss_fn_input_spans",
+        )
+    for field, spans in (
+        ("model_input_spans", datum.model_input_spans),
+        ("loss_fn_input_spans", datum.loss_fn_input_spans),
+    ):
+        covered = sum(span.length for span in spans)
+        if covered != length:
+            raise InvalidRequest(f"spans cover {covered} positions, the datum has {length}", f"{param}.{field}")
+    sampled = sampled_rows(datum.loss_fn_input_spans)
+    for row, advantage in enumerate(datum.loss_fn_inputs["advantages"].dense_data()):
+        if advantage != 0 and not sampled[row]:
+            raise InvalidRequest(
+                f"row {row} has a nonzero advantage but is not a sampled token; stable_reinforce trains only on "
+                "tokens its provenance names as sampled",
+                f"{param}.loss_fn_inputs.advantages",
+            )
+
+
+def sampled_rows(spans: Sequence[ProvenanceSpan]) -> list[bool]:
+    """Per position the spans tile: whether it lies in a `sampled_tokens` span."""
+    return [span.type == "sampled_tokens" for span in spans for _ in range(span.length)]
+
+
+def check_forward_backward(
+    fb: ForwardBackwardInput, vocab_size: int, max_length: int, custom_inputs: Sequence[CustomLossInput] = ()
+) -> None:
+    """A forward(_backward) input; for `custom`, `custom_inputs` are the stored loss's inputs (its `loss_id`
+    already resolved by the caller)."""
+    config = fb.loss_fn_config or {}
+    unknown = sorted(set(config) - LOSS_CONFIG_KEYS[fb.loss_fn])
     if unknown:
         raise InvalidRequest(f"loss_fn_config keys {unknown} are not valid for {fb.loss_fn}", "loss_fn_config")
-    _check_finite(list((fb.loss_fn_config or {}).values()), "loss_fn_config")
+    for key, value in config.items():
+        if isinstance(value, str) != (key in TEXT_CONFIG_KEYS):
+            raise InvalidRequest(
+                f"must be {'text' if key in TEXT_CONFIG_KEYS else 'a number'}", f"loss_fn_config.{key}"
+            )
+    if fb.loss_fn == "custom" and "loss_id" not in config:
+        raise InvalidRequest("custom needs the loss_id create_custom_loss returned", "loss_fn_config.loss_id")
+    _check_finite(list(config.values()), "loss_fn_config")
     if not fb.data:
         raise InvalidRequest("forward_backward needs at least one datum", "data")
     for i, datum in enumerate(fb.data):
-        check_datum(datum, fb.loss_fn, vocab_size, max_length, f"data.{i}")
+        check_datum(datum, fb.loss_fn, vocab_size, max_length, f"data.{i}", custom_inputs)
 
 
 def check_sample(request: SampleRequest, vocab_size: int, max_length: int) -> list[int]:

@@ -81,7 +81,7 @@ def test_forward_backward_request_accepts_flat_and_forward_shapes() -> None:
     fwd = L.ForwardRequest.model_validate({"forward_input": {"data": [datum], "loss_fn": "dro"}, "model_id": "m"})
     assert fwd.to_forward_backward_request().is_forward_only
     with pytest.raises(ValidationError):
-        L.ForwardBackwardRequest.model_validate({"model_id": "m", "data": [datum], "loss_fn": "gspo"})
+        L.ForwardBackwardRequest.model_validate({"model_id": "m", "data": [datum], "loss_fn": "reinforce"})
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,9 @@
 """worker.losses against independent float64 reference formulas, values and gradients w.r.t. the logprobs.
 
+gspo and stable_reinforce are checked the same way, including their edge cases: a sequence ratio outside the clip
+band (whole sequence clipped per advantage sign), a masked ratio, a fully masked sequence, truncated weights, the
+KL term, and datums with no sampled rows.
+
 The references are written per token with explicit Python loops (piecewise PPO, stop-gradient CISPO, ...), so
 they share no code with the vectorised torch implementations. Gradients are the closed-form derivatives of the
 references, compared with torch.autograd.
@@ -234,5 +238,160 @@ def test_dro(beta):
     np.testing.assert_allclose(grad, [-(adv[i] - b * (lp[i] - q[i])) for i in range(N)], **GRAD_TOL)
 
 
+# ------------------------------------------------------------------------------------------------------ gspo
+
+
+def _grad(loss: str, lp64: np.ndarray, inputs: dict[str, np.ndarray], config: dict | None = None):
+    """The loss's value and torch.autograd.grad w.r.t. the logprobs."""
+    lp = torch.tensor(lp64, dtype=torch.float32, requires_grad=True)
+    t_inputs = {k: torch.tensor(v, dtype=torch.float32) for k, v in inputs.items()}
+    value = LOSSES[loss](lp, t_inputs, config or {})
+    (grad,) = torch.autograd.grad(value, lp)
+    return float(value.detach()), grad.double().numpy()
+
+
+def _gspo_ref(lp, q, adv, mask, lo, hi):
+    """GSPO-token per token: every token's ratio is the sequence's s = exp(mean over the masked tokens of lp - q),
+    a constant in value; its derivative w.r.t. the token's own logprob is s (ratio = s · p / stopgrad(p))."""
+    marked = [i for i in range(len(lp)) if mask is None or mask[i] != 0]
+    s = math.exp(sum(lp[i] - q[i] for i in marked) / len(marked)) if marked else 1.0
+    value, grad = 0.0, []
+    for i in range(len(lp)):
+        lo_i = lo[i] if isinstance(lo, np.ndarray) else lo
+        hi_i = hi[i] if isinstance(hi, np.ndarray) else hi
+        if (adv[i] >= 0 and s > hi_i) or (adv[i] < 0 and s < lo_i):
+            value -= (hi_i if adv[i] >= 0 else lo_i) * adv[i]  # clipped: a constant
+            grad.append(0.0)
+        else:
+            value -= s * adv[i]
+            grad.append(-s * adv[i])
+    return value, np.array(grad), s
+
+
+GSPO_LO, GSPO_HI = 1 - 3e-4, 1 + 4e-4
+
+
+def test_gspo_clipping_active_whole_sequence():
+    """A sequence ratio above the band: every A > 0 token is clipped (no gradient), every A < 0 token is not."""
+    lp, _, adv = _inputs(20)
+    q = lp - 0.01  # mean log-ratio 0.01 -> s = e^0.01 > 1 + 4e-4
+    value, grad = _grad("gspo", lp, {"logprobs": q, "advantages": adv})
+    ref, ref_grad, s = _gspo_ref(lp, q, adv, None, GSPO_LO, GSPO_HI)
+    assert s > GSPO_HI
+    assert value == pytest.approx(ref, **VAL_TOL)
+    np.testing.assert_allclose(grad, ref_grad, **GRAD_TOL)
+    assert (grad[adv > 0] == 0).all() and (grad[adv < 0] != 0).all()
+
+
+def test_gspo_mask_restricts_the_ratio_and_the_mean_carries_no_gradient():
+    """Prompt rows padded with q = 0 (as the cookbook does) are left out by the mask; per-token log-ratios that are
+    far apart but average inside the band give unclipped tokens whose gradient is s·A alone (no cross terms)."""
+    rng = np.random.default_rng(21)
+    lp, _, adv = _inputs(21)
+    mask = np.array([0.0] * 6 + [1.0] * (N - 6))
+    log_r = rng.uniform(-0.5, 0.5, N)
+    log_r[6:] -= log_r[6:].mean() - 1e-4  # masked mean 1e-4: inside (1 - 3e-4, 1 + 4e-4)
+    q = lp - log_r
+    q[:6] = 0.0
+    adv[:6] = 0.0
+    value, grad = _grad("gspo", lp, {"logprobs": q, "advantages": adv, "sequence_ratio_mask": mask})
+    ref, ref_grad, s = _gspo_ref(lp, q, adv, mask, GSPO_LO, GSPO_HI)
+    assert GSPO_LO < s < GSPO_HI
+    assert value == pytest.approx(ref, **VAL_TOL)
+    np.testing.assert_allclose(grad, ref_grad, **GRAD_TOL)
+    unmasked, _, _ = _gspo_ref(lp, q, adv, None, GSPO_LO, GSPO_HI)
+    assert abs(unmasked - ref) > 1e-2  # the mask really changed the sequence ratio
+
+
+def test_gspo_configured_and_per_token_thresholds():
+    lp, _, adv = _inputs(22)
+    q = lp + 0.3  # s = e^-0.3 ≈ 0.74
+    config = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
+    value, grad = _grad("gspo", lp, {"logprobs": q, "advantages": adv}, config)
+    ref, ref_grad, _ = _gspo_ref(lp, q, adv, None, 0.8, 1.2)
+    assert value == pytest.approx(ref, **VAL_TOL)
+    np.testing.assert_allclose(grad, ref_grad, **GRAD_TOL)
+    lo = np.random.default_rng(23).uniform(0.5, 0.9, N)  # per token: some below s = 0.74, some above
+    value, grad = _grad("gspo", lp, {"logprobs": q, "advantages": adv, "clip_low_threshold": lo}, config)
+    ref, ref_grad, _ = _gspo_ref(lp, q, adv, None, lo, 1.2)
+    assert value == pytest.approx(ref, **VAL_TOL)
+    np.testing.assert_allclose(grad, ref_grad, **GRAD_TOL)
+
+
+def test_gspo_fully_masked_sequence_has_ratio_one():
+    lp, q, adv = _inputs(24)
+    value, grad = _grad("gspo", lp, {"logprobs": q, "advantages": adv, "sequence_ratio_mask": np.zeros(N)})
+    ref, ref_grad, s = _gspo_ref(lp, q, adv, np.zeros(N), GSPO_LO, GSPO_HI)
+    assert s == 1.0 and math.isfinite(value)
+    assert value == pytest.approx(ref, **VAL_TOL)
+    np.testing.assert_allclose(grad, ref_grad, **GRAD_TOL)
+
+
+# ------------------------------------------------------------------------------------------ stable_reinforce
+
+
+def _stable_ref(lp, q, adv, sampled, hi, kl):
+    """Per sampled token: weight w = min(r, hi) held constant, -w·lp·A, plus kl·(r - 1 - log r) whose derivative
+    is kl·(r - 1); unsampled tokens contribute nothing."""
+    value, grad = 0.0, []
+    for i in range(len(lp)):
+        if not sampled[i]:
+            grad.append(0.0)
+            continue
+        r = math.exp(lp[i] - q[i])
+        w = min(r, hi)
+        value += -w * lp[i] * adv[i] + kl * (r - 1 - (lp[i] - q[i]))
+        grad.append(-w * adv[i] + kl * (r - 1))
+    return value, np.array(grad)
+
+
+def _stable_inputs(seed: int):
+    lp, q, adv = _inputs(seed)
+    q = q - 0.5  # ratios up to ~4: some beyond the default truncation 2.0
+    sampled = np.array([0.0] * 5 + [1.0] * (N - 5))
+    adv[:5] = 0.0
+    recorded = np.where(sampled > 0, q, 0.0)
+    inputs = {"advantages": adv, "sampled_mask": sampled, "recorded_logprobs": recorded}
+    return lp, q, adv, sampled, inputs
+
+
+@pytest.mark.parametrize("kl_coeff", [None, 0.05])
+def test_stable_reinforce_truncated_weight_and_kl(kl_coeff):
+    lp, q, adv, sampled, inputs = _stable_inputs(25)
+    r = np.exp(lp - q)
+    assert (r[5:] > 2.0).any() and (r[5:] < 2.0).any()  # truncation active on some sampled tokens only
+    config = {} if kl_coeff is None else {"kl_coeff": kl_coeff}
+    value, grad = _grad("stable_reinforce", lp, inputs, config)
+    ref, ref_grad = _stable_ref(lp, q, adv, sampled, 2.0, kl_coeff or 0.0)
+    assert value == pytest.approx(ref, **VAL_TOL)
+    np.testing.assert_allclose(grad, ref_grad, **GRAD_TOL)
+    assert (grad[:5] == 0).all()
+
+
+def test_stable_reinforce_ignores_the_clients_logprobs_and_honours_the_truncation_config():
+    lp, q, adv, sampled, inputs = _stable_inputs(26)
+    config = {"clip_high_threshold": 1.1, "kl_coeff": 0.2}
+    value, grad = _grad("stable_reinforce", lp, inputs | {"logprobs": np.zeros(N)}, config)
+    ref, ref_grad = _stable_ref(lp, q, adv, sampled, 1.1, 0.2)
+    assert value == pytest.approx(ref, **VAL_TOL)
+    np.testing.assert_allclose(grad, ref_grad, **GRAD_TOL)
+
+
+def test_stable_reinforce_without_sampled_rows_is_zero():
+    lp, q, adv, _, inputs = _stable_inputs(27)
+    inputs["sampled_mask"] = np.zeros(N)
+    value, grad = _grad("stable_reinforce", lp, inputs, {"kl_coeff": 1.0})
+    assert value == 0.0
+    assert (grad == 0).all()
+
+
 def test_every_loss_is_covered():
-    assert set(LOSSES) == {"cross_entropy", "importance_sampling", "ppo", "cispo", "dro"}
+    assert set(LOSSES) == {
+        "cross_entropy",
+        "importance_sampling",
+        "ppo",
+        "cispo",
+        "dro",
+        "gspo",
+        "stable_reinforce",
+    }
