@@ -48,6 +48,8 @@ class ErrorCode(StrEnum):
     REQUEST_TOO_LARGE = "request_too_large"
     """The request is well-formed but costs more than a worker of its base model can ever run (`api/admission.py`)."""
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    UNSUPPORTED = "unsupported"
+    """A Tinker feature a self-hosted Loom does not offer; the message says why."""
     INTERNAL = "internal_error"
     SERVICE_UNAVAILABLE = "service_unavailable"
 

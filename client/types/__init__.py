@@ -9,7 +9,8 @@ Modules:
 - :mod:`.sampling`     SamplingParams, sampling sessions, SampleRequest/Response
 - :mod:`.service`      sessions, heartbeat, capabilities, health, client config, telemetry
 - :mod:`.futures`      UntypedAPIFuture and the retrieve_future protocol
-- :mod:`.rest`         training runs, checkpoints, weights_info, samplers, sessions
+- :mod:`.rest`         training runs, checkpoints, weights_info, samplers, sessions, copy_weights
+- :mod:`.usage`        billing usage events, current checkpoint storage
 
 Every model ignores unknown keys (forward compatibility) and serialises with
 ``model.to_wire()`` (JSON mode, ``None`` left out), as the SDK does.
@@ -49,6 +50,8 @@ from .rest import (
     CheckpointArchiveUrlResponse,
     CheckpointsListResponse,
     CheckpointType,
+    CopyWeightsRequest,
+    CopyWeightsResponse,
     Cursor,
     GetSamplerResponse,
     GetSessionResponse,
@@ -115,6 +118,20 @@ from .training import (
     SaveWeightsResponse,
     UnloadModelRequest,
     UnloadModelResponse,
+)
+from .usage import (
+    BillingEventInfo,
+    BillingUsageEvent,
+    BillingUsageResponse,
+    BillingUsageSession,
+    CheckpointBillingEvent,
+    CurrentCheckpointStorageUsageItem,
+    CurrentCheckpointStorageUsageResponse,
+    GetBillingUsageRequest,
+    SamplingPrefillBillingEvent,
+    SamplingSampleBillingEvent,
+    StorageBillingEvent,
+    TrainingBillingEvent,
 )
 
 __all__ = [
@@ -208,4 +225,18 @@ __all__ = [
     "WeightsInfoRequest",
     "WeightsInfoResponse",
     "WireModel",
+    "BillingEventInfo",
+    "BillingUsageEvent",
+    "BillingUsageResponse",
+    "BillingUsageSession",
+    "CheckpointBillingEvent",
+    "CopyWeightsRequest",
+    "CopyWeightsResponse",
+    "CurrentCheckpointStorageUsageItem",
+    "CurrentCheckpointStorageUsageResponse",
+    "GetBillingUsageRequest",
+    "SamplingPrefillBillingEvent",
+    "SamplingSampleBillingEvent",
+    "StorageBillingEvent",
+    "TrainingBillingEvent",
 ]
