@@ -99,9 +99,9 @@ class Door:
         return {f.name: f.read_bytes() for f in folder.iterdir() if f.name != MANIFEST}
 
 
-@pytest.fixture
-def door(tmp_path: Path) -> Iterator[Door]:
-    state = build_state(Settings(data_dir=tmp_path, base_models=[BASE], queue="external"))
+def open_door(settings: Settings) -> Iterator[Door]:
+    """The app on `settings` (external queue) with two tenants' clients."""
+    state = build_state(settings)
     with state.transaction() as session:
         _, alice_key = create_api_key(session, "alice", "test")
         _, bob_key = create_api_key(session, "bob", "test")
@@ -111,6 +111,11 @@ def door(tmp_path: Path) -> Iterator[Door]:
         TestClient(app, headers={"X-API-Key": bob_key}) as bob,
     ):
         yield Door(state, app, alice, bob)
+
+
+@pytest.fixture
+def door(tmp_path: Path) -> Iterator[Door]:
+    yield from open_door(Settings(data_dir=tmp_path, base_models=[BASE], queue="external"))
 
 
 def rest_url(path: str, suffix: str = "") -> str:
