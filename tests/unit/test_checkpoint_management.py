@@ -24,7 +24,7 @@ from api.db.keys import create_api_key
 from api.db.models import Checkpoint, CheckpointKind, ClientSession, JobState
 from api.db.types import utcnow
 from api.deps import AppState
-from contract.checkpoint_store import MANIFEST, configured_checkpoint_store
+from contract.checkpoint_store import MANIFEST, CheckpointCorrupt, configured_checkpoint_store
 from contract.jobs import (
     CheckpointTarget,
     ForwardBackwardJob,
@@ -95,8 +95,16 @@ class Door:
             return session.scalar(select(Checkpoint).where(Checkpoint.tinker_path == path))
 
     def files(self, path: str) -> dict[str, bytes]:
-        folder = Path(self.row(path).storage_uri.removeprefix("file://"))
+        """The verified files of the checkpoint at `path`, read through the app's store (local or S3)."""
+        folder = configured_checkpoint_store(self.state.settings).open(self.row(path).storage_uri)
         return {f.name: f.read_bytes() for f in folder.iterdir() if f.name != MANIFEST}
+
+    def stored(self, uri: str) -> bool:
+        try:
+            configured_checkpoint_store(self.state.settings).open(uri)
+        except CheckpointCorrupt:  # no manifest: deleted
+            return False
+        return True
 
 
 def open_door(settings: Settings) -> Iterator[Door]:
@@ -230,7 +238,7 @@ def test_ttl_sets_and_clears_expiry_and_an_expired_checkpoint_is_gone_then_swept
     assert door.alice.put(rest_url(path, "/ttl"), json={"ttl_seconds": None}).status_code == 200
     assert "expires_at" not in door.alice.get("/api/v1/checkpoints").json()["checkpoints"][0]
 
-    folder = Path(door.row(path).storage_uri.removeprefix("file://"))
+    uri = door.row(path).storage_uri
     with door.state.transaction() as session:
         session.execute(
             update(Checkpoint).where(Checkpoint.tinker_path == path).values(expires_at=utcnow() - timedelta(seconds=1))
@@ -238,10 +246,10 @@ def test_ttl_sets_and_clears_expiry_and_an_expired_checkpoint_is_gone_then_swept
     assert error(door.alice.post("/api/v1/weights_info", json={"tinker_path": path}), 404)["code"] == "not_found"
     assert error(door.alice.put(rest_url(path, "/ttl"), json={"ttl_seconds": 7200}), 404)["code"] == "not_found"
     assert door.alice.get("/api/v1/checkpoints").json()["checkpoints"] == []
-    assert folder.exists()  # gone for clients, not yet swept
+    assert door.stored(uri)  # gone for clients, not yet swept
 
     assert sweep_expired_checkpoints(door.state.sessions) == 1
-    assert door.row(path) is None and not folder.exists()
+    assert door.row(path) is None and not door.stored(uri)
 
 
 # -- copy_weights -------------------------------------------------------------------------------------------------
