@@ -28,6 +28,7 @@ from api.responses import NonFiniteJSONResponse
 from api.routers import (
     aliases,
     auth,
+    copy_weights,
     custom_losses,
     downloads,
     futures,
@@ -37,6 +38,7 @@ from api.routers import (
     service,
     sessions,
     training,
+    usage,
 )
 from contract.catalogue_file import served_catalogue
 from contract.settings import Settings
@@ -85,7 +87,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     refusals.install(app)
     publish_schemas(app, training.RAW_BODY_MODELS)
     modules = (health, service, training, sampling, futures, rest, aliases, openai_router, sessions, auth, downloads)
-    for module in (*modules, custom_losses):
+    for module in (*modules, custom_losses, copy_weights, usage):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_body_bytes)
     app.add_middleware(RefuseContentEncoding)

@@ -50,12 +50,12 @@ class ErrorCode(StrEnum):
     REQUEST_TOO_LARGE = "request_too_large"
     """The request is well-formed but costs more than a worker of its base model can ever run (`api/admission.py`)."""
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    UNSUPPORTED = "unsupported"
+    """A Tinker feature a self-hosted Loom does not offer; the message says why."""
     INTERNAL = "internal_error"
     SERVICE_UNAVAILABLE = "service_unavailable"
     SESSION_FINISHED = "session_finished"
     """410: the session was finished (`ServiceClient.close()`); it takes no new work, its futures still resolve."""
-    UNSUPPORTED = "unsupported"
-    """A Tinker feature a self-hosted Loom cannot offer; the message says why."""
 
 
 class APIError(Exception):

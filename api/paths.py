@@ -1,14 +1,15 @@
 """`tinker://<run_id>/<weights|sampler_weights|external_weights>/<name>` paths: parsing and tenant-checked lookup.
 
-Limits: a checkpoint is readable by its owner, or by anyone once published (`public`); expired or uncommitted
-checkpoints answer 404 like missing ones.
+Limits: a checkpoint is readable by its owner, or by anyone once published (`public`), and changed (published, its
+TTL set, deleted, ...) by its owner only; expired or uncommitted checkpoints answer 404 like missing ones, and so
+does another tenant's checkpoint to anyone but a reader of a published one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from api.db.models import Checkpoint
@@ -50,12 +51,34 @@ def is_live(checkpoint: Checkpoint) -> bool:
     return checkpoint.committed and (checkpoint.expires_at is None or checkpoint.expires_at > utcnow())
 
 
+def live_checkpoint() -> ColumnElement[bool]:
+    """The checkpoints that exist for clients: committed, and not expired (an expired one awaits the sweep)."""
+    return Checkpoint.committed.is_(True) & (Checkpoint.expires_at.is_(None) | (Checkpoint.expires_at > utcnow()))
+
+
+def listed_checkpoint() -> ColumnElement[bool]:
+    """The checkpoints listings show (and usage counts): live, and not hidden (a sampling session's snapshot or a
+    recovery checkpoint)."""
+    return live_checkpoint() & Checkpoint.ephemeral.is_(False)
+
+
+def _checkpoint_at(path: TinkerPath) -> ColumnElement[bool]:
+    return (Checkpoint.run_id == path.run_id) & (Checkpoint.checkpoint_id == path.checkpoint_id) & live_checkpoint()
+
+
 def readable_checkpoint(session: Session, owner: str, path: TinkerPath) -> Checkpoint:
+    """The live checkpoint at `path` if `owner` may read it (it is theirs, or published); else 404."""
     checkpoint = session.scalar(
-        select(Checkpoint).where(Checkpoint.run_id == path.run_id, Checkpoint.checkpoint_id == path.checkpoint_id)
+        select(Checkpoint).where(_checkpoint_at(path), (Checkpoint.owner == owner) | Checkpoint.public.is_(True))
     )
-    visible = checkpoint is not None and (checkpoint.owner == owner or checkpoint.public)
-    live = visible and is_live(checkpoint)
-    if not live:
+    if checkpoint is None:
+        raise not_found(f"checkpoint {path} not found")
+    return checkpoint
+
+
+def owned_checkpoint(session: Session, owner: str, path: TinkerPath) -> Checkpoint:
+    """The live checkpoint at `path` if `owner` owns it (only the owner may change it, published or not); else 404."""
+    checkpoint = session.scalar(select(Checkpoint).where(_checkpoint_at(path), Checkpoint.owner == owner))
+    if checkpoint is None:
         raise not_found(f"checkpoint {path} not found")
     return checkpoint

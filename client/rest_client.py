@@ -11,7 +11,8 @@ Routes: ``GET /api/v1/training_runs[/{id}]``, ``GET
 ``POST /api/v1/weights_info``, ``GET /api/v1/samplers/{id}``,
 ``GET /api/v1/sessions[/{id}]``, ``POST /api/v1/sessions/search``, ``PUT
 /api/v1/sessions/{id}/project``, ``GET /api/v1/sessions/{id}/trace_export``,
-``GET /api/v1/auth/apikey/me``,
+``GET /api/v1/auth/apikey/me``, ``POST /api/v1/copy_weights``,
+``GET /api/v1/billing/usage/events``, ``GET /api/v1/billing/usage/checkpoints/current``,
 ``GET …/checkpoints/external_weights/{name}/external_weights_urls``. Checkpoint ids keep their kind segment
 (``weights/<name>``), put into URLs unescaped as tinker does. ``download_checkpoint`` fetches those signed
 URLs without the API key (they may point at an S3 bucket).
@@ -324,3 +325,74 @@ class RestClient:
 
     async def whoami_async(self) -> types.ApiKeySelfResponse:
         return await self._http.call_async(self._whoami())
+
+    async def _copy_weights(self, request: types.CopyWeightsRequest) -> str:
+        body = await self._http.post_json("/api/v1/copy_weights", request.to_wire())
+        return types.CopyWeightsResponse.model_validate(body).tinker_path
+
+    def copy_weights(
+        self,
+        path: str,
+        destination_project_id: str | None = None,
+        *,
+        session_id: str | None = None,
+        model_seq_id: int | None = None,
+        ttl_seconds: int | None = None,
+    ) -> APIFuture[str]:
+        """Copy a checkpoint you can read into a new one you own; the future holds the copy's tinker path. The copy
+        lands in a new session of project ``destination_project_id``, or as run ``model_seq_id`` of your session
+        ``session_id``. Retries of one call never copy twice (one idempotency key for all of them)."""
+        request = types.CopyWeightsRequest(
+            source_path=path,
+            destination_project_id=destination_project_id,
+            session_id=session_id,
+            model_seq_id=model_seq_id,
+            ttl_seconds=ttl_seconds,
+        )
+        return self._future(self._copy_weights(request), "CopyWeights")
+
+    async def copy_weights_async(
+        self,
+        path: str,
+        destination_project_id: str | None = None,
+        *,
+        session_id: str | None = None,
+        model_seq_id: int | None = None,
+        ttl_seconds: int | None = None,
+    ) -> str:
+        return await self.copy_weights(
+            path, destination_project_id, session_id=session_id, model_seq_id=model_seq_id, ttl_seconds=ttl_seconds
+        )
+
+    async def _billing_usage(self, window: types.GetBillingUsageRequest) -> types.BillingUsageResponse:
+        body = await self._http.get_json("/api/v1/billing/usage/events", window.to_wire())
+        return types.BillingUsageResponse.model_validate(body)
+
+    def get_billing_usage(
+        self, starting_on: datetime | str, ending_before: datetime | str
+    ) -> APIFuture[types.BillingUsageResponse]:
+        """Your usage in [starting_on, ending_before) (whole UTC hours, at most 14 days), hour by hour."""
+        window = types.GetBillingUsageRequest.model_validate(
+            {"starting_on": starting_on, "ending_before": ending_before}
+        )
+        return self._future(self._billing_usage(window), "GetBillingUsage")
+
+    async def get_billing_usage_async(
+        self, starting_on: datetime | str, ending_before: datetime | str
+    ) -> types.BillingUsageResponse:
+        return await self.get_billing_usage(starting_on, ending_before)
+
+    async def _checkpoint_storage(self, project_id: str | None) -> types.CurrentCheckpointStorageUsageResponse:
+        body = await self._http.get_json("/api/v1/billing/usage/checkpoints/current", {"project_id": project_id})
+        return types.CurrentCheckpointStorageUsageResponse.model_validate(body)
+
+    def get_current_checkpoint_storage_usage(
+        self, project_id: str | None = None
+    ) -> APIFuture[types.CurrentCheckpointStorageUsageResponse]:
+        """How many checkpoints you store now and their bytes, per project (only ``project_id``'s, if given)."""
+        return self._future(self._checkpoint_storage(project_id), "GetCheckpointStorageUsage")
+
+    async def get_current_checkpoint_storage_usage_async(
+        self, project_id: str | None = None
+    ) -> types.CurrentCheckpointStorageUsageResponse:
+        return await self.get_current_checkpoint_storage_usage(project_id)

@@ -7,9 +7,11 @@ torn or tampered checkpoint is refused rather than served (`verified_file` check
 route). URIs are `file://` paths.
 
 `CheckpointStore` is what the engine needs of any backend; `open_checkpoint_store(location)` picks one
-(`s3://bucket/prefix` → `contract.checkpoint_s3.S3CheckpointStore`, anything else → a local root folder) and
-`delete_checkpoint_uri` deletes a checkpoint given either kind of URI. Workers write and read checkpoints; the API
-deletes them and `loom gc` sweeps what no database row names, so the store lives in the contract both sides share.
+(`s3://bucket/prefix` → `contract.checkpoint_s3.S3CheckpointStore`, anything else → a local root folder),
+`configured_checkpoint_store(settings)` opens the deployment's, and `delete_checkpoint_uri` deletes a checkpoint
+given either kind of URI (`discard_checkpoint_uris`: several, best effort, for files no database row names any
+more). Workers write and read checkpoints; the API copies and deletes them and `loom gc` sweeps what no database
+row names, so the store lives in the contract both sides share.
 
 Limits: this backend is local-filesystem only (S3 lives in `contract/checkpoint_s3.py`, imported only when used,
 so boto3 is needed only where an `s3://` location is configured).
@@ -19,15 +21,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from contract.settings import Settings
 
 MANIFEST = "manifest.json"
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointCorrupt(RuntimeError):
@@ -166,6 +174,13 @@ def open_checkpoint_store(
     return LocalCheckpointStore(Path(text.removeprefix("file://")))
 
 
+def configured_checkpoint_store(settings: Settings) -> CheckpointStore:
+    """The deployment's checkpoint store (a local folder, or S3 with a local cache of verified downloads)."""
+    return open_checkpoint_store(
+        settings.checkpoint_url, settings.checkpoint_cache_dir, settings.checkpoint_cache_bytes
+    )
+
+
 def delete_checkpoint_uri(uri: str) -> None:
     """Delete a checkpoint's stored files, wherever its URI points (`file://` or `s3://`)."""
     if uri.startswith("s3://"):
@@ -174,3 +189,13 @@ def delete_checkpoint_uri(uri: str) -> None:
         delete_s3_uri(uri)
     else:
         LocalCheckpointStore.delete_uri(uri)
+
+
+def discard_checkpoint_uris(uris: Iterable[str]) -> None:
+    """Delete the stored files of checkpoints no row names any more, best effort: a failure is logged and the
+    files are left to `loom gc` (which removes stored files no committed row names)."""
+    for uri in uris:
+        try:
+            delete_checkpoint_uri(uri)
+        except Exception:
+            log.warning("could not delete checkpoint files %s (left to loom gc)", uri, exc_info=True)

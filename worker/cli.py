@@ -17,14 +17,14 @@ import signal
 import threading
 from datetime import timedelta
 
-from api.db.checkpoints import committed_uris, delete_expired
+from api.db.checkpoints import committed_uris, sweep_expired_checkpoints
 from api.db.session import make_engine, make_session_factory, upgrade_to_head
 from contract.catalogue import BaseModelEntry
 from contract.catalogue_file import CatalogueError, served_catalogue
-from contract.checkpoint_store import delete_checkpoint_uri
+from contract.checkpoint_store import configured_checkpoint_store
 from contract.settings import Settings, load_settings
 from worker.engine import Engine
-from worker.service import checkpoint_store, start_workers
+from worker.service import start_workers
 
 
 def _progress(message: str) -> None:
@@ -39,7 +39,7 @@ def _zero3_engine(entries: list[BaseModelEntry], settings: Settings, role: str) 
         raise SystemExit("loom worker --zero3 serves exactly one base model (set LOOM_BASE_MODELS) with --role train")
     engine, leader = sharded_engine(
         entries[0],
-        checkpoint_store(settings),
+        configured_checkpoint_store(settings),
         settings.recovery_every,
         settings.train_token_budget,
         settings.model_cache_dir,
@@ -91,14 +91,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
     upgrade_to_head(settings.database_url)
     sessions = make_session_factory(make_engine(settings.database_url))
+    expired = sweep_expired_checkpoints(sessions)
     with sessions.begin() as session:
-        expired = delete_expired(session)
         committed = committed_uris(session)
-    for uri in expired:
-        delete_checkpoint_uri(uri)
-    report = checkpoint_store(settings).gc(committed, timedelta(hours=args.grace_hours))
+    report = configured_checkpoint_store(settings).gc(committed, timedelta(hours=args.grace_hours))
     print(
-        f"[loom gc] {len(expired)} expired checkpoint(s) deleted; {len(report.deleted)} orphaned object(s) removed; "
+        f"[loom gc] {expired} expired checkpoint(s) deleted; {len(report.deleted)} orphaned object(s) removed; "
         f"{len(report.aborted_uploads)} stale multipart upload(s) aborted",
         flush=True,
     )

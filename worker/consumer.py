@@ -5,7 +5,9 @@ One `Consumer` serves one base model. Each tick claims every ready job (up to `b
 transaction, executes them (outside any transaction), then records all results, checkpoint rows and failures
 in a second transaction guarded by the lease fencing tokens, and finally calls `on_finished` with the ids so
 waiting long-polls wake at once. Leases outlive a tick comfortably; expired leases of a crashed worker are
-requeued by `release_expired_leases` on every idle pass.
+requeued by `release_expired_leases` on every idle pass, and idle passes also delete checkpoints whose TTL passed
+(`sweep_expired_checkpoints`: every deployment runs this loop, so expired checkpoints leave the store without an
+operator running `loom gc`).
 
 The same loop runs in a thread of the embedded server (`loom serve`) and in a standalone `loom worker`
 process; a Celery task can call `tick()` unchanged.
@@ -37,7 +39,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db.checkpoints import CheckpointNameTaken, record_checkpoint
+from api.db.checkpoints import CheckpointNameTaken, record_checkpoint, sweep_expired_checkpoints
 from api.db.jobs import (
     claim_ready_jobs,
     complete_job,
@@ -48,7 +50,7 @@ from api.db.jobs import (
 from api.db.models import ErrorCategory
 from api.db.session import database_unavailable
 from api.db.types import utcnow
-from contract.checkpoint_store import CheckpointCorrupt, delete_checkpoint_uri
+from contract.checkpoint_store import CheckpointCorrupt, discard_checkpoint_uris
 from contract.jobs import ClaimedJob, JobKind, result_json
 from worker.checkpoint_io import CheckpointFormatError
 from worker.engine import Engine
@@ -197,7 +199,7 @@ class Consumer:
             try:
                 with self.session_factory.begin() as session:
                     recorded = record_outcomes(session, outcomes)
-                self._delete_stored(recorded.retired_uris)
+                discard_checkpoint_uris(recorded.retired_uris)
                 return recorded.written
             except Exception:
                 if time.monotonic() + delay > deadline:
@@ -205,15 +207,6 @@ class Consumer:
                 log.warning("recording %d outcome(s) failed; retrying in %.1fs", len(outcomes), delay, exc_info=True)
                 time.sleep(delay)
                 delay = min(2 * delay, 5.0)
-
-    @staticmethod
-    def _delete_stored(uris: Sequence[str]) -> None:
-        """Best effort: a file left behind has no row, so `loom gc` removes it later."""
-        for uri in uris:
-            try:
-                delete_checkpoint_uri(uri)
-            except Exception:
-                log.warning("could not delete retired checkpoint files %s (left to loom gc)", uri, exc_info=True)
 
     def _restore_stale_runs(self, jobs: Sequence[ClaimedJob]) -> set[str]:
         """Rebuild every run whose chain would start on absent or stale state; returns the runs that could not
@@ -258,12 +251,15 @@ class Consumer:
         with self.session_factory.begin() as session:
             return release_expired_leases(session, utcnow(), max_attempts=self.max_attempts)
 
-    def run_forever(self, stop: threading.Event, idle_wait: float = 1.0, recover_every: float = 5.0) -> None:
+    def run_forever(
+        self, stop: threading.Event, idle_wait: float = 1.0, recover_every: float = 5.0, sweep_every: float = 60.0
+    ) -> None:
         """Tick until `stop` is set; between empty ticks sleep until `wake` is set or `idle_wait` passes. Expired
         leases are recovered on an idle pass at most every `recover_every` seconds (a write transaction each time,
-        which would otherwise contend with submissions for SQLite's write lock after every job)."""
+        which would otherwise contend with submissions for SQLite's write lock after every job), and checkpoints
+        whose TTL passed are deleted (rows and files) on an idle pass at most every `sweep_every` seconds."""
         log.info("worker %s serving %s", self.worker_id, self.base_model)
-        next_recovery = 0.0
+        next_recovery = next_sweep = 0.0
         while not stop.is_set():
             self.wake.clear()
             try:
@@ -271,6 +267,11 @@ class Consumer:
                 if handled == 0 and time.monotonic() >= next_recovery:
                     self.recover()
                     next_recovery = time.monotonic() + recover_every
+                if handled == 0 and time.monotonic() >= next_sweep:
+                    swept = sweep_expired_checkpoints(self.session_factory)
+                    if swept:
+                        log.info("deleted %d expired checkpoint(s)", swept)
+                    next_sweep = time.monotonic() + sweep_every
             except Exception:  # the database may be briefly unavailable; never let the loop die
                 log.exception("worker tick failed")
                 handled = 0

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session, sessionmaker
 
 from contract.catalogue import BaseModelEntry
-from contract.checkpoint_store import CheckpointStore, open_checkpoint_store
+from contract.checkpoint_store import CheckpointStore, configured_checkpoint_store
 from contract.settings import TRAIN_PASSES_PER_TICK, Settings
 from worker.consumer import Consumer
 from worker.engine import Engine
@@ -44,13 +44,6 @@ class WorkerHandle:
         self.consumer.wake.set()
         self.thread.join(timeout)
         self.consumer.engine.close()
-
-
-def checkpoint_store(settings: Settings) -> CheckpointStore:
-    """The deployment's checkpoint store (a local folder, or S3 with a local cache of verified downloads)."""
-    return open_checkpoint_store(
-        settings.checkpoint_url, settings.checkpoint_cache_dir, settings.checkpoint_cache_bytes
-    )
 
 
 def build_engine(
@@ -100,7 +93,7 @@ def start_workers(
     deltas of streaming OpenAI requests. `worker_id` names this process in leases and placements (default: one id
     per model thread); `role` and `sticky` are passed to the consumers. `engines`: engines built by the caller, by
     base model name (a ZeRO-3 `LockstepEngine`); the rest are built here."""
-    store = checkpoint_store(settings)
+    store = configured_checkpoint_store(settings)
     handles: dict[str, WorkerHandle] = {}
     for entry in entries:
         engine = (engines or {}).get(entry.name)

@@ -8,18 +8,21 @@ never collides with its own leftovers. Recovery checkpoints (`recovery/<seq_id>`
 (`worker/run_recovery.py`); only the newest one per run is kept.
 
 Like the job store, every function works inside the caller's transaction and never commits; deleting the stored
-files a removed row pointed at is the caller's job, after its commit (`contract/checkpoint_store.py`).
+files a removed row pointed at is the caller's job, after its commit (`contract/checkpoint_store.py`). The one
+exception is `sweep_expired_checkpoints`, the whole periodic sweep of checkpoints whose TTL passed (rows in a
+transaction of its own, then their files), which the workers' idle pass and `loom gc` run.
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from sqlalchemy import ColumnElement, delete, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from api.db.models import Checkpoint, CheckpointKind
 from api.db.types import utcnow
+from contract.checkpoint_store import discard_checkpoint_uris
 
 RECOVERY_PREFIX = "recovery/"
 
@@ -48,6 +51,8 @@ class CheckpointRecord:
     ephemeral: bool
     overwrite: bool = False
     """Replace a checkpoint recorded under the same id (else `record_checkpoint` raises `CheckpointNameTaken`)."""
+    user_metadata: dict[str, str] = field(default_factory=dict)
+    """What the checkpoint's listing shows about it (a copy names its source)."""
 
 
 def record_checkpoint(session: Session, record: CheckpointRecord) -> list[str]:
@@ -76,6 +81,7 @@ def record_checkpoint(session: Session, record: CheckpointRecord) -> list[str]:
             expires_at=expires,
             committed=True,
             ephemeral=record.ephemeral,
+            user_metadata=record.user_metadata,
         )
     )
     if not record.checkpoint_id.startswith(RECOVERY_PREFIX):
@@ -119,6 +125,15 @@ def delete_expired(session: Session) -> Sequence[str]:
     return session.scalars(
         delete(Checkpoint).where(Checkpoint.expires_at < utcnow()).returning(Checkpoint.storage_uri)
     ).all()
+
+
+def sweep_expired_checkpoints(sessions: sessionmaker[Session]) -> int:
+    """Delete every checkpoint whose TTL has passed: the rows in one transaction, then their stored files (best
+    effort: files a failure leaves behind have no row, so `loom gc` removes them). Returns how many went."""
+    with sessions.begin() as session:
+        uris = delete_expired(session)
+    discard_checkpoint_uris(uris)
+    return len(uris)
 
 
 def committed_uris(session: Session) -> list[str]:

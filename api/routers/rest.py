@@ -1,27 +1,45 @@
 """Run and checkpoint management (Tinker's RestClient surface): weights_info, training runs, checkpoints.
 
-Everything is scoped to the caller's tenant; published checkpoints are readable by everyone through
-`weights_info`.
+Everything is scoped to the caller's tenant: runs and checkpoints are listed for their owner only, and only the
+owner may delete a checkpoint, publish or unpublish it, or set its TTL (anyone else gets the 404 of a missing one).
+A published checkpoint is readable by every tenant (`weights_info`, sampling, `load_weights`, OpenAI model names:
+see `api/paths.py`). Unpublishing takes that back at once: another tenant's sampling session on it answers 404 from
+its next sample on (samples already queued finish, since they carry the weights' location), while a run another
+tenant already created from it (`load_weights`) keeps the weights it loaded.
+
+TTL: `PUT .../ttl` sets `expires_at` to now + `ttl_seconds` (3600 s to 10 years) or clears it (`null`). An expired
+checkpoint is gone for clients at once (404, left out of listings); its row and files are deleted by the workers'
+idle sweep and by `loom gc` (`api.db.checkpoints.sweep_expired_checkpoints`).
 
 Limits: list endpoints use offset/limit pagination, `limit` in [1, MAX_PAGE_SIZE] and `offset` a non-negative 64-bit
 integer (anything else is a 400 naming the parameter); checkpoint deletion removes the files and the row at once.
+Hidden checkpoints (a sampling session's snapshot, recovery checkpoints) are never listed.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from sqlalchemy import func, select
 
 from api.db.models import Checkpoint, ClientSession, TrainingRun
+from api.db.types import utcnow
 from api.deps import State, Tenant, owned_run
-from api.errors import not_found
-from api.paths import parse_tinker_path, readable_checkpoint
+from api.errors import APIError, ErrorCode
+from api.paths import TinkerPath, listed_checkpoint, owned_checkpoint, parse_tinker_path, readable_checkpoint
 from api.session_records import in_projects
 from contract.checkpoint_store import delete_checkpoint_uri
 from loom.types import Checkpoint as WireCheckpoint
-from loom.types import CheckpointsListResponse, Cursor, TrainingRunsResponse, WeightsInfoRequest, WeightsInfoResponse
+from loom.types import (
+    CheckpointsListResponse,
+    Cursor,
+    SetCheckpointTtlRequest,
+    TrainingRunsResponse,
+    WeightsInfoRequest,
+    WeightsInfoResponse,
+)
 from loom.types import TrainingRun as WireTrainingRun
 from loom.types.limits import INT64_MAX, MAX_PAGE_SIZE
 
@@ -39,6 +57,7 @@ def _checkpoint(c: Checkpoint) -> WireCheckpoint:
         tinker_path=c.tinker_path,
         size_bytes=c.size_bytes,
         public=c.public,
+        user_metadata={k: str(v) for k, v in (c.user_metadata or {}).items()} or None,
         expires_at=c.expires_at,
     )
 
@@ -47,7 +66,7 @@ def _run(session, run: TrainingRun) -> WireTrainingRun:
     def last(kind: str) -> WireCheckpoint | None:
         c = session.scalar(
             select(Checkpoint)
-            .where(Checkpoint.run_id == run.id, Checkpoint.kind == kind, Checkpoint.ephemeral.is_(False))
+            .where(Checkpoint.run_id == run.id, Checkpoint.kind == kind, listed_checkpoint())
             .order_by(Checkpoint.created_at.desc())
             .limit(1)
         )
@@ -110,25 +129,75 @@ def list_checkpoints(run_id: str, state: State, owner: Tenant) -> dict[str, Any]
     with state.reading() as session:
         owned_run(session, owner, run_id)
         rows = session.scalars(
-            select(Checkpoint)
-            .where(Checkpoint.run_id == run_id, Checkpoint.ephemeral.is_(False))
-            .order_by(Checkpoint.created_at)
+            select(Checkpoint).where(Checkpoint.run_id == run_id, listed_checkpoint()).order_by(Checkpoint.created_at)
         ).all()
     return CheckpointsListResponse(checkpoints=[_checkpoint(c) for c in rows]).to_wire()
 
 
+@router.get("/checkpoints")
+def list_user_checkpoints(state: State, owner: Tenant, limit: PageSize = 100, offset: PageOffset = 0) -> dict[str, Any]:
+    """The caller's checkpoints across all their runs, newest first."""
+    mine = (Checkpoint.owner == owner) & listed_checkpoint()
+    with state.reading() as session:
+        total = session.scalar(select(func.count()).select_from(Checkpoint).where(mine))
+        rows = session.scalars(
+            select(Checkpoint)
+            .where(mine)
+            .order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc())
+            .offset(offset)
+            .limit(limit)
+        ).all()
+    return CheckpointsListResponse(
+        checkpoints=[_checkpoint(c) for c in rows], cursor=Cursor(offset=offset, limit=limit, total_count=total or 0)
+    ).to_wire()
+
+
+def _path(run_id: str, kind: str, name: str) -> TinkerPath:
+    """The checkpoint a REST URL names (`.../checkpoints/<kind>/<name>`, the SDK's checkpoint id unescaped)."""
+    return parse_tinker_path(f"tinker://{run_id}/{kind}/{name}", "checkpoint_id")
+
+
 @router.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}")
 def delete_checkpoint(run_id: str, kind: str, name: str, state: State, owner: Tenant) -> dict[str, Any]:
+    path = _path(run_id, kind, name)
     with state.transaction() as session:
-        owned_run(session, owner, run_id)
-        row = session.scalar(
-            select(Checkpoint).where(
-                Checkpoint.run_id == run_id, Checkpoint.checkpoint_id == f"{kind}/{name}", Checkpoint.owner == owner
-            )
-        )
-        if row is None:
-            raise not_found(f"checkpoint tinker://{run_id}/{kind}/{name} not found")
+        row = owned_checkpoint(session, owner, path)
         uri = row.storage_uri
         session.delete(row)
     delete_checkpoint_uri(uri)
-    return {"deleted": f"tinker://{run_id}/{kind}/{name}"}
+    return {"deleted": str(path)}
+
+
+def _set_public(run_id: str, kind: str, name: str, state: State, owner: str, public: bool) -> dict[str, Any]:
+    path = _path(run_id, kind, name)
+    with state.transaction() as session:
+        row = owned_checkpoint(session, owner, path)
+        if row.public == public:
+            already = "public" if public else "private"
+            raise APIError(409, ErrorCode.CONFLICT, f"checkpoint {path} is already {already}", "checkpoint_id")
+        row.public = public
+        return _checkpoint(row).to_wire()
+
+
+@router.post("/training_runs/{run_id}/checkpoints/{kind}/{name}/publish")
+def publish_checkpoint(run_id: str, kind: str, name: str, state: State, owner: Tenant) -> dict[str, Any]:
+    """Make the checkpoint readable by every tenant (409 if it already is)."""
+    return _set_public(run_id, kind, name, state, owner, True)
+
+
+@router.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}/publish")
+def unpublish_checkpoint(run_id: str, kind: str, name: str, state: State, owner: Tenant) -> dict[str, Any]:
+    """Make the checkpoint private again (409 if it is not published)."""
+    return _set_public(run_id, kind, name, state, owner, False)
+
+
+@router.put("/training_runs/{run_id}/checkpoints/{kind}/{name}/ttl")
+def set_checkpoint_ttl(
+    run_id: str, kind: str, name: str, body: SetCheckpointTtlRequest, state: State, owner: Tenant
+) -> dict[str, Any]:
+    """Expire the checkpoint `ttl_seconds` from now, or never (`null`)."""
+    path = _path(run_id, kind, name)
+    with state.transaction() as session:
+        row = owned_checkpoint(session, owner, path)
+        row.expires_at = None if body.ttl_seconds is None else utcnow() + timedelta(seconds=body.ttl_seconds)
+        return _checkpoint(row).to_wire()

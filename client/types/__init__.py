@@ -9,9 +9,10 @@ Modules:
 - :mod:`.sampling`     SamplingParams, sampling sessions, SampleRequest/Response
 - :mod:`.service`      sessions, heartbeat, capabilities, health, client config, telemetry
 - :mod:`.futures`      UntypedAPIFuture and the retrieve_future protocol
-- :mod:`.rest`         training runs, checkpoints, weights_info, samplers, sessions
+- :mod:`.rest`         training runs, checkpoints, weights_info, samplers, sessions, copy_weights
 - :mod:`.sessions`     session finish/search/project/trace export, cancel_future, the calling API key
 - :mod:`.custom_loss`  create_custom_loss: a traced loss graph as data
+- :mod:`.usage`        billing usage events, current checkpoint storage
 
 Every model ignores unknown keys (forward compatibility) and serialises with
 ``model.to_wire()`` (JSON mode, ``None`` left out), as the SDK does.
@@ -60,6 +61,8 @@ from .rest import (
     CheckpointArchiveUrlResponse,
     CheckpointsListResponse,
     CheckpointType,
+    CopyWeightsRequest,
+    CopyWeightsResponse,
     Cursor,
     ExternalWeightsUrlsResponse,
     GetSamplerResponse,
@@ -144,6 +147,20 @@ from .training import (
     SaveWeightsResponse,
     UnloadModelRequest,
     UnloadModelResponse,
+)
+from .usage import (
+    BillingEventInfo,
+    BillingUsageEvent,
+    BillingUsageResponse,
+    BillingUsageSession,
+    CheckpointBillingEvent,
+    CurrentCheckpointStorageUsageItem,
+    CurrentCheckpointStorageUsageResponse,
+    GetBillingUsageRequest,
+    SamplingPrefillBillingEvent,
+    SamplingSampleBillingEvent,
+    StorageBillingEvent,
+    TrainingBillingEvent,
 )
 
 __all__ = [
@@ -260,4 +277,18 @@ __all__ = [
     "SessionSummary",
     "SessionTraceExportResponse",
     "AuthTokenRequest",
+    "BillingEventInfo",
+    "BillingUsageEvent",
+    "BillingUsageResponse",
+    "BillingUsageSession",
+    "CheckpointBillingEvent",
+    "CopyWeightsRequest",
+    "CopyWeightsResponse",
+    "CurrentCheckpointStorageUsageItem",
+    "CurrentCheckpointStorageUsageResponse",
+    "GetBillingUsageRequest",
+    "SamplingPrefillBillingEvent",
+    "SamplingSampleBillingEvent",
+    "StorageBillingEvent",
+    "TrainingBillingEvent",
 ]

@@ -4,7 +4,8 @@ Role: responses of ``GET /api/v1/training_runs[/{id}]``,
 ``GET /api/v1/training_runs/{id}/checkpoints``, ``GET /api/v1/checkpoints``,
 ``POST /api/v1/weights_info``, ``GET /api/v1/samplers/{id}``,
 ``GET /api/v1/sessions[/{id}]``, the checkpoint archive / TTL endpoints and
-``GET …/checkpoints/external_weights/{name}/external_weights_urls``.
+``GET …/checkpoints/external_weights/{name}/external_weights_urls`` and
+``POST /api/v1/copy_weights``.
 
 Checkpoint paths: ``tinker://<training_run_id>/weights/<name>`` (training
 state), ``…/sampler_weights/<name>`` (sampler weights), ``…/external_weights/…``.
@@ -20,7 +21,7 @@ from typing import Literal
 from pydantic import Field
 
 from ._base import WireModel
-from .bounded import TtlSeconds
+from .bounded import Count64, TtlSeconds
 from .sessions import SessionStatus
 from .training import OptimizerConfig
 
@@ -149,3 +150,20 @@ class ExternalWeightsUrlsResponse(WireModel):
     """A signed download URL per file, keyed by the file's path relative to the checkpoint root."""
     expires: datetime
     """When the URLs stop working (ask again for fresh ones)."""
+
+
+class CopyWeightsRequest(WireModel):
+    """Copy ``source_path`` into a new checkpoint of the caller: in a new session of project
+    ``destination_project_id``, or as run ``<session_id>:train:<model_seq_id>`` of one of the caller's sessions."""
+
+    source_path: str
+    destination_project_id: str | None = None
+    session_id: str | None = None
+    model_seq_id: Count64 | None = None
+    ttl_seconds: TtlSeconds | None = None
+    """The copy's time-to-live (the source's expiry is not inherited); ``None`` = never expires."""
+    weights_access_token: str | None = None
+
+
+class CopyWeightsResponse(WireModel):
+    tinker_path: str

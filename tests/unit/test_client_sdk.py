@@ -13,6 +13,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -702,3 +703,62 @@ def test_rest_session_methods(server: FakeServer, service: loom.ServiceClient) -
     assert server.bodies("/api/v1/sessions/sess/project") == [{"project_id": "p2"}]
     assert rest.export_session_trace("sess").result().status == "ready"
     assert rest.whoami().result().tenant == "alice"
+
+
+def test_copy_weights_keeps_one_idempotency_key_across_retries(server: FakeServer, service: loom.ServiceClient) -> None:
+    attempts = iter([httpx.Response(503, json={"detail": "busy"})])
+
+    def copy(request: httpx.Request, body: dict) -> httpx.Response:
+        return next(attempts, None) or httpx.Response(200, json={"tinker_path": "tinker://copy:train:0/weights/a"})
+
+    server.hooks["/api/v1/copy_weights"] = copy
+    rest = service.create_rest_client()
+    path = rest.copy_weights("tinker://r/weights/a", "proj", ttl_seconds=7200).result(timeout=10)
+    assert path == "tinker://copy:train:0/weights/a"
+    calls = server.calls("/api/v1/copy_weights")
+    assert len(calls) == 2 and len({c.headers["X-Idempotency-Key"] for c in calls}) == 1
+    assert server.bodies("/api/v1/copy_weights")[0] == {
+        "source_path": "tinker://r/weights/a",
+        "destination_project_id": "proj",
+        "ttl_seconds": 7200,
+    }
+    slot = asyncio.run(rest.copy_weights_async("tinker://r/weights/a", session_id="sess", model_seq_id=3))
+    assert slot == path
+    assert server.bodies("/api/v1/copy_weights")[-1] == {
+        "source_path": "tinker://r/weights/a",
+        "session_id": "sess",
+        "model_seq_id": 3,
+    }
+
+
+def test_usage_queries(server: FakeServer, service: loom.ServiceClient) -> None:
+    usage = {
+        "data": [
+            {
+                "bucket_start": "2026-07-13T00:00:00Z",
+                "bucket_end": "2026-07-13T01:00:00Z",
+                "base_model": "tiny",
+                "event_info": {"type": "sampling_prefill", "cached": True, "token_count": 5},
+            }
+        ],
+        "sessions": {"s": {"user_metadata": {"a": "b"}}},
+    }
+    storage = {"data": [{"project_id": "p", "checkpoint_count": 2, "size_bytes": 10, "size_gigabytes": 1e-8}]}
+    server.hooks["/api/v1/billing/usage/events"] = lambda req, body: httpx.Response(200, json=usage)
+    server.hooks["/api/v1/billing/usage/checkpoints/current"] = lambda req, body: httpx.Response(200, json=storage)
+    rest = service.create_rest_client()
+
+    got = rest.get_billing_usage("2026-07-13T00:00:00Z", datetime(2026, 7, 14, tzinfo=UTC)).result(timeout=10)
+    assert isinstance(got.data[0].event_info, types.SamplingPrefillBillingEvent) and got.data[0].event_info.cached
+    assert got.sessions["s"].user_metadata == {"a": "b"}
+    params = server.calls("/api/v1/billing/usage/events")[0].url.params
+    assert (params["starting_on"], params["ending_before"]) == ("2026-07-13T00:00:00Z", "2026-07-14T00:00:00Z")
+    with pytest.raises(ValueError):
+        rest.get_billing_usage("not a time", "2026-07-14T00:00:00Z")
+
+    current = asyncio.run(rest.get_current_checkpoint_storage_usage_async("p"))
+    assert current.data[0].checkpoint_count == 2 and current.effective_rate_usd_per_gigabyte_month is None
+    assert server.calls("/api/v1/billing/usage/checkpoints/current")[0].url.params["project_id"] == "p"
+    rest.get_current_checkpoint_storage_usage().result(timeout=10)
+    assert "project_id" not in server.calls("/api/v1/billing/usage/checkpoints/current")[1].url.params
+    assert not server.calls("/api/v1/create_session")

@@ -141,6 +141,18 @@ def test_forward_backward_request_accepts_flat_and_forward_shapes() -> None:
         ),
         (T.FutureRetrieveRequest(request_id="r", allow_metadata_only=True), L.FutureRetrieveRequest),
         (T.ClientConfigRequest(sdk_version="0.38.0"), L.ClientConfigRequest),
+        (
+            T.CopyWeightsRequest(source_path="tinker://r/weights/a", destination_project_id="p", ttl_seconds=3600),
+            L.CopyWeightsRequest,
+        ),
+        (
+            T.CopyWeightsRequest(source_path="tinker://r/weights/a", session_id="s", model_seq_id=2),
+            L.CopyWeightsRequest,
+        ),
+        (
+            T.GetBillingUsageRequest(starting_on="2026-07-13T00:00:00Z", ending_before="2026-07-14T00:00:00Z"),
+            L.GetBillingUsageRequest,
+        ),
     ],
 )
 def test_tinker_requests_round_trip(tinker_obj, ours) -> None:
@@ -204,6 +216,58 @@ def test_adam_defaults_match_tinker() -> None:
             ),
             T.TrainingRunsResponse,
         ),
+        (L.CopyWeightsResponse(tinker_path="tinker://c:train:0/weights/a"), T.CopyWeightsResponse),
+        (
+            L.CheckpointsListResponse(
+                checkpoints=[
+                    L.Checkpoint(
+                        checkpoint_id="weights/a",
+                        checkpoint_type="training",
+                        time="2026-01-01T00:00:00Z",
+                        tinker_path="tinker://r/weights/a",
+                        size_bytes=12,
+                        public=True,
+                        user_metadata={"copied_from": "tinker://s/weights/a"},
+                    )
+                ],
+                cursor=L.Cursor(offset=0, limit=100, total_count=1),
+            ),
+            T.CheckpointsListResponse,
+        ),
+        (
+            L.BillingUsageResponse(
+                data=[
+                    L.BillingUsageEvent(
+                        bucket_start="2026-07-13T00:00:00Z",
+                        bucket_end="2026-07-13T01:00:00Z",
+                        base_model="b",
+                        user_id="alice",
+                        session_id="s",
+                        project_id="p",
+                        event_info=info,
+                    )
+                    for info in (
+                        L.TrainingBillingEvent(token_count=3),
+                        L.SamplingPrefillBillingEvent(cached=True, token_count=4),
+                        L.SamplingSampleBillingEvent(token_count=5),
+                        L.CheckpointBillingEvent(count=1),
+                        L.StorageBillingEvent(gigabyte_hours=0.5),
+                    )
+                ],
+                sessions={"s": L.BillingUsageSession(user_metadata={"a": "b"})},
+            ),
+            T.BillingUsageResponse,
+        ),
+        (
+            L.CurrentCheckpointStorageUsageResponse(
+                data=[
+                    L.CurrentCheckpointStorageUsageItem(
+                        project_id="p", org_user_urn="alice", checkpoint_count=2, size_bytes=10, size_gigabytes=1e-8
+                    )
+                ]
+            ),
+            T.CurrentCheckpointStorageUsageResponse,
+        ),
     ],
 )
 def test_tinker_parses_our_responses(ours, theirs) -> None:
@@ -213,7 +277,8 @@ def test_tinker_parses_our_responses(ours, theirs) -> None:
     # every field tinker knows reads back as we sent it (flags it lacks are ignored)
     common = set(wire) & set(dumped)
     assert common, "no overlap with tinker's model"
-    if not isinstance(parsed, T.TrainingRunsResponse):  # datetimes re-serialise differently
+    with_datetimes = (T.TrainingRunsResponse, T.CheckpointsListResponse, T.BillingUsageResponse)
+    if not isinstance(parsed, with_datetimes):  # datetimes re-serialise differently
         assert {k: dumped[k] for k in common} == {k: wire[k] for k in common}
 
 
