@@ -245,12 +245,13 @@ def test_mixed_tick_equals_run_alone_in_fresh_engine(world, alone):
     assert any(".experts." in k for k in tm) and any("lm_head" in k for k in tm)
     moved = 0.0
     for k in tm:
-        # Adam's first step moves each element by lr·g/(|g|+eps): where a gradient sits at float-noise level (rare
-        # vocabulary rows of lm_head's B), the summation order of a mixed batch alone changes that; allow it on at
-        # most 0.01% of the elements and by at most 1% of the learning rate.
+        # Adam's first step moves each element by lr·g/(|g|+eps), about ±lr whatever |g| is: where a gradient is a
+        # float32 cancellation residue (rare vocabulary rows of lm_head's B, |g| ~ 1e-7), the summation order of a
+        # mixed batch alone can flip its sign, moving that element by up to 2·lr. Allow that on at most 0.01% of the
+        # elements; every other element must agree to 1e-5.
         off = (tm[k] - ta[k]).abs()
         assert (
-            float(off.max()) <= 0.01 * ADAM.adam.learning_rate and int((off > 1e-5).sum()) <= off.numel() // 10_000
+            float(off.max()) <= 2 * ADAM.adam.learning_rate and int((off > 1e-5).sum()) <= off.numel() // 10_000
         ), k
         if "lora_B" in k:
             moved = max(moved, float(tm[k].abs().max()))
