@@ -25,7 +25,7 @@ from api.openai_compat import router as openai_router
 from api.openapi import publish_schemas
 from api.queue import PollingQueue
 from api.responses import NonFiniteJSONResponse
-from api.routers import aliases, futures, health, rest, sampling, service, training
+from api.routers import aliases, futures, health, hub, rest, sampling, service, tokenizers, training
 from contract.catalogue_file import served_catalogue
 from contract.settings import Settings
 
@@ -72,7 +72,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     install_error_handlers(app)
     refusals.install(app)
     publish_schemas(app, training.RAW_BODY_MODELS)
-    for module in (health, service, training, sampling, futures, rest, aliases, openai_router):
+    for module in (health, service, training, sampling, futures, rest, aliases, openai_router, tokenizers, hub):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_body_bytes)
     app.add_middleware(RefuseContentEncoding)

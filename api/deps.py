@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -25,6 +26,7 @@ from api.db.models import ClientSession, TrainingRun
 from api.errors import APIError, ErrorCode, not_found
 from api.queue import PollingQueue
 from contract.catalogue import BaseModelEntry, Catalogue
+from contract.checkpoint_store import CheckpointStore, configured_store
 from contract.jobs import JobPayload
 from contract.settings import Settings
 
@@ -37,6 +39,11 @@ class AppState:
     queue: PollingQueue
     readers: sessionmaker[Session] | None = None
     """Sessions for read-only paths (never take SQLite's write lock); defaults to `sessions`."""
+
+    @cached_property
+    def store(self) -> CheckpointStore:
+        """The deployment's checkpoint store, opened on first use (published tokenizers are read from it)."""
+        return configured_store(self.settings)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

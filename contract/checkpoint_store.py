@@ -6,9 +6,11 @@ never overwritten unless the caller asks for it. Readers verify the manifest bef
 torn or tampered checkpoint is refused rather than served. URIs are `file://` paths.
 
 `CheckpointStore` is what the engine needs of any backend; `open_checkpoint_store(location)` picks one
-(`s3://bucket/prefix` → `contract.checkpoint_s3.S3CheckpointStore`, anything else → a local root folder) and
-`delete_checkpoint_uri` deletes a checkpoint given either kind of URI. Workers write and read checkpoints; the API
-deletes them and `loom gc` sweeps what no database row names, so the store lives in the contract both sides share.
+(`s3://bucket/prefix` → `contract.checkpoint_s3.S3CheckpointStore`, anything else → a local root folder),
+`configured_store(settings)` opens the deployment's, and `delete_checkpoint_uri` deletes a checkpoint given either
+kind of URI. Workers write and read checkpoints; the API deletes them (and reads the tokenizers workers publish,
+`contract/published_tokenizers.py`) and `loom gc` sweeps what no database row names, so the store lives in the
+contract both sides share.
 
 Limits: this backend is local-filesystem only (S3 lives in `contract/checkpoint_s3.py`, imported only when used,
 so boto3 is needed only where an `s3://` location is configured).
@@ -25,6 +27,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
+
+from contract.settings import Settings
 
 MANIFEST = "manifest.json"
 
@@ -56,6 +60,10 @@ class CheckpointStore(Protocol):
         self, owner: str, run_id: str, checkpoint_id: str, fill: Callable[[Path], None], overwrite: bool = False
     ) -> tuple[str, int]: ...
 
+    def folder_uri(self, owner: str, run_id: str, checkpoint_id: str) -> str:
+        """The URI `write` gives (or gave) this checkpoint, whether or not it exists."""
+        ...
+
     def open(self, uri: str) -> Path: ...
 
     def gc(self, committed_uris: Iterable[str] | None, older_than: timedelta, now: datetime | None = None) -> GcReport:
@@ -74,6 +82,9 @@ class LocalCheckpointStore:
                 raise ValueError(f"{part!r} cannot name a folder of checkpoint {checkpoint_id!r}")
         safe_run = run_id.replace(":", "_")
         return self.root / owner / safe_run / checkpoint_id
+
+    def folder_uri(self, owner: str, run_id: str, checkpoint_id: str) -> str:
+        return self._folder(owner, run_id, checkpoint_id).as_uri()
 
     def write(
         self, owner: str, run_id: str, checkpoint_id: str, fill: Callable[[Path], None], overwrite: bool = False
@@ -145,6 +156,13 @@ def open_checkpoint_store(
             raise ValueError(f"the S3 checkpoint store {text} needs a local cache folder for verified downloads")
         return S3CheckpointStore.from_url(text, cache_dir, max_cache_bytes or DEFAULT_CACHE_BYTES)
     return LocalCheckpointStore(Path(text.removeprefix("file://")))
+
+
+def configured_store(settings: Settings) -> CheckpointStore:
+    """The deployment's checkpoint store (a local folder, or S3 with a local cache of verified downloads)."""
+    return open_checkpoint_store(
+        settings.checkpoint_url, settings.checkpoint_cache_dir, settings.checkpoint_cache_bytes
+    )
 
 
 def delete_checkpoint_uri(uri: str) -> None:

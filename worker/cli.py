@@ -4,7 +4,8 @@
                                         workers only, for LOOM_QUEUE=external or celery deployments
     torchrun --nproc-per-node N -m worker.cli run --role train --zero3
                                         one worker whose base model is sharded over N ranks (worker/lockstep.py)
-    loom-worker gc [--grace-hours H]    delete expired checkpoints, then stored files no committed checkpoint uses
+    loom-worker gc [--grace-hours H]    delete expired checkpoints, then stored files no committed checkpoint (nor
+                                        the published tokenizer of a catalogue model) uses
 
 Settings come from the environment (`contract/settings.py`), read once here and passed down.
 """
@@ -20,11 +21,12 @@ from datetime import timedelta
 from api.db.checkpoints import committed_uris, delete_expired
 from api.db.session import make_engine, make_session_factory, upgrade_to_head
 from contract.catalogue import BaseModelEntry
-from contract.catalogue_file import CatalogueError, served_catalogue
-from contract.checkpoint_store import delete_checkpoint_uri
+from contract.catalogue_file import CatalogueError, load_catalogue, served_catalogue
+from contract.checkpoint_store import configured_store, delete_checkpoint_uri
+from contract.published_tokenizers import published_tokenizer_uris
 from contract.settings import Settings, load_settings
 from worker.engine import Engine
-from worker.service import checkpoint_store, start_workers
+from worker.service import start_workers
 
 
 def _progress(message: str) -> None:
@@ -39,7 +41,7 @@ def _zero3_engine(entries: list[BaseModelEntry], settings: Settings, role: str) 
         raise SystemExit("loom worker --zero3 serves exactly one base model (set LOOM_BASE_MODELS) with --role train")
     engine, leader = sharded_engine(
         entries[0],
-        checkpoint_store(settings),
+        configured_store(settings),
         settings.recovery_every,
         settings.train_token_budget,
         settings.model_cache_dir,
@@ -96,7 +98,9 @@ def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
         committed = committed_uris(session)
     for uri in expired:
         delete_checkpoint_uri(uri)
-    report = checkpoint_store(settings).gc(committed, timedelta(hours=args.grace_hours))
+    store = configured_store(settings)
+    tokenizers = published_tokenizer_uris(store, load_catalogue(settings.model_catalogue).entries.values())
+    report = store.gc(committed + tokenizers, timedelta(hours=args.grace_hours))
     print(
         f"[loom gc] {len(expired)} expired checkpoint(s) deleted; {len(report.deleted)} orphaned object(s) removed; "
         f"{len(report.aborted_uploads)} stale multipart upload(s) aborted",

@@ -10,6 +10,7 @@ Modules:
 - :mod:`.service`      sessions, heartbeat, capabilities, health, client config, telemetry
 - :mod:`.futures`      UntypedAPIFuture and the retrieve_future protocol
 - :mod:`.rest`         training runs, checkpoints, weights_info, samplers, sessions
+- :mod:`.tokenizers`   tokenizer file listings, and the Hub shapes of the ``/hf`` routes
 
 Every model ignores unknown keys (forward compatibility) and serialises with
 ``model.to_wire()`` (JSON mode, ``None`` left out), as the SDK does.
@@ -88,6 +89,15 @@ from .service import (
     TelemetrySendRequest,
 )
 from .tensors import TensorData, TensorDtype
+from .tokenizers import (
+    HubLfs,
+    HubModelInfo,
+    HubSibling,
+    HubSiblingLfs,
+    HubTreeEntry,
+    TokenizerFile,
+    TokenizerFilesResponse,
+)
 from .training import (
     OTHER_TINKER_LOSS_FN_TYPES,
     AdamParams,
@@ -208,4 +218,11 @@ __all__ = [
     "WeightsInfoRequest",
     "WeightsInfoResponse",
     "WireModel",
+    "HubLfs",
+    "HubModelInfo",
+    "HubSibling",
+    "HubSiblingLfs",
+    "HubTreeEntry",
+    "TokenizerFile",
+    "TokenizerFilesResponse",
 ]
