@@ -20,7 +20,7 @@ from api import refusals
 from api.db.session import make_engine, make_session_factory, upgrade_to_head
 from api.deps import AppState
 from api.errors import install_error_handlers
-from api.middleware import AccessLog, BodySizeLimit, RefuseContentEncoding, RequestId, UnhandledErrors
+from api.middleware import BodySizeLimit, RefuseContentEncoding, RequestId, RequestLog, UnhandledErrors
 from api.openai_compat import router as openai_router
 from api.openapi import publish_schemas
 from api.queue import PollingQueue
@@ -77,6 +77,6 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_body_bytes)
     app.add_middleware(RefuseContentEncoding)
     app.add_middleware(UnhandledErrors)
-    app.add_middleware(AccessLog)
+    app.add_middleware(RequestLog)
     app.add_middleware(RequestId)
     return app

@@ -1,8 +1,8 @@
 """What every router needs: the app state, the caller's tenant, short database transactions, and enqueueing.
 
 `Tenant` resolves the `X-API-Key` header (the official SDK's header; `Authorization: Bearer` is accepted too)
-to the owner of that key; every lookup below filters by that owner, so another tenant's ids answer 404 exactly
-like ids that do not exist.
+to the owner of that key, and records it on the request for the request log; every lookup below filters by that
+owner, so another tenant's ids answer 404 exactly like ids that do not exist.
 
 Limits: handlers that touch the database are plain `def` functions (FastAPI runs them in its thread pool), and
 must keep each `transaction()` short: on SQLite a transaction holds the write lock.
@@ -90,6 +90,7 @@ def tenant(request: Request, state: State) -> str:
         record = authenticate(session, key)
     if record is None:
         raise APIError(401, ErrorCode.UNAUTHENTICATED, "invalid or revoked API key")
+    request.state.tenant = record.owner  # for the request log (`api/middleware.py::RequestLog`)
     return record.owner
 
 
