@@ -20,7 +20,7 @@ from api import refusals
 from api.db.session import make_engine, make_session_factory, upgrade_to_head
 from api.deps import AppState
 from api.errors import install_error_handlers
-from api.middleware import AccessLog, BodySizeLimit, RefuseContentEncoding, RequestId, UnhandledErrors
+from api.middleware import BodySizeLimit, RefuseContentEncoding, RequestId, RequestLog, UnhandledErrors
 from api.openai_compat import router as openai_router
 from api.openapi import publish_schemas
 from api.queue import PollingQueue
@@ -33,10 +33,12 @@ from api.routers import (
     downloads,
     futures,
     health,
+    hub,
     rest,
     sampling,
     service,
     sessions,
+    tokenizers,
     training,
     usage,
 )
@@ -87,11 +89,11 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     refusals.install(app)
     publish_schemas(app, training.RAW_BODY_MODELS)
     modules = (health, service, training, sampling, futures, rest, aliases, openai_router, sessions, auth, downloads)
-    for module in (*modules, custom_losses, copy_weights, usage):
+    for module in (*modules, custom_losses, copy_weights, usage, tokenizers, hub):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_body_bytes)
     app.add_middleware(RefuseContentEncoding)
     app.add_middleware(UnhandledErrors)
-    app.add_middleware(AccessLog)
+    app.add_middleware(RequestLog)
     app.add_middleware(RequestId)
     return app

@@ -1,6 +1,7 @@
 """The `loom` command: the API's own subcommands, and a hand-off to the worker's.
 
-    loom serve [--host H] [--port P]    API + embedded workers; prints the URL and an API key
+    loom serve [--host H] [--port P]    API + embedded workers; prints the URL and an API key, then logs one JSON
+                                        line per request (and per failed one) to stderr (`api/request_log.py`)
     loom migrate                        apply database migrations (alembic upgrade head) and exit
     loom keys create --owner O [--name N] / loom keys revoke KEY_ID --owner O
     loom runs [--owner O]               training runs with their checkpoints
@@ -62,7 +63,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     import uvicorn
 
     from api.app import build_state, create_app
+    from api.request_log import configure_request_logs
 
+    configure_request_logs(settings.access_log)
     state = build_state(settings, progress=lambda msg: print(f"[loom] {msg}", flush=True))
     state.queue.prepare()
     key = local_api_key(settings, state.sessions)

@@ -1,8 +1,9 @@
 """What every router needs: the app state, the caller's tenant, short database transactions, and enqueueing.
 
 `Tenant` resolves the `X-API-Key` header (the official SDK's header; `Authorization: Bearer` is accepted too)
-to the owner of that key; every lookup below filters by that owner, so another tenant's ids answer 404 exactly
-like ids that do not exist. `live_session` also refuses (410) new work in a session its client finished.
+to the owner of that key, and records it on the request for the request log; every lookup below filters by that
+owner, so another tenant's ids answer 404 exactly like ids that do not exist. `live_session` also refuses (410) new
+work in a session its client finished.
 
 Limits: handlers that touch the database are plain `def` functions (FastAPI runs them in its thread pool), and
 must keep each `transaction()` short: on SQLite a transaction holds the write lock.
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -25,6 +27,7 @@ from api.db.models import ApiKey, ClientSession, TrainingRun
 from api.errors import APIError, ErrorCode, not_found
 from api.queue import PollingQueue
 from contract.catalogue import BaseModelEntry, Catalogue
+from contract.checkpoint_store import CheckpointStore, configured_checkpoint_store
 from contract.jobs import JobPayload
 from contract.settings import Settings
 
@@ -37,6 +40,11 @@ class AppState:
     queue: PollingQueue
     readers: sessionmaker[Session] | None = None
     """Sessions for read-only paths (never take SQLite's write lock); defaults to `sessions`."""
+
+    @cached_property
+    def store(self) -> CheckpointStore:
+        """The deployment's checkpoint store, opened on first use (published tokenizers are read from it)."""
+        return configured_checkpoint_store(self.settings)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -83,6 +91,7 @@ def tenant(request: Request, state: State) -> str:
         record = authenticate(session, key)
     if record is None:
         raise APIError(401, ErrorCode.UNAUTHENTICATED, "invalid or revoked API key")
+    request.state.tenant = record.owner  # for the request log (`api/middleware.py::RequestLog`)
     return record.owner
 
 

@@ -59,9 +59,18 @@ class ErrorCode(StrEnum):
 
 
 class APIError(Exception):
-    def __init__(self, status: int, code: ErrorCode, message: str, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: ErrorCode,
+        message: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.param = status, code, message, param
+        self.headers = headers
+        """Extra response headers (`Retry-After`, or what a Hugging Face Hub client reads from an error)."""
 
 
 ERROR_TYPES = {
@@ -106,6 +115,11 @@ def invalid_from_validation(errors: list[dict]) -> APIError:
     return invalid(f"{param or 'body'}: {first.get('msg', 'invalid value')}", param)
 
 
+def unavailable(message: str) -> APIError:
+    """A 503 the client may retry as is, after `Retry-After`."""
+    return APIError(503, ErrorCode.SERVICE_UNAVAILABLE, message, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 def unavailable_response(message: str = "the database is temporarily unavailable; retry shortly") -> JSONResponse:
     return JSONResponse(
         error_body(ErrorCode.SERVICE_UNAVAILABLE, message, status=503),
@@ -117,7 +131,9 @@ def unavailable_response(message: str = "the database is temporarily unavailable
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, exc.message, exc.param, exc.status), status_code=exc.status)
+        return JSONResponse(
+            error_body(exc.code, exc.message, exc.param, exc.status), status_code=exc.status, headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

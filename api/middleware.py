@@ -2,10 +2,12 @@
 
 - `RequestId`: every response carries `x-request-id` (the client's, if it sent a short printable one) and every
   error body carries the same id (`api.errors.REQUEST_ID`).
-- `AccessLog`: one line per request on the `loom.access` logger (client, method, path, status, duration, request
-  id), whatever the server's `--log-level`: what an operator greps for when a tenant quotes a request id.
+- `RequestLog`: one JSON access line per request on `loom.access` (request id, tenant, route, status, latency,
+  bytes, ...) and one error line per 4xx/5xx on `loom.errors` with the code and reason the client got (and the
+  traceback of an exception), whatever the server's `--log-level` (`api/request_log.py`): what an operator greps for
+  when a tenant quotes a request id.
 - `UnhandledErrors`: an exception no handler took becomes a 500 in the JSON error shape (`internal_error`), logged
-  with the request id; the exception is not re-raised, so the server keeps the connection usable.
+  by `RequestLog` with its traceback; the exception is not re-raised, so the server keeps the connection usable.
 - `RefuseContentEncoding`: a request body with any `Content-Encoding` but `identity` is a 415, answered before a
   byte of it is read — `/api/v1/client/config` announces no compression (`proto_compress_fwdbwd=False`), so a
   compressed body is never decompressed (no zip bombs).
@@ -22,12 +24,15 @@ import logging
 import re
 import time
 import uuid
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import REQUEST_ID, ErrorCode, error_body
+from api.request_log import ERROR_BODY_LIMIT, access_log, error_of, errors_log
 
-logger = logging.getLogger(__name__)
+UNHANDLED = "loom.unhandled_exception"
+"""Scope key under which `UnhandledErrors` leaves the exception it answered with a 500, for `RequestLog`."""
 
 CLIENT_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 """A client-chosen `x-request-id` that is echoed; anything else is replaced by a server-made id."""
@@ -64,12 +69,11 @@ class RequestId:
             REQUEST_ID.reset(token)
 
 
-access_log = logging.getLogger("loom.access")
-access_log.setLevel(logging.INFO)
-
-
-class AccessLog:
-    """Log every request once it is answered (a stream: once it ends), with the status it got."""
+class RequestLog:
+    """Log every request on `loom.access`, and every 4xx/5xx or exception on `loom.errors` with the reason the client
+    was given (`api/request_log.py` has the fields). The lines are written just before the last byte of the answer
+    is sent, so a client that has its answer finds them in the log; a request that fails without one (or mid-stream)
+    is logged when it ends."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -77,28 +81,85 @@ class AccessLog:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started, status = time.monotonic(), 0
+        started, status, received, sent, error_body = time.monotonic(), 0, 0, 0, bytearray()
+        logged = False
+
+        def log(failure: BaseException | None = None) -> None:
+            nonlocal logged
+            logged = True
+            request = _request_fields(scope, status or 500)  # no answer started: the server answers 500
+            _log_access(scope, request, round(1000 * (time.monotonic() - started), 1), received, sent)
+            if request["status"] >= 400 or failure is not None:
+                _log_error(request, bytes(error_body), scope.get(UNHANDLED) or failure)
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            return message
 
         async def tracking_send(message: Message) -> None:
-            nonlocal status
+            nonlocal status, sent
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body":
+                body = message.get("body", b"")
+                sent += len(body)
+                if status >= 400:
+                    error_body.extend(body[: ERROR_BODY_LIMIT - len(error_body)])
+                if not message.get("more_body", False):
+                    log()
             await send(message)
 
         try:
-            await self.app(scope, receive, tracking_send)
-        finally:
-            client = scope.get("client") or ("-", 0)
-            access_log.info(
-                "%s:%s %s %s %d %.1fms request_id=%s",
-                client[0],
-                client[1],
-                scope.get("method"),
-                scope.get("path"),
-                status,
-                1000 * (time.monotonic() - started),
-                REQUEST_ID.get(),
-            )
+            await self.app(scope, counting_receive, tracking_send)
+        except BaseException as exc:
+            if not logged:
+                log(exc)
+            raise
+        if not logged:
+            log()
+
+
+def _request_fields(scope: Scope, status: int) -> dict[str, Any]:
+    return {
+        "request_id": REQUEST_ID.get(),
+        "tenant": scope.get("state", {}).get("tenant") or "-",
+        "method": scope.get("method"),
+        "route": getattr(scope.get("route"), "path", None) or "-",
+        "path": scope.get("path"),
+        "status": status,
+    }
+
+
+def _log_access(scope: Scope, request: dict[str, Any], elapsed_ms: float, received: int, sent: int) -> None:
+    headers = dict(scope["headers"])
+    declared = headers.get(b"content-length", b"")
+    client = scope.get("client") or ("-", 0)
+    fields = {
+        **request,
+        "ms": elapsed_ms,
+        "request_bytes": int(declared) if declared.isdigit() else received,
+        "response_bytes": sent,
+        "client": f"{client[0]}:{client[1]}",
+        "user_agent": headers.get(b"user-agent", b"-").decode("latin-1")[:200],
+    }
+    access_log.info("%s %s %d", request["method"], request["path"], request["status"], extra={"fields": fields})
+
+
+def _log_error(request: dict[str, Any], body: bytes, exception: BaseException | None) -> None:
+    code, reason = error_of(body) if body else ("-", repr(exception))
+    errors_log.log(
+        logging.WARNING if request["status"] < 500 and exception is None else logging.ERROR,
+        "%s %s %d %s: %s",
+        request["method"],
+        request["path"],
+        request["status"],
+        code,
+        reason,
+        exc_info=(type(exception), exception, exception.__traceback__) if exception is not None else None,
+        extra={"fields": {**request, "code": code, "reason": reason}},
+    )
 
 
 class UnhandledErrors:
@@ -119,10 +180,8 @@ class UnhandledErrors:
 
         try:
             await self.app(scope, receive, tracking_send)
-        except Exception:
-            logger.exception(
-                "unhandled error on %s %s (request %s)", scope.get("method"), scope.get("path"), REQUEST_ID.get()
-            )
+        except Exception as exc:
+            scope[UNHANDLED] = exc  # `RequestLog` logs it, with its traceback
             if started:
                 raise
             await send_error(send, 500, ErrorCode.INTERNAL, "internal server error; quote the request_id to report it")

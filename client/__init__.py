@@ -14,7 +14,7 @@ Depends on httpx + pydantic only. Entry point::
 Modules: :mod:`.types` (wire models), :mod:`.errors`, :mod:`.http` (transport,
 retries, idempotency keys), :mod:`.futures` (APIFuture, polling),
 :mod:`.service_client`, :mod:`.training_client`, :mod:`.sampling_client`,
-:mod:`.rest_client`.
+:mod:`.rest_client`, :mod:`.tokenizers` (the server's tokenizers, cached locally).
 """
 
 from . import types

@@ -22,6 +22,7 @@ from typing import Any, Union
 from . import types
 from .futures import APIFuture, submit_and_poll
 from .http import HttpClient
+from .tokenizers import fetch_tokenizer, load_tokenizer
 
 PromptLike = Union[types.ModelInput, Sequence[int], dict[str, Any]]
 
@@ -134,7 +135,6 @@ class SamplingClient:
         return await self._http.call_async(self._fetch_base_model())
 
     def get_tokenizer(self) -> Any:
-        """HF tokenizer of the base model (needs ``transformers``)."""
-        from .training_client import load_tokenizer
-
-        return load_tokenizer(self.get_base_model())
+        """The server's tokenizer of the base model, downloaded from the server and cached locally
+        (:mod:`loom.tokenizers`; needs ``transformers``)."""
+        return load_tokenizer(self._http.call(fetch_tokenizer(self._http, self.get_base_model())))

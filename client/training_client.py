@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 from . import errors, types
 from .futures import APIFuture, poll_result, submit
+from .tokenizers import fetch_tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
     from .sampling_client import SamplingClient
@@ -335,10 +336,13 @@ class TrainingClient:
         return await self._http.call_async(self._fetch_info())
 
     def get_tokenizer(self) -> Any:
-        """The HF tokenizer of the base model (needs ``transformers``)."""
+        """The server's tokenizer of the base model, downloaded from the server and cached locally
+        (:mod:`loom.tokenizers`; needs ``transformers``)."""
         info = self._info or self.get_info()
         name = info.model_data.tokenizer_id or info.model_data.model_name or self.base_model
-        return load_tokenizer(name)
+        if not name:
+            raise errors.LoomError("the server reported no tokenizer for this model")
+        return load_tokenizer(self._http.call(fetch_tokenizer(self._http, name)))
 
     def save_weights_external(
         self, name: str, ttl_seconds: int | None = None, age_encryption_recipients: list[str] | None = None
@@ -363,14 +367,3 @@ class TrainingClient:
         self, name: str, ttl_seconds: int | None = None, age_encryption_recipients: list[str] | None = None
     ) -> APIFuture[types.SaveWeightsExternalResponse]:
         return self.save_weights_external(name, ttl_seconds, age_encryption_recipients)
-
-
-def load_tokenizer(name: str | None) -> Any:
-    """``transformers.AutoTokenizer.from_pretrained(name)``, imported lazily."""
-    if not name:
-        raise errors.LoomError("the server reported no tokenizer for this model")
-    try:
-        from transformers import AutoTokenizer
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("get_tokenizer() needs the `transformers` package") from exc
-    return AutoTokenizer.from_pretrained(name)

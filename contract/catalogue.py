@@ -69,7 +69,8 @@ class BaseModelEntry:
     """The worker pool that serves the model (`LOOM_WORKER_POOL` of its workers)."""
 
     def tokenizer_folder(self, model_cache_dir: Path) -> Path:
-        """Where the worker exports the model's tokenizer for clients (`get_info`'s `tokenizer_id`)."""
+        """Where the worker exports the model's tokenizer for clients, before publishing it to the checkpoint store
+        for the API to serve (`contract/published_tokenizers.py`)."""
         return model_cache_dir / "tokenizers" / self.cache_name
 
     def folder(self, model_cache_dir: Path) -> Path:

@@ -173,6 +173,9 @@ class S3CheckpointStore:
             raise ValueError(f"checkpoint name {relative!r} has an empty or reserved path component")
         return _join(self.prefix, relative)
 
+    def folder_uri(self, owner: str, run_id: str, checkpoint_id: str) -> str:
+        return f"s3://{self.bucket}/{self._folder(owner, run_id, checkpoint_id)}"
+
     # -- write ---------------------------------------------------------------------------------------------
 
     def write(
@@ -180,7 +183,7 @@ class S3CheckpointStore:
     ) -> tuple[str, int]:
         """Create a checkpoint by calling `fill(staging_dir)`; returns (uri, total bytes) once it is committed."""
         folder = self._folder(owner, run_id, checkpoint_id)
-        uri, manifest_key = f"s3://{self.bucket}/{folder}", f"{folder}/{MANIFEST}"
+        uri, manifest_key = self.folder_uri(owner, run_id, checkpoint_id), f"{folder}/{MANIFEST}"
         if not overwrite and self._exists(self.bucket, manifest_key):
             raise CheckpointExists(f"checkpoint {checkpoint_id} already exists for run {run_id}")
         attempt = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(12)}"

@@ -10,7 +10,8 @@ route). URIs are `file://` paths.
 (`s3://bucket/prefix` → `contract.checkpoint_s3.S3CheckpointStore`, anything else → a local root folder),
 `configured_checkpoint_store(settings)` opens the deployment's, and `delete_checkpoint_uri` deletes a checkpoint
 given either kind of URI (`discard_checkpoint_uris`: several, best effort, for files no database row names any
-more). Workers write and read checkpoints; the API copies and deletes them and `loom gc` sweeps what no database
+more). Workers write and read checkpoints; the API copies and deletes them (and reads the tokenizers workers
+publish, `contract/published_tokenizers.py`) and `loom gc` sweeps what no database
 row names, so the store lives in the contract both sides share.
 
 Limits: this backend is local-filesystem only (S3 lives in `contract/checkpoint_s3.py`, imported only when used,
@@ -65,6 +66,10 @@ class CheckpointStore(Protocol):
         self, owner: str, run_id: str, checkpoint_id: str, fill: Callable[[Path], None], overwrite: bool = False
     ) -> tuple[str, int]: ...
 
+    def folder_uri(self, owner: str, run_id: str, checkpoint_id: str) -> str:
+        """The URI `write` gives (or gave) this checkpoint, whether or not it exists."""
+        ...
+
     def open(self, uri: str) -> Path: ...
 
     def gc(self, committed_uris: Iterable[str] | None, older_than: timedelta, now: datetime | None = None) -> GcReport:
@@ -94,6 +99,9 @@ class LocalCheckpointStore:
                 raise ValueError(f"{part!r} cannot name a folder of checkpoint {checkpoint_id!r}")
         safe_run = run_id.replace(":", "_")
         return self.root / owner / safe_run / checkpoint_id
+
+    def folder_uri(self, owner: str, run_id: str, checkpoint_id: str) -> str:
+        return self._folder(owner, run_id, checkpoint_id).as_uri()
 
     def write(
         self, owner: str, run_id: str, checkpoint_id: str, fill: Callable[[Path], None], overwrite: bool = False

@@ -107,6 +107,11 @@ class Settings(BaseSettings):
         30.0, gt=0, description="how long `retrieve_future` holds a poll before answering `try_again`"
     )
     max_streams_per_key: int = Field(8, gt=0, description="concurrent OpenAI streams per tenant; more get 429")
+    access_log: Path | None = Field(
+        None,
+        description="`loom serve` also appends its JSON access and error lines (`loom.access`, `loom.errors`) to "
+        "this file; they always go to stderr",
+    )
 
     # -- downloads -----------------------------------------------------------------------------------------------
     download_url_seconds: int = Field(

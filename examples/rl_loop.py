@@ -1,6 +1,7 @@
 """On-policy RL with the official `tinker` SDK against a Loom server (unmodified Tinker code).
 
     export TINKER_BASE_URL=http://127.0.0.1:8000 TINKER_API_KEY=tml-...   # printed by `loom serve`
+    export HF_ENDPOINT=$TINKER_BASE_URL/hf   # get_tokenizer() loads the server's tokenizer from Loom, not the hub
     python examples/rl_loop.py [--steps 12]
 
 Verifiable toy task: the answer to "Is the sky green?" must start with "No". Each step snapshots the weights

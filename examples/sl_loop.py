@@ -1,6 +1,7 @@
 """Supervised fine-tuning with the official `tinker` SDK against a Loom server (unmodified Tinker code).
 
     export TINKER_BASE_URL=http://127.0.0.1:8000 TINKER_API_KEY=tml-...   # printed by `loom serve`
+    export HF_ENDPOINT=$TINKER_BASE_URL/hf   # get_tokenizer() loads the server's tokenizer from Loom, not the hub
     python examples/sl_loop.py [--steps 8] [--base-model HuggingFaceTB/SmolLM2-135M-Instruct]
 
 Teaches the model a fixed answer format; forward_backward and optim_step are submitted before waiting on either

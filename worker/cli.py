@@ -4,7 +4,8 @@
                                         workers only, for LOOM_QUEUE=external or celery deployments
     torchrun --nproc-per-node N -m worker.cli run --role train --zero3
                                         one worker whose base model is sharded over N ranks (worker/lockstep.py)
-    loom-worker gc [--grace-hours H]    delete expired checkpoints, then stored files no committed checkpoint uses
+    loom-worker gc [--grace-hours H]    delete expired checkpoints, then stored files no committed checkpoint (nor
+                                        the published tokenizer of a catalogue model) uses
 
 Settings come from the environment (`contract/settings.py`), read once here and passed down.
 """
@@ -20,8 +21,9 @@ from datetime import timedelta
 from api.db.checkpoints import committed_uris, sweep_expired_checkpoints
 from api.db.session import make_engine, make_session_factory, upgrade_to_head
 from contract.catalogue import BaseModelEntry
-from contract.catalogue_file import CatalogueError, served_catalogue
+from contract.catalogue_file import CatalogueError, load_catalogue, served_catalogue
 from contract.checkpoint_store import configured_checkpoint_store
+from contract.published_tokenizers import published_tokenizer_uris
 from contract.settings import Settings, load_settings
 from worker.engine import Engine
 from worker.service import start_workers
@@ -94,7 +96,9 @@ def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
     expired = sweep_expired_checkpoints(sessions)
     with sessions.begin() as session:
         committed = committed_uris(session)
-    report = configured_checkpoint_store(settings).gc(committed, timedelta(hours=args.grace_hours))
+    store = configured_checkpoint_store(settings)
+    tokenizers = published_tokenizer_uris(store, load_catalogue(settings.model_catalogue).entries.values())
+    report = store.gc(committed + tokenizers, timedelta(hours=args.grace_hours))
     print(
         f"[loom gc] {expired} expired checkpoint(s) deleted; {len(report.deleted)} orphaned object(s) removed; "
         f"{len(report.aborted_uploads)} stale multipart upload(s) aborted",

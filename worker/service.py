@@ -1,8 +1,9 @@
 """Start consumers for a set of base models: what `loom worker`, the Celery worker and the embedded server run.
 
 `start_workers` loads each base model once (frozen), builds its engine (with the sampling backend the settings
-choose: Loom's continuous-batching engine, or a vLLM server per base model) and its consumer, and runs each
-consumer in its own daemon thread. The caller gets `WorkerHandle`s to wake (after a submission) and to stop them.
+choose: Loom's continuous-batching engine, or a vLLM server per base model) and its consumer, publishes the model's
+client tokenizer for the API to serve (`contract/published_tokenizers.py`), and runs each consumer in its own daemon
+thread. The caller gets `WorkerHandle`s to wake (after a submission) and to stop them.
 Every setting arrives in the `Settings` the process's entry point read.
 
 Limits: one consumer thread per base model; models load sequentially at start-up.
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from contract.catalogue import BaseModelEntry
 from contract.checkpoint_store import CheckpointStore, configured_checkpoint_store
+from contract.published_tokenizers import publish_tokenizer
 from contract.settings import TRAIN_PASSES_PER_TICK, Settings
 from worker.consumer import Consumer
 from worker.engine import Engine
@@ -100,6 +102,8 @@ def start_workers(
         if engine is None:
             progress(f"loading {entry.name} ...")
             engine = build_engine(load_base_model(entry, settings.model_cache_dir), store, settings, on_stream)
+        revision = publish_tokenizer(store, entry, entry.tokenizer_folder(settings.model_cache_dir))
+        progress(f"{entry.name} tokenizer published (revision {revision[:12]})")
         lease_owner = worker_id or f"{socket.gethostname()}:{entry.cache_name}:{threading.get_native_id()}"
         consumer = Consumer(
             engine,

@@ -10,6 +10,9 @@ the newest op submitted so far.
 A training op may be numbered at most `SEQ_ID_WINDOW` ahead of the run's newest submitted op (a seq_id far ahead
 would wait forever for the ops before it); a replay of a submitted seq_id is always accepted.
 
+`get_info` names the base model's public id as `tokenizer_id`; the tokenizer's files are served by
+`api/routers/tokenizers.py` and, for Hugging Face Hub clients (`HF_ENDPOINT`), `api/routers/hub.py`.
+
 Limits: checkpoint names must match `CHECKPOINT_NAME_PATTERN` (so never `.` or `..`); `ttl_seconds` bounds are
 declared on the wire types (`loom.types.limits`).
 """
@@ -199,7 +202,7 @@ def get_info(body: GetInfoRequest, state: State, owner: Tenant) -> dict[str, Any
         model_data=ModelData(
             arch=info.arch,
             model_name=info.name,
-            tokenizer_id=str(info.tokenizer_folder(state.settings.model_cache_dir)),
+            tokenizer_id=info.name,
         ),
         model_id=run.id,
         is_lora=True,

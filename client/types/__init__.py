@@ -13,6 +13,7 @@ Modules:
 - :mod:`.sessions`     session finish/search/project/trace export, cancel_future, the calling API key
 - :mod:`.custom_loss`  create_custom_loss: a traced loss graph as data
 - :mod:`.usage`        billing usage events, current checkpoint storage
+- :mod:`.tokenizers`   tokenizer file listings, and the Hub shapes of the ``/hf`` routes
 
 Every model ignores unknown keys (forward compatibility) and serialises with
 ``model.to_wire()`` (JSON mode, ``None`` left out), as the SDK does.
@@ -119,6 +120,15 @@ from .sessions import (
     SessionTraceExportResponse,
 )
 from .tensors import TensorData, TensorDtype
+from .tokenizers import (
+    HubLfs,
+    HubModelInfo,
+    HubSibling,
+    HubSiblingLfs,
+    HubTreeEntry,
+    TokenizerFile,
+    TokenizerFilesResponse,
+)
 from .training import (
     AdamParams,
     CreateModelRequest,
@@ -291,4 +301,11 @@ __all__ = [
     "SamplingSampleBillingEvent",
     "StorageBillingEvent",
     "TrainingBillingEvent",
+    "HubLfs",
+    "HubModelInfo",
+    "HubSibling",
+    "HubSiblingLfs",
+    "HubTreeEntry",
+    "TokenizerFile",
+    "TokenizerFilesResponse",
 ]

@@ -62,8 +62,18 @@ class LoomServer:
     def log_path(self) -> Path:
         return self.data_dir / "server.log"
 
+    @property
+    def access_log_path(self) -> Path:
+        """The server's JSON access and error lines (`LOOM_ACCESS_LOG`); its stderr, in `log_path`, has them too."""
+        return self.data_dir / "access.log"
+
     def start(self, timeout: float = 180.0) -> LoomServer:
-        env = {**os.environ, "LOOM_DATA_DIR": str(self.data_dir), **(self.env_extra or {})}
+        env = {
+            **os.environ,
+            "LOOM_DATA_DIR": str(self.data_dir),
+            "LOOM_ACCESS_LOG": str(self.access_log_path),
+            **(self.env_extra or {}),
+        }
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "api.cli", "serve", "--port", str(self.port)],

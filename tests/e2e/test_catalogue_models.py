@@ -16,6 +16,7 @@ import tinker
 from tinker import types
 
 from contract.catalogue import TINY_KIMI_K2, TINY_QWEN3_MOE
+from tests.e2e.hub_tokenizers import hub_tokenizer
 from tests.e2e.server import LoomServer, free_port
 from tests.unit.worker_fixtures import MODEL_CACHE
 from worker.models.kimi_tokenizer import load_tokenizer
@@ -65,12 +66,13 @@ def test_capabilities_and_models_show_exactly_the_catalogue(deployment, monkeypa
     assert [(m.id, m.max_model_len) for m in cards] == [(MODEL, 2048)]
 
 
-def test_train_sample_and_chat_with_a_tool(deployment, monkeypatch) -> None:
+def test_train_sample_and_chat_with_a_tool(deployment, monkeypatch, tmp_path: Path) -> None:
     server, folder = deployment
     monkeypatch.setenv("TINKER_API_KEY", server.api_key)
     service = tinker.ServiceClient(base_url=server.url)
     training = service.create_lora_training_client(base_model="qwen-mini", rank=16, seed=0).result()
-    tokenizer = training.get_tokenizer()
+    assert training.get_info().model_data.tokenizer_id == MODEL
+    tokenizer = hub_tokenizer(server.url, MODEL, tmp_path / "hf-cache")
     server_side = load_tokenizer(folder)
     sample_text = "Paris, 晴天 22°C — 'twas fine!\n\n  def f(x): return x**2 <|im_end|>"
     assert tokenizer.encode(sample_text, add_special_tokens=False) == server_side.encode(
@@ -111,14 +113,15 @@ def test_train_sample_and_chat_with_a_tool(deployment, monkeypatch) -> None:
     assert json.loads(call.function.arguments) == {"city": "Paris"}
 
 
-def test_tiny_kimi_k2_tokenizer_and_chat_format_through_the_sdks(tinker_env) -> None:
-    """The official SDK's `get_tokenizer()` encodes exactly as the server's tiktoken-based Kimi tokenizer, and the
-    OpenAI endpoint renders Kimi's chat layout, tools included."""
+def test_tiny_kimi_k2_tokenizer_and_chat_format_through_the_sdks(tinker_env, tokenizer_of) -> None:
+    """The tokenizer a Hub client gets from the server (what the official SDK's `get_tokenizer()` loads with
+    `HF_ENDPOINT` set) encodes exactly as the server's tiktoken-based Kimi tokenizer, and the OpenAI endpoint
+    renders Kimi's chat layout, tools included."""
     server = tinker_env
     training = tinker.ServiceClient().create_lora_training_client(base_model=TINY_KIMI_K2.name, rank=4).result()
-    theirs = training.get_tokenizer()
+    assert training.get_info().model_data.tokenizer_id == TINY_KIMI_K2.name
+    theirs = tokenizer_of(TINY_KIMI_K2.name)
     ours = load_tokenizer(model_dir(TINY_KIMI_K2, MODEL_CACHE))
-    assert training.get_info().model_data.tokenizer_id == str(TINY_KIMI_K2.tokenizer_folder(MODEL_CACHE))
     text = "<|im_user|>user<|im_middle|>天气怎么样？ It's 22°C —\n\n  x = [1, 22, 333, 4444]<|im_end|>"
     assert theirs.encode(text, add_special_tokens=False) == ours.encode(text, add_special_tokens=False)
     prompt = ours.apply_chat_template(MESSAGES, tools=TOOLS, add_generation_prompt=True, tokenize=False)

@@ -32,10 +32,9 @@ pytestmark = pytest.mark.e2e
 STEPS = 4
 
 
-def victim(seed: int = 11) -> tuple[list[float], list[list[list[int]]]]:
+def victim(tokenizer, seed: int = 11) -> tuple[list[float], list[list[list[int]]]]:
     service = tinker.ServiceClient()
     training = service.create_lora_training_client(base_model=SMOL, rank=4, seed=seed).result()
-    tokenizer = training.get_tokenizer()
     batch = [make_datum(tokenizer, "Capital of France?", "Paris."), make_datum(tokenizer, "Capital of Peru?", "Lima.")]
     prompt = types.ModelInput.from_ints(tokenizer.encode("Q: Capital of Peru?\nA:"))
     losses, samples = [], []
@@ -218,8 +217,10 @@ def accepted_requests(http: httpx.Client, run: str, next_seq: Callable[[], int],
     return [future["request_id"] for future in ids]
 
 
-def test_a_hostile_tenant_changes_nothing_for_another(tinker_env: LoomServer, other_tenant_key: str) -> None:
-    reference = victim()
+def test_a_hostile_tenant_changes_nothing_for_another(
+    tinker_env: LoomServer, other_tenant_key: str, tokenizer_of
+) -> None:
+    reference = victim(tokenizer_of(SMOL))
 
     problems: list[str] = []
     done = threading.Event()
@@ -248,7 +249,7 @@ def test_a_hostile_tenant_changes_nothing_for_another(tinker_env: LoomServer, ot
     thread = threading.Thread(target=hostile, daemon=True)
     thread.start()
     try:
-        under_attack = victim()
+        under_attack = victim(tokenizer_of(SMOL))
     finally:
         done.set()
         thread.join(600)

@@ -121,9 +121,9 @@ def train_toward(training, tokenizer, answer: str, max_steps: int = 30) -> float
     return loss
 
 
-def test_trained_checkpoint_alias_and_live_updates(client, tinker_env, server, other_tenant_key) -> None:
+def test_trained_checkpoint_alias_and_live_updates(client, tinker_env, server, other_tenant_key, tokenizer_of) -> None:
     training = tinker.ServiceClient().create_lora_training_client(base_model=SMOL, rank=8, seed=11).result()
-    tokenizer = training.get_tokenizer()
+    tokenizer = tokenizer_of(SMOL)
     assert "banana" not in ask(client, SMOL, QUESTION, max_tokens=8).lower()
     assert train_toward(training, tokenizer, "banana") < 0.05
     v1 = training.save_weights_for_sampler("openai-v1").result().path

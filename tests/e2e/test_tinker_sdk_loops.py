@@ -2,7 +2,8 @@
 
 SL: loss per token must fall by more than half over 6 pipelined steps. RL: the mean reward of a seeded group on a
 verifiable task must rise. Also covers save_state/load_state(_with_optimizer), named sampler weights, the
-tiny Kimi K2 (DeepSeek-V3 MoE) base model, forward-only passes and get_tokenizer offline.
+tiny Kimi K2 (DeepSeek-V3 MoE) base model and forward-only passes. The tokenizer comes from the server's Hugging Face
+Hub routes, as the SDK's `get_tokenizer()` gets it with `HF_ENDPOINT` set (test_tokenizers.py checks that itself).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 KIMI = "loom/tiny-kimi-k2"
 
 
-def test_sl_loop_loss_falls_and_state_round_trips(tinker_env) -> None:
+def test_sl_loop_loss_falls_and_state_round_trips(tinker_env, tokenizer_of) -> None:
     service = tinker.ServiceClient()
     training = service.create_lora_training_client(base_model=SMOL, rank=8, seed=1).result()
-    tokenizer = training.get_tokenizer()
+    tokenizer = tokenizer_of(SMOL)
     batch = [make_datum(tokenizer, "Capital of France?", "Paris."), make_datum(tokenizer, "Capital of Peru?", "Lima.")]
     losses = []
     for _ in range(6):
@@ -55,10 +56,10 @@ def test_sl_loop_loss_falls_and_state_round_trips(tinker_env) -> None:
     assert "Paris" in tokenizer.decode(out.sequences[0].tokens)
 
 
-def test_rl_loop_reward_rises(tinker_env) -> None:
+def test_rl_loop_reward_rises(tinker_env, tokenizer_of) -> None:
     service = tinker.ServiceClient()
     training = service.create_lora_training_client(base_model=SMOL, rank=8, seed=2).result()
-    tokenizer = training.get_tokenizer()
+    tokenizer = tokenizer_of(SMOL)
     prompt = tokenizer.encode(PROMPT, add_special_tokens=False)
     rewards = []
     for step in range(6):

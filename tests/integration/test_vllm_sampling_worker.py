@@ -27,6 +27,7 @@ from contract.catalogue import SMOLLM2
 from contract.checkpoint_store import LocalCheckpointStore
 from contract.jobs import ClaimedJob, JobKind, parse_payload, result_json
 from examples.sl_loop import make_datum
+from tests.e2e.hub_tokenizers import hub_tokenizer
 from tests.e2e.server import LoomServer, free_port
 from tests.e2e.wire import SMOL
 from tests.integration.vllm_fixtures import GAPS, assert_logprobs_close, assert_top_logprobs_close, require_vllm_venv
@@ -165,12 +166,12 @@ def test_base_model_through_openai_matches_our_engine(env):
     env.check_against_loom(at_least=3)
 
 
-def test_trained_checkpoint_through_tinker_and_openai(env, monkeypatch):
+def test_trained_checkpoint_through_tinker_and_openai(env, monkeypatch, tmp_path):
     monkeypatch.setenv("TINKER_BASE_URL", env.server.url)
     monkeypatch.setenv("TINKER_API_KEY", env.server.api_key)
     service = tinker.ServiceClient()
     training = service.create_lora_training_client(base_model=SMOL, rank=8).result()
-    tokenizer = training.get_tokenizer()
+    tokenizer = hub_tokenizer(env.server.url, SMOL, tmp_path / "hf-cache")
     batch = [make_datum(tokenizer, QUESTION, ANSWER)]
     for _ in range(3):
         fb = training.forward_backward(batch, "cross_entropy")

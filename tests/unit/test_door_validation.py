@@ -268,25 +268,6 @@ def test_unhandled_errors_answer_json_with_the_request_id(door) -> None:
     assert client.get("/api/v1/healthz").status_code == 200
 
 
-def test_every_request_leaves_one_access_log_line_with_its_request_id(door, caplog) -> None:
-    client, app, _, _ = door
-
-    @app.get("/boom-logged")
-    def boom() -> None:
-        raise RuntimeError("a bug")
-
-    with caplog.at_level("INFO", logger="loom.access"):
-        ok = client.get("/api/v1/healthz", headers={"x-request-id": "req-ok"})
-        refused = client.post("/api/v1/optim_step", json={"model_id": "x", "seq_id": 2**63, "adam_params": {}})
-        failed = TestClient(app).get("/boom-logged", headers={"x-request-id": "req-boom"})
-    lines = [r.getMessage() for r in caplog.records if r.name == "loom.access"]
-    assert [ok.status_code, refused.status_code, failed.status_code] == [200, 400, 500]
-    assert len(lines) == 3
-    assert lines[0].endswith("request_id=req-ok") and " GET /api/v1/healthz 200 " in lines[0]
-    assert f"request_id={refused.headers['x-request-id']}" in lines[1] and " POST /api/v1/optim_step 400 " in lines[1]
-    assert lines[2].endswith("request_id=req-boom") and " GET /boom-logged 500 " in lines[2]
-
-
 def test_every_post_route_publishes_its_request_schema(door) -> None:
     """...unless it reads no body at all: no body parameter, and no `Request` to read a raw one from (e.g. publish)."""
     doc = door[0].get("/openapi.json").json()

@@ -250,9 +250,7 @@ def test_mixed_tick_equals_run_alone_in_fresh_engine(world, alone):
         # mixed batch alone can flip its sign, moving that element by up to 2·lr. Allow that on at most 0.01% of the
         # elements; every other element must agree to 1e-5.
         off = (tm[k] - ta[k]).abs()
-        assert (
-            float(off.max()) <= 2 * ADAM.adam.learning_rate and int((off > 1e-5).sum()) <= off.numel() // 10_000
-        ), k
+        assert float(off.max()) <= 2 * ADAM.adam.learning_rate and int((off > 1e-5).sum()) <= off.numel() // 10_000, k
         if "lora_B" in k:
             moved = max(moved, float(tm[k].abs().max()))
     assert moved > 1e-3  # the step really changed B, so the comparison is not between two zero tensors

@@ -1,4 +1,4 @@
-"""A client-loadable copy of each served model's tokenizer: what `get_info` names as `tokenizer_id`.
+"""A client-loadable copy of each served model's tokenizer: what the API serves for `get_info`'s `tokenizer_id`.
 
 The Tinker SDK's `get_tokenizer()` calls `AutoTokenizer.from_pretrained(tokenizer_id)` with no remote code. A
 model folder often cannot be read that way: Kimi K2 ships `tiktoken.model` with `tokenization_kimi.py` and an
@@ -7,8 +7,10 @@ once per model cache, a folder holding only tokenizer files that a stock transfo
 tokenizer encoding exactly as the server does (Kimi's ranks, regex and special tokens converted to a
 `tokenizer.json`), with the chat template the server renders with.
 
-Limits: the folder is on the worker's disk, so it serves clients on the same machine (or a shared model cache);
-written once and never refreshed (delete it after changing a model's tokenizer files).
+The worker publishes the folder to the checkpoint store (`contract/published_tokenizers.py`), from where the API
+serves it over HTTP, Hugging Face Hub routes included, to clients anywhere.
+
+Limits: written once per model cache and never refreshed (delete it after changing a model's tokenizer files).
 """
 
 from __future__ import annotations
