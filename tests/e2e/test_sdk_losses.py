@@ -34,9 +34,8 @@ SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ADVANTAGES = [1.0, -1.0, 0.5, -0.5]
 
 
-def _sample(service: tinker.ServiceClient, seed: int):
+def _sample(service: tinker.ServiceClient, tokenizer, seed: int):
     training = service.create_lora_training_client(base_model=SMOL, rank=8, seed=seed).result()
-    tokenizer = training.get_tokenizer()
     prompt = tokenizer.encode(PROMPT)
     sampler = training.save_weights_and_get_sampling_client(record_stability_info=True).result()
     params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=seed)
@@ -100,9 +99,9 @@ def _stable_reference(lp: list[float], seq, advantage: float, ob_len: int, kl_co
 
 
 @pytest.mark.parametrize("loss_fn", ["gspo", "stable_reinforce"])
-def test_sequence_losses_match_their_formula_and_train(tinker_env, loss_fn) -> None:
+def test_sequence_losses_match_their_formula_and_train(tinker_env, tokenizer_of, loss_fn) -> None:
     service = tinker.ServiceClient()
-    training, prompt, sequences = _sample(service, seed=11)
+    training, prompt, sequences = _sample(service, tokenizer_of(SMOL), seed=11)
     datums = _datums(prompt, sequences, loss_fn)
     config = {"kl_coeff": 0.05} if loss_fn == "stable_reinforce" else None
     before = _logprobs(training, datums, loss_fn, config)
@@ -134,13 +133,13 @@ def margin(logprobs, target_logprobs):
     return loss, {"custom/margin:sum": loss, "custom/gap:mean": gap.mean()}
 
 
-def test_forward_backward_custom_runs_server_side_like_the_client_side_path(tinker_env) -> None:
+def test_forward_backward_custom_runs_server_side_like_the_client_side_path(tinker_env, tokenizer_of) -> None:
     service = tinker.ServiceClient()
     handle = service.create_custom_loss(margin, {"logprobs": 1, "target_logprobs": 1}).result()
     assert handle.loss_id is not None, "the server did not take the loss (custom_loss_server_side)"
     server_side = service.create_lora_training_client(base_model=SMOL, rank=8, seed=5).result()
     client_side = service.create_lora_training_client(base_model=SMOL, rank=8, seed=5).result()
-    tokenizer = server_side.get_tokenizer()
+    tokenizer = tokenizer_of(SMOL)
     datums, probes = [], []  # probes: the same sequences, for cross_entropy forwards
     for text in ("Q: Is the sky green?\nA: No.", "Q: Capital of Peru?\nA: Lima."):
         tokens = tokenizer.encode(text)
