@@ -112,7 +112,8 @@ def test_every_cli_command_answers(server: LoomServer, tmp_path: Path) -> None:
     run_commands(ledger, cli, trained_run(server))
     missed = cli_commands() - set(NOT_RUN) - set(ledger.outcomes)
     assert not missed, f"tinker CLI commands this test never ran: {sorted(missed)}"
-    assert not ledger.lines("failed"), ledger.report()
+    failures = ledger.lines("failed")
+    assert not failures, ledger.report()
 
 
 def trained_run(server: LoomServer) -> dict[str, str]:
@@ -199,9 +200,9 @@ def run_commands(ledger: Ledger, cli: Cli, run: dict[str, str]) -> None:
     call("billing usage", lambda: trained_in(cli.json("billing", "usage", *window), session))
     call("billing checkpoint-storage", lambda: stores_bytes(cli.json("billing", "checkpoint-storage")))
     call("auth status", lambda: expect_in("Tinker accessible: yes", cli.text("auth", "status")))
-    call("auth login", lambda: cli.text("auth", "login", stdin=cli.env["TINKER_API_KEY"] + "\n"))
+    logged_in = call("auth login", lambda: cli.text("auth", "login", stdin=cli.env["TINKER_API_KEY"] + "\n"))
     call("auth whoami", lambda: cli.json("auth", "whoami"))
-    call("auth logout", lambda: cli.text("auth", "logout"))
+    call("auth logout", lambda: (need(logged_in, "auth login"), cli.text("auth", "logout")))
 
 
 def listed(output: dict) -> set[str]:

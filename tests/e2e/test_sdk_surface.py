@@ -128,7 +128,7 @@ def surface_nll(logprobs, weights):
 def client_side_nll(data, logprobs_list):
     """The same loss as a client-side `CustomLossFnV1`."""
     loss = sum(-(lp * d.loss_fn_inputs["weights"].to_torch()).sum() for d, lp in zip(data, logprobs_list))
-    return loss, {"client_nll": float(loss)}
+    return loss, {"client_nll": loss.detach().item()}
 
 
 @pytest.fixture
@@ -156,7 +156,8 @@ def test_every_public_method_answers(server: LoomServer, offline_tokenizers: Pat
         if sync_twin(name) is None and name not in NOT_CALLED and name not in ledger.outcomes
     }
     assert not missed, f"public SDK methods this test never called: {sorted(missed)}"
-    assert not ledger.lines("failed"), ledger.report()
+    failures = ledger.lines("failed")
+    assert not failures, ledger.report()
 
 
 def exercise(ledger: Ledger, server: LoomServer, tokenizer) -> None:
