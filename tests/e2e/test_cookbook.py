@@ -11,9 +11,9 @@ Configuration a user of SmolLM2 would pass (the recipes' defaults name Qwen mode
 - `renderer_name=qwen3_instruct`: the cookbook recommends no renderer for models outside its own table, and
   SmolLM2-Instruct's chat template is ChatML (`<|im_start|>role\\n...<|im_end|>`), which is exactly what the
   Qwen3-instruct renderer writes (no thinking tags); `llama3` would emit header tokens SmolLM2 does not have.
-- The cookbook loads the tokenizer by public model id through the Hugging Face hub; nothing may be downloaded at run
-  time, so the hub is offline (`HF_HUB_OFFLINE=1`) and its cache holds the server's own SmolLM2 tokenizer
-  (tests/e2e/hf_cache.py). Neither recipe touches any other hub or dataset with these settings.
+- The cookbook loads the tokenizer by public model id through the Hugging Face hub; nothing may be downloaded from
+  a hub at run time, so `HF_ENDPOINT` points at the server's Hub-compatible `/hf` routes (what the README tells an
+  offline user to do) and datasets stay offline. Neither recipe touches any other hub or dataset.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ import pytest
 import tinker
 
 from contract.catalogue import SMOLLM2
-from contract.settings import Settings
-from tests.e2e.hf_cache import fill_hub_cache
+from tests.e2e.hub_tokenizers import hub_env
 from tests.e2e.server import LoomServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -65,16 +64,13 @@ def cookbook_dir(cookbook_python: Path) -> Path:
 
 def run_recipe(python: Path, server: LoomServer, tmp_path: Path, module: str, *args: str) -> Path:
     """Run a cookbook recipe module against the server; its log folder, after checking it exited 0."""
-    hub = tmp_path / "hf" / "hub"
-    fill_hub_cache(hub, SMOLLM2, Settings().model_cache_dir)
     log_path = tmp_path / "log"
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}  # the venv's own packages only
+    env = hub_env(server.url)
+    env.pop("PYTHONPATH", None)  # the venv's own packages only
     env |= {
         "TINKER_BASE_URL": server.url,
         "TINKER_API_KEY": server.api_key,
         "HF_HOME": str(tmp_path / "hf"),
-        "HF_HUB_CACHE": str(hub),
-        "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "WANDB_MODE": "disabled",
     }

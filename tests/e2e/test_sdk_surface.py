@@ -28,9 +28,8 @@ from tinker.lib.api_future_impl import QueueState
 from transformers import AutoTokenizer
 
 from contract.catalogue import SMOLLM2
-from contract.settings import Settings
 from examples.sl_loop import make_datum
-from tests.e2e.hf_cache import fill_hub_cache
+from tests.e2e.hub_tokenizers import fill_hub_cache
 from tests.e2e.server import LoomServer
 from tests.e2e.surface import Ledger, Refusal, need
 
@@ -132,13 +131,13 @@ def client_side_nll(data, logprobs_list):
 
 
 @pytest.fixture
-def offline_tokenizers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The hub cache, pointed at a folder holding the server's SmolLM2 tokenizer, offline (the SDK's
-    `get_tokenizer()` loads by public model id)."""
-    snapshot = fill_hub_cache(tmp_path / "hub", SMOLLM2, Settings().model_cache_dir)
+def offline_tokenizers(server: LoomServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The hub cache, filled from the server's `/hf` routes with its SmolLM2 tokenizer, offline (the SDK's
+    `get_tokenizer()` loads by public model id); returns that id."""
+    fill_hub_cache(server.url, SMOLLM2.name, tmp_path / "hub")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    return snapshot
+    return SMOLLM2.name
 
 
 def test_allow_lists_name_real_methods() -> None:
@@ -147,9 +146,9 @@ def test_allow_lists_name_real_methods() -> None:
     assert set(LOSS_CONFIGS) <= set(typing.get_args(types.LossFnType))
 
 
-def test_every_public_method_answers(server: LoomServer, offline_tokenizers: Path) -> None:
+def test_every_public_method_answers(server: LoomServer, offline_tokenizers: str) -> None:
     ledger = Ledger(REFUSED)
-    exercise(ledger, server, AutoTokenizer.from_pretrained(str(offline_tokenizers)))
+    exercise(ledger, server, AutoTokenizer.from_pretrained(offline_tokenizers))
     missed = {
         name
         for name in public_methods()
