@@ -279,6 +279,24 @@ class CustomLoss(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class AuditEvent(Base):
+    """One audited action on a tenant's objects (``AdminClient.get_audit_log``): ``event`` is
+    ``<resource>_<action>`` (``checkpoint_read``, ``checkpoint_publish``, ``apikey_revoke``, ...), ``owner`` the
+    tenant whose object it was, ``actor`` the tenant that acted (another tenant reading a published checkpoint)."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_owner_at", "owner", "at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    owner: Mapped[str]
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    event: Mapped[str]
+    actor: Mapped[str]
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    model_id: Mapped[str | None]
+    tinker_path: Mapped[str | None]
+
+
 class ModelAlias(Base):
     """A tenant's name for a checkpoint path (``tinker://...``), usable as the OpenAI ``model``."""
 

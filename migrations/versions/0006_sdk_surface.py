@@ -6,6 +6,7 @@
 - ``sampling_sessions.joined_clients`` counts the clients that joined it (``join_sampling_session`` clone ids).
 - ``checkpoints.kind`` may be ``external``: a PEFT adapter written by ``save_weights_external`` for download.
 - ``checkpoints.user_metadata`` holds the metadata Tinker shows per checkpoint (copies note their source).
+- ``audit_events``: who read or changed which checkpoint, key or session, and when (``AdminClient.get_audit_log``).
 - ``custom_losses``: the traced loss graphs of ``create_custom_loss``, one per (session, custom_loss_seq_id).
 
 Revision ID: 0006
@@ -55,9 +56,24 @@ def upgrade() -> None:
         ),
     )
     op.create_index(op.f("ix_custom_losses_owner"), "custom_losses", ["owner"])
+    op.create_table(
+        "audit_events",
+        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("owner", sa.String(), nullable=False),
+        sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("event", sa.String(), nullable=False),
+        sa.Column("actor", sa.String(), nullable=False),
+        sa.Column("details", sa.JSON(), nullable=False),
+        sa.Column("model_id", sa.String(), nullable=True),
+        sa.Column("tinker_path", sa.String(), nullable=True),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_audit_events")),
+    )
+    op.create_index("ix_audit_events_owner_at", "audit_events", ["owner", "at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_audit_events_owner_at", table_name="audit_events")
+    op.drop_table("audit_events")
     op.drop_index(op.f("ix_custom_losses_owner"), table_name="custom_losses")
     op.drop_table("custom_losses")
     op.execute("DELETE FROM checkpoints WHERE kind = 'external'")
