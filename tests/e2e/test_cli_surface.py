@@ -192,7 +192,9 @@ def run_commands(ledger: Ledger, cli: Cli, run: dict[str, str]) -> None:
     )
     call(
         "session export-trace",
-        lambda: expect_file(cli.json("session", "export-trace", session, "--output", "trace.pftrace")["destination"]),
+        lambda: expect_file(
+            cli.home / cli.json("session", "export-trace", session, "--output", "trace.pftrace")["destination"]
+        ),
         variant="download",
     )
     hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
@@ -225,7 +227,7 @@ def expect_set(value) -> None:
     assert value is not None
 
 
-def expect_file(path: str) -> None:
+def expect_file(path: Path) -> None:
     assert Path(path).stat().st_size > 0, path
 
 
