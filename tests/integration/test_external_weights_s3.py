@@ -18,11 +18,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import build_state, create_app
-from api.db.checkpoints import CheckpointRecord, record_checkpoint
 from api.db.keys import create_api_key
 from api.db.models import CheckpointKind
 from contract.checkpoint_store import open_checkpoint_store
 from contract.settings import Settings
+from tests.unit.api_fixtures import commit_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -57,20 +57,15 @@ def test_presigned_urls_download_the_adapter_from_s3(bucket, tmp_path: Path) -> 
     assert created.status_code == 200, created.text
 
     store = open_checkpoint_store(settings.checkpoint_url, cache_dir=settings.checkpoint_cache_dir)
-    uri, size = store.write("alice", run_id, "external_weights/final~1.1", _fill)
-    record = CheckpointRecord(
-        run_id=run_id,
-        owner="alice",
-        checkpoint_id="external_weights/final",
-        kind=CheckpointKind.EXTERNAL,
-        tinker_path=f"tinker://{run_id}/external_weights/final",
-        storage_uri=uri,
-        size_bytes=size,
-        ttl_seconds=None,
-        ephemeral=False,
+    commit_checkpoint(
+        state.transaction,
+        store,
+        run_id,
+        "external_weights/final",
+        CheckpointKind.EXTERNAL,
+        _fill,
+        location="external_weights/final~1.1",
     )
-    with state.transaction() as session:
-        record_checkpoint(session, record)
 
     response = client.get(f"/api/v1/training_runs/{run_id}/checkpoints/external_weights/final/external_weights_urls")
     assert response.status_code == 200, response.text

@@ -1,5 +1,6 @@
 """An in-process Loom API for unit tests: the real app with `LOOM_QUEUE=external` (nothing loads a model, so every
-submitted job stays queued until a test moves it), and per-tenant clients.
+submitted job stays queued until a test moves it), and per-tenant clients; `commit_checkpoint` stores a checkpoint as
+a worker commits one.
 
 `LoomApi.lease` and `LoomApi.finish_job` play a worker: they lease one queued job and record its result or failure
 through the real job store, so tests control exactly when each request completes.
@@ -7,6 +8,8 @@ through the real job store, so tests control exactly when each request completes
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -16,14 +19,48 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import build_state, create_app
+from api.db.checkpoints import CheckpointRecord, record_checkpoint
 from api.db.jobs import complete_job, fail_job
 from api.db.keys import create_api_key
-from api.db.models import ErrorCategory, Job, JobState
+from api.db.models import CheckpointKind, ErrorCategory, Job, JobState
 from api.db.types import utcnow
 from api.deps import AppState
+from contract.checkpoint_store import CheckpointStore
 from contract.settings import Settings
 
 BASE = "tiny-kimi-k2"
+
+
+def commit_checkpoint(
+    transaction: Callable[[], AbstractContextManager[Any]],
+    store: CheckpointStore,
+    run_id: str,
+    checkpoint_id: str,
+    kind: CheckpointKind,
+    fill: Callable[[Path], Any],
+    *,
+    location: str | None = None,
+    ttl_seconds: int | None = None,
+    overwrite: bool = False,
+) -> str:
+    """A checkpoint of alice's run as a worker commits one: `fill` writes its files into `store` (at `location`,
+    default the checkpoint id), then its row is recorded in a `transaction()`; returns its storage URI."""
+    uri, size = store.write("alice", run_id, location or checkpoint_id, fill)
+    record = CheckpointRecord(
+        run_id=run_id,
+        owner="alice",
+        checkpoint_id=checkpoint_id,
+        kind=kind,
+        tinker_path=f"tinker://{run_id}/{checkpoint_id}",
+        storage_uri=uri,
+        size_bytes=size,
+        ttl_seconds=ttl_seconds,
+        ephemeral=False,
+        overwrite=overwrite,
+    )
+    with transaction() as session:
+        record_checkpoint(session, record)
+    return uri
 
 
 @dataclass

@@ -11,29 +11,22 @@ from types import SimpleNamespace
 from sqlalchemy import select
 
 import worker.consumer
-from api.db.checkpoints import CheckpointRecord, record_checkpoint, sweep_expired_checkpoints
+from api.db.checkpoints import sweep_expired_checkpoints
 from api.db.models import Checkpoint, CheckpointKind
 from api.db.types import utcnow
 from contract.checkpoint_store import LocalCheckpointStore
+from tests.unit.api_fixtures import commit_checkpoint
 from worker.consumer import Consumer
 
 
+def _weights(folder: Path) -> None:
+    (folder / "adapter.bin").write_bytes(b"w" * 8)
+
+
 def stored(store: LocalCheckpointStore, session_factory, run_id: str, name: str, expires_in: timedelta | None) -> Path:
-    uri, size = store.write("alice", run_id, f"weights/{name}", lambda f: (f / "adapter.bin").write_bytes(b"w" * 8))
-    record = CheckpointRecord(
-        run_id=run_id,
-        owner="alice",
-        checkpoint_id=f"weights/{name}",
-        kind=CheckpointKind.TRAINING,
-        tinker_path=f"tinker://{run_id}/weights/{name}",
-        storage_uri=uri,
-        size_bytes=size,
-        ttl_seconds=None,
-        ephemeral=False,
-    )
-    with session_factory.begin() as session:
-        record_checkpoint(session, record)
-        if expires_in is not None:
+    uri = commit_checkpoint(session_factory.begin, store, run_id, f"weights/{name}", CheckpointKind.TRAINING, _weights)
+    if expires_in is not None:
+        with session_factory.begin() as session:
             session.scalar(select(Checkpoint).where(Checkpoint.storage_uri == uri)).expires_at = utcnow() + expires_in
     return Path(uri.removeprefix("file://"))
 

@@ -26,7 +26,6 @@ from pydantic import SecretStr
 from sqlalchemy import select
 
 from api.app import build_state, create_app
-from api.db.checkpoints import CheckpointRecord, record_checkpoint
 from api.db.keys import create_api_key
 from api.db.models import Checkpoint, CheckpointKind
 from api.db.types import utcnow
@@ -41,6 +40,7 @@ from api.download_links import (
 )
 from contract.checkpoint_store import CheckpointCorrupt, LocalCheckpointStore
 from contract.settings import Settings
+from tests.unit.api_fixtures import commit_checkpoint
 
 BASE = "tiny-kimi-k2"
 FILES = {"adapter_model.safetensors": os.urandom(3000), "adapter_config.json": b'{"r": 4}'}
@@ -117,22 +117,17 @@ def _store_external(state, run_id: str, name: str, seq: int = 1, ttl_seconds: in
     """An external checkpoint as a worker records it (files in the local store, a committed row)."""
     checkpoint_id = f"external_weights/{name}"
     store = LocalCheckpointStore(state.settings.checkpoint_dir)
-    uri, size = store.write("alice", run_id, f"{checkpoint_id}~{seq}.1", _fill)
-    record = CheckpointRecord(
-        run_id=run_id,
-        owner="alice",
-        checkpoint_id=checkpoint_id,
-        kind=CheckpointKind.EXTERNAL,
-        tinker_path=f"tinker://{run_id}/{checkpoint_id}",
-        storage_uri=uri,
-        size_bytes=size,
+    return commit_checkpoint(
+        state.transaction,
+        store,
+        run_id,
+        checkpoint_id,
+        CheckpointKind.EXTERNAL,
+        _fill,
+        location=f"{checkpoint_id}~{seq}.1",
         ttl_seconds=ttl_seconds,
-        ephemeral=False,
         overwrite=True,
     )
-    with state.transaction() as session:
-        record_checkpoint(session, record)
-    return uri
 
 
 def _urls(client: TestClient, run_id: str, name: str, **headers) -> dict:
