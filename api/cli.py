@@ -23,6 +23,7 @@ import sys
 
 from sqlalchemy import select
 
+from api.db.audit import SERVER
 from api.db.keys import authenticate, create_api_key, revoke_api_key
 from api.db.models import Checkpoint, TrainingRun
 from api.db.session import make_engine, make_session_factory, upgrade_to_head
@@ -89,7 +90,7 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> None:
         if args.action == "create":
             record, key = create_api_key(session, args.owner, args.name)
             print(f"{record.id}\t{key}")
-        elif not revoke_api_key(session, args.key_id, args.owner):
+        elif not revoke_api_key(session, args.key_id, args.owner, actor=SERVER):
             sys.exit(f"no active key {args.key_id} for owner {args.owner}")
 
 

@@ -13,8 +13,8 @@ Routes: ``GET /api/v1/training_runs[/{id}]``, ``GET
 /api/v1/sessions/{id}/project``, ``GET /api/v1/sessions/{id}/trace_export``,
 ``GET /api/v1/auth/apikey/me``, ``POST /api/v1/copy_weights``,
 ``GET /api/v1/billing/usage/events``, ``GET /api/v1/billing/usage/checkpoints/current``,
-``GET …/checkpoints/external_weights/{name}/external_weights_urls``. Checkpoint ids keep their kind segment
-(``weights/<name>``), put into URLs unescaped as tinker does. ``download_checkpoint`` fetches those signed
+``GET …/checkpoints/external_weights/{name}/external_weights_urls``, ``GET /api/v1/audit``. Checkpoint ids keep
+their kind segment (``weights/<name>``), put into URLs unescaped as tinker does. ``download_checkpoint`` fetches those signed
 URLs without the API key (they may point at an S3 bucket).
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Coroutine
-from datetime import datetime
+from datetime import date, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -30,6 +30,7 @@ from typing import Any, Literal, TypeVar
 from . import errors, types
 from .futures import APIFuture
 from .http import HttpClient
+from .types.limits import MAX_PAGE_SIZE
 
 T = TypeVar("T")
 AccessScope = Literal["owned", "accessible"]
@@ -396,3 +397,31 @@ class RestClient:
         self, project_id: str | None = None
     ) -> types.CurrentCheckpointStorageUsageResponse:
         return await self.get_current_checkpoint_storage_usage(project_id)
+
+    async def _audit_log(self, query: types.GetAuditLogRequest) -> types.AuditLogResponse:
+        body = await self._http.get_json("/api/v1/audit", query.to_wire())
+        return types.AuditLogResponse.model_validate(body)
+
+    def get_audit_log(
+        self,
+        event_type: types.AuditEventType = "all",
+        day: date | None = None,
+        *,
+        offset: int = 0,
+        limit: int = MAX_PAGE_SIZE,
+    ) -> APIFuture[types.AuditLogResponse]:
+        """Who created, read, changed or removed your checkpoints, moved your sessions between projects or revoked
+        your keys on the UTC ``day`` (default today), oldest first; ``event_type`` keeps one resource's events.
+        ``cursor.total_count`` says how many the day holds: page on with ``offset``."""
+        query = types.GetAuditLogRequest(event_type=event_type, day=day, offset=offset, limit=limit)
+        return self._future(self._audit_log(query), "GetAuditLog")
+
+    async def get_audit_log_async(
+        self,
+        event_type: types.AuditEventType = "all",
+        day: date | None = None,
+        *,
+        offset: int = 0,
+        limit: int = MAX_PAGE_SIZE,
+    ) -> types.AuditLogResponse:
+        return await self.get_audit_log(event_type, day, offset=offset, limit=limit)

@@ -4,8 +4,10 @@ A row is written (`record_checkpoint`) in the same transaction that marks the jo
 `committed` true: the files at `storage_uri` are complete by then. Every write stores its files under a location of
 its own (`storage_key`: the checkpoint id plus the writing job's seq and lease), so files and row commit together or
 not at all: a crash before the commit leaves only files no row names (`loom gc` removes them), and a retried write
-never collides with its own leftovers. Recovery checkpoints (`recovery/<seq_id>`) are hidden rows only workers use
-(`worker/run_recovery.py`); only the newest one per run is kept.
+never collides with its own leftovers. The row's audit event (`checkpoint_create`, or `checkpoint_copy` for a copy)
+is written with it, and the sweep records a `checkpoint_expire` for each row it deletes (`api/db/audit.py`).
+Recovery checkpoints (`recovery/<seq_id>`) are hidden rows only workers use (`worker/run_recovery.py`); only the
+newest one per run is kept.
 
 Like the job store, every function works inside the caller's transaction and never commits; deleting the stored
 files a removed row pointed at is the caller's job, after its commit (`contract/checkpoint_store.py`). The one
@@ -13,13 +15,13 @@ exception is `sweep_expired_checkpoints`, the whole periodic sweep of checkpoint
 transaction of its own, then their files), which the workers' idle pass and `loom gc` run.
 """
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from sqlalchemy import ColumnElement, delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.db.audit import SERVER, Event, checkpoint_event
 from api.db.models import Checkpoint, CheckpointKind
 from api.db.types import utcnow
 from contract.checkpoint_store import discard_checkpoint_uris
@@ -53,6 +55,8 @@ class CheckpointRecord:
     """Replace a checkpoint recorded under the same id (else `record_checkpoint` raises `CheckpointNameTaken`)."""
     user_metadata: dict[str, str] = field(default_factory=dict)
     """What the checkpoint's listing shows about it (a copy names its source)."""
+    event: Event = Event.CHECKPOINT_CREATE
+    """What the owner's audit log calls this write."""
 
 
 def record_checkpoint(session: Session, record: CheckpointRecord) -> list[str]:
@@ -69,21 +73,22 @@ def record_checkpoint(session: Session, record: CheckpointRecord) -> list[str]:
     session.flush()
     retired = [row.storage_uri for row in replaced if row.storage_uri != record.storage_uri]
     expires = utcnow() + timedelta(seconds=record.ttl_seconds) if record.ttl_seconds else None
-    session.add(
-        Checkpoint(
-            run_id=record.run_id,
-            owner=record.owner,
-            checkpoint_id=record.checkpoint_id,
-            kind=record.kind.value,
-            tinker_path=record.tinker_path,
-            storage_uri=record.storage_uri,
-            size_bytes=record.size_bytes,
-            expires_at=expires,
-            committed=True,
-            ephemeral=record.ephemeral,
-            user_metadata=record.user_metadata,
-        )
+    row = Checkpoint(
+        run_id=record.run_id,
+        owner=record.owner,
+        checkpoint_id=record.checkpoint_id,
+        kind=record.kind.value,
+        tinker_path=record.tinker_path,
+        storage_uri=record.storage_uri,
+        size_bytes=record.size_bytes,
+        expires_at=expires,
+        committed=True,
+        ephemeral=record.ephemeral,
+        user_metadata=record.user_metadata,
     )
+    session.add(row)
+    facts = {"checkpoint_type": record.kind.value, "size_bytes": record.size_bytes, "replaced": bool(replaced)}
+    checkpoint_event(session, row, record.event, record.owner, **{**facts, **record.user_metadata})
     if not record.checkpoint_id.startswith(RECOVERY_PREFIX):
         return retired
     older = session.scalars(
@@ -120,11 +125,13 @@ def committed_recovery_checkpoints(session: Session, run_id: str) -> dict[str, s
     return {checkpoint_id: uri for checkpoint_id, uri in rows}
 
 
-def delete_expired(session: Session) -> Sequence[str]:
-    """Delete every checkpoint row whose TTL has passed; returns their storage URIs."""
-    return session.scalars(
-        delete(Checkpoint).where(Checkpoint.expires_at < utcnow()).returning(Checkpoint.storage_uri)
-    ).all()
+def delete_expired(session: Session) -> list[str]:
+    """Delete every checkpoint row whose TTL has passed, each with its `checkpoint_expire` event; returns their
+    storage URIs."""
+    expired = session.scalars(delete(Checkpoint).where(Checkpoint.expires_at < utcnow()).returning(Checkpoint)).all()
+    for row in expired:
+        checkpoint_event(session, row, Event.CHECKPOINT_EXPIRE, SERVER, expires_at=row.expires_at.isoformat())
+    return [row.storage_uri for row in expired]
 
 
 def sweep_expired_checkpoints(sessions: sessionmaker[Session]) -> int:

@@ -13,6 +13,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from api.db.audit import Event, record
 from api.db.models import ApiKey
 from api.db.types import utcnow
 
@@ -38,11 +39,15 @@ def authenticate(session: Session, plaintext: str) -> ApiKey | None:
     return session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_api_key(plaintext), ApiKey.revoked_at.is_(None)))
 
 
-def revoke_api_key(session: Session, key_id: str, owner: str) -> bool:
-    """Revoke ``owner``'s key ``key_id``; False if no such live key belongs to ``owner``."""
+def revoke_api_key(session: Session, key_id: str, owner: str, actor: str) -> bool:
+    """Revoke ``owner``'s key ``key_id`` at ``actor``'s request (an ``apikey_revoke`` in ``owner``'s audit log);
+    False if no such live key belongs to ``owner``."""
     key = session.scalar(select(ApiKey).where(ApiKey.id == key_id, ApiKey.owner == owner, ApiKey.revoked_at.is_(None)))
     if key is None:
         return False
     key.revoked_at = utcnow()
+    record(
+        session, owner=owner, actor=actor, event=Event.APIKEY_REVOKE, key_id=key.id, name=key.name, prefix=key.prefix
+    )
     session.flush()
     return True

@@ -2,7 +2,9 @@
 
 `resolve_model` turns `model` into (base model, checkpoint storage) for the caller: a `tinker://` sampler or
 training checkpoint path they may read, one of their aliases, or a base model id. Anything else — including
-another tenant's checkpoint or alias — is the same 404 `model_not_found`, so ids cannot be probed.
+another tenant's checkpoint or alias — is the same 404 `model_not_found`, so ids cannot be probed. Resolving to a
+checkpoint records its read (`checkpoint_read`, purpose `sampling`) for the owner's audit log in the caller's
+transaction, which commits only with the queued completion.
 
 `sample_job` builds the worker job (a `SampleJob` with a chat or completion prompt the worker renders);
 `chat_response` / `completion_response` and the `*_chunk` helpers shape its `OpenAISampleResult` into OpenAI JSON,
@@ -24,6 +26,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from api.db.audit import ReadPurpose, checkpoint_read
 from api.db.models import Checkpoint, ModelAlias, TrainingRun
 from api.deps import AppState
 from api.errors import APIError, ErrorCode
@@ -57,6 +60,7 @@ def resolve_model(state: AppState, session: Session, owner: str, name: str) -> R
             checkpoint = readable_checkpoint(session, owner, parse_tinker_path(path, "model"))
         except APIError as exc:
             raise model_not_found(name) from exc
+        checkpoint_read(session, checkpoint, owner, ReadPurpose.SAMPLING)
         run = session.get(TrainingRun, checkpoint.run_id)
         return ResolvedModel(name, run.base_model, checkpoint.storage_uri)
     entry = state.catalogue.resolve(name)

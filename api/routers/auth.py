@@ -3,7 +3,7 @@
 `GET /auth/apikey/me` answers the key's public metadata (`tinker auth login` checks a pasted key with it): id, name,
 display prefix, creation time and tenant, never the key or its hash. `DELETE /auth/apikey/me` revokes the calling
 key itself and nothing else (what `tinker auth logout` does for a key minted for the CLI); later requests with it
-answer 401.
+answer 401. The revocation is an `apikey_revoke` in the tenant's audit log.
 
 Limits: Loom authenticates with API keys only. `POST /auth/token` (the SDK's JWT exchange, used only when
 `client/config` sets `pjwt_auth_enabled`, which Loom never does) answers 400 `unsupported`, and so the official
@@ -43,7 +43,7 @@ def get_own_api_key(key: CallerKey) -> dict[str, Any]:
 @router.delete("/auth/apikey/me", status_code=204)
 def revoke_own_api_key(key: CallerKey, state: State) -> Response:
     with state.transaction() as session:
-        revoke_api_key(session, key.id, key.owner)
+        revoke_api_key(session, key.id, key.owner, actor=key.owner)
     return Response(status_code=204)
 
 

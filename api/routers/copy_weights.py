@@ -6,7 +6,8 @@ As in Tinker, the copy keeps the source's kind and name and belongs to a new tra
   and `ServiceClient.copy_weights` send; the session is finished at once, no client holds it), or
 - run `<session_id>:train:<model_seq_id>` of one of the caller's sessions (a slot already taken is a 409).
 The copy's `ttl_seconds` sets its own expiry (the source's is not inherited), and its `user_metadata` (and its run's)
-names the source under `copied_from`.
+names the source under `copied_from`. The copy is a `checkpoint_copy` in the caller's audit log and a
+`checkpoint_read` (purpose `copy`) in the source owner's, both in the transaction that records the copy.
 
 Retries: the SDK sends one `X-Idempotency-Key` for every retry of one copy. The new session's id is derived from
 (tenant, key), so a retry whose first attempt already committed answers the same path instead of copying twice;
@@ -32,6 +33,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from api.db.audit import Event, ReadPurpose, checkpoint_read
 from api.db.checkpoints import CheckpointRecord, record_checkpoint
 from api.db.models import Checkpoint, CheckpointKind, ClientSession, RunStatus, TrainingRun
 from api.db.types import utcnow
@@ -161,6 +163,7 @@ def _record_copy(
         ttl_seconds=ttl,
         ephemeral=False,
         user_metadata=copied_from,
+        event=Event.CHECKPOINT_COPY,
     )
     record_checkpoint(session, record)
     return tinker_path
@@ -194,6 +197,7 @@ def copy_weights(body: CopyWeightsRequest, request: Request, state: State, owner
         try:
             with state.transaction() as session:
                 done = _record_copy(session, owner, to, source, uri, size, body.ttl_seconds)
+                checkpoint_read(session, found, owner, ReadPurpose.COPY)
         except IntegrityError:  # a concurrent attempt of the same copy committed first
             discard_checkpoint_uris([uri])
             with state.reading() as session:

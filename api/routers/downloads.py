@@ -7,6 +7,9 @@ one): presigned GET URLs for a checkpoint in S3, else signed links to `GET /api/
 have URLs: a training checkpoint is downloaded by exporting it with `save_weights_external` first (what
 `tinker checkpoint download tinker://.../weights/...` does), and sampler weights are not downloadable.
 
+Handing out the URLs is a `checkpoint_read` (purpose `download`) in the checkpoint owner's audit log, under the
+caller's name; the downloads themselves are not audited (the link is the credential, see the request log).
+
 The download route needs no API key (the link is the credential): 403 for a missing, wrong or expired signature;
 404 once the checkpoint is deleted, expired or saved again; otherwise the file, verified against the checkpoint's
 manifest, streamed with its Content-Length (and HTTP range support).
@@ -26,6 +29,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 
+from api.db.audit import ReadPurpose, checkpoint_read
 from api.db.models import Checkpoint
 from api.deps import State, Tenant
 from api.download_links import external_file_resource, signed_url, signer_for, storage_version
@@ -65,8 +69,10 @@ def external_weights_urls(
             "checkpoint_id",
         )
     path = TinkerPath(run_id, kind, name)
-    with state.reading() as session:
-        uri = readable_checkpoint(session, owner, path).storage_uri
+    with state.transaction() as session:
+        checkpoint = readable_checkpoint(session, owner, path)
+        checkpoint_read(session, checkpoint, owner, ReadPurpose.DOWNLOAD)
+        uri = checkpoint.storage_uri
     expires = int(time.time()) + state.settings.download_url_seconds
     urls = _file_urls(request, state, path, uri, expires)
     return ExternalWeightsUrlsResponse(urls=urls, expires=datetime.fromtimestamp(expires, UTC)).to_wire()

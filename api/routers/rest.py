@@ -11,6 +11,9 @@ TTL: `PUT .../ttl` sets `expires_at` to now + `ttl_seconds` (3600 s to 10 years)
 checkpoint is gone for clients at once (404, left out of listings); its row and files are deleted by the workers'
 idle sweep and by `loom gc` (`api.db.checkpoints.sweep_expired_checkpoints`).
 
+Every change and every `weights_info` read is written to the checkpoint owner's audit log in the same transaction
+(`api/db/audit.py`), a read by another tenant under that reader's name.
+
 Limits: list endpoints use offset/limit pagination, `limit` in [1, MAX_PAGE_SIZE] and `offset` a non-negative 64-bit
 integer (anything else is a 400 naming the parameter); checkpoint deletion removes the files and the row at once.
 Hidden checkpoints (a sampling session's snapshot, recovery checkpoints) are never listed.
@@ -24,6 +27,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from sqlalchemy import func, select
 
+from api.db.audit import Event, ReadPurpose, checkpoint_event, checkpoint_read
 from api.db.models import Checkpoint, ClientSession, TrainingRun
 from api.db.types import utcnow
 from api.deps import State, Tenant, owned_run
@@ -87,8 +91,9 @@ def _run(session, run: TrainingRun) -> WireTrainingRun:
 
 @router.post("/weights_info")
 def weights_info(body: WeightsInfoRequest, state: State, owner: Tenant) -> dict[str, Any]:
-    with state.reading() as session:
+    with state.transaction() as session:
         checkpoint = readable_checkpoint(session, owner, parse_tinker_path(body.tinker_path, "tinker_path"))
+        checkpoint_read(session, checkpoint, owner, ReadPurpose.WEIGHTS_INFO)
         run = session.get(TrainingRun, checkpoint.run_id)
     return WeightsInfoResponse(
         base_model=run.base_model,
@@ -164,6 +169,7 @@ def delete_checkpoint(run_id: str, kind: str, name: str, state: State, owner: Te
         row = owned_checkpoint(session, owner, path)
         uri = row.storage_uri
         session.delete(row)
+        checkpoint_event(session, row, Event.CHECKPOINT_DELETE, owner)
     delete_checkpoint_uri(uri)
     return {"deleted": str(path)}
 
@@ -176,6 +182,7 @@ def _set_public(run_id: str, kind: str, name: str, state: State, owner: str, pub
             already = "public" if public else "private"
             raise APIError(409, ErrorCode.CONFLICT, f"checkpoint {path} is already {already}", "checkpoint_id")
         row.public = public
+        checkpoint_event(session, row, Event.CHECKPOINT_PUBLISH if public else Event.CHECKPOINT_UNPUBLISH, owner)
         return _checkpoint(row).to_wire()
 
 
@@ -200,4 +207,8 @@ def set_checkpoint_ttl(
     with state.transaction() as session:
         row = owned_checkpoint(session, owner, path)
         row.expires_at = None if body.ttl_seconds is None else utcnow() + timedelta(seconds=body.ttl_seconds)
+        expires_at = None if row.expires_at is None else row.expires_at.isoformat()
+        checkpoint_event(
+            session, row, Event.CHECKPOINT_TTL_SET, owner, ttl_seconds=body.ttl_seconds, expires_at=expires_at
+        )
         return _checkpoint(row).to_wire()

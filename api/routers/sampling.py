@@ -6,6 +6,8 @@ The submit answer carries one `sample_sequence_ids` entry per sequence the resul
 A SamplingClient unpickled in another process joins the session (`join_sampling_session`) for a clone id of its own
 (`api/db/sampler_clones.py`) and numbers its samples in that id's block of seq_ids. A finished session's samplers
 take no new samples (410).
+Reading weights is a `checkpoint_read` (purpose `sampling`) in the checkpoint owner's audit log: once when a
+sampling session is made on a path, and for every sample that names a `model_path` itself.
 With `record_stability_info=True` the job is kept as the record stable_reinforce trains against (`api/stability.py`).
 
 Limits: `num_samples` is capped (see `loom.types.validation.check_sample`).
@@ -20,7 +22,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.admission import WorkerBudget
-from api.db.models import SamplingSession, TrainingRun
+from api.db.audit import ReadPurpose, checkpoint_read
+from api.db.models import Checkpoint, SamplingSession, TrainingRun
 from api.db.sampler_clones import TooManyClones, join_clone
 from api.deps import State, Tenant, enqueue, live_session
 from api.errors import invalid, not_found
@@ -41,11 +44,10 @@ from loom.types.validation import InvalidRequest, check_sample, max_tokens_of
 router = APIRouter(prefix="/api/v1")
 
 
-def _weights_base_model(session: Session, owner: str, model_path: str) -> tuple[str, str]:
-    """(base model, storage uri) of a readable checkpoint."""
+def _weights(session: Session, owner: str, model_path: str) -> tuple[Checkpoint, str]:
+    """A checkpoint the caller may read, and the base model it was trained on."""
     checkpoint = readable_checkpoint(session, owner, parse_tinker_path(model_path, "model_path"))
-    run = session.get(TrainingRun, checkpoint.run_id)
-    return run.base_model, checkpoint.storage_uri
+    return checkpoint, session.get(TrainingRun, checkpoint.run_id).base_model
 
 
 @router.post("/create_sampling_session")
@@ -53,8 +55,9 @@ def create_sampling_session(body: CreateSamplingSessionRequest, state: State, ow
     sampler_id = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
     with state.transaction() as session:
         live_session(session, owner, body.session_id)
+        checkpoint = None
         if body.model_path is not None:
-            base_model, _ = _weights_base_model(session, owner, body.model_path)
+            checkpoint, base_model = _weights(session, owner, body.model_path)
             if body.base_model is not None and state.model(body.base_model).name != base_model:
                 raise invalid(f"{body.model_path} was trained on {base_model}, not {body.base_model}", "base_model")
         else:
@@ -70,6 +73,8 @@ def create_sampling_session(body: CreateSamplingSessionRequest, state: State, ow
                     model_path=body.model_path,
                 )
             )
+            if checkpoint is not None:
+                checkpoint_read(session, checkpoint, owner, ReadPurpose.SAMPLING)
         elif existing.owner != owner or existing.model_path != body.model_path:
             raise invalid(f"sampling session {sampler_id} already exists with other weights", "sampling_session_seq_id")
     return CreateSamplingSessionResponse(sampling_session_id=sampler_id).to_wire()
@@ -116,9 +121,9 @@ def asample(body: SampleRequest, request: Request, state: State, owner: Tenant) 
             base_model, model_path = sampler.base_model, sampler.model_path
         else:
             base_model, model_path = body.base_model, body.model_path
-        storage_uri = None
+        weights = None
         if model_path is not None:
-            base_model, storage_uri = _weights_base_model(session, owner, model_path)
+            weights, base_model = _weights(session, owner, model_path)
     info = state.model(base_model)
     try:
         prompt_tokens = check_sample(body, info.vocab_size, info.max_context_length)
@@ -135,7 +140,7 @@ def asample(body: SampleRequest, request: Request, state: State, owner: Tenant) 
         prompt=prompt,
         sampling_params=body.sampling_params,
         num_samples=body.num_samples,
-        storage_uri=storage_uri,
+        storage_uri=None if weights is None else weights.storage_uri,
         record_stability_info=body.record_stability_info or None,
     )
     seq_id = body.seq_id if body.sampling_session_id is not None else None
@@ -149,6 +154,8 @@ def asample(body: SampleRequest, request: Request, state: State, owner: Tenant) 
             seq_id=seq_id,
             payload=payload,
         )
+        if weights is not None and body.sampling_session_id is None:  # a session's weights were read at its creation
+            checkpoint_read(session, weights, owner, ReadPurpose.SAMPLING)
     state.queue.submitted(info.name, sampling=True)
     if body.sampling_session_id is not None:
         note_submitted(body.sampling_session_id)

@@ -2,7 +2,8 @@
 
 - `GET /sessions` (ids, newest first, offset/limit) and `GET /sessions/{id}` (its training runs and samplers);
 - `POST /sessions/search` (filters, newest first, cursor pages);
-- `PUT /sessions/{id}/project` (moves the session, and so its runs and samplers, into a project);
+- `PUT /sessions/{id}/project` (moves the session, and so its runs and samplers, into a project; a move to another
+  project is a `project_assign` in the audit log);
 - `POST /sessions/{id}/finish` (what `close()` sends; idempotent, the first reason wins): the session then takes no
   new requests (410) and its heartbeat answers 410, but every request it made still completes and stays
   retrievable;
@@ -24,6 +25,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import func, select
 
+from api.db import audit
 from api.db.models import ClientSession
 from api.deps import CallerKey, State, Tenant, owned_session
 from api.errors import APIError, ErrorCode, not_found
@@ -81,6 +83,9 @@ def assign_session_project(
 ) -> dict[str, Any]:
     with state.transaction() as session:
         record = owned_session(session, owner, session_id)
+        moved = {"session_id": record.id, "project_id": body.project_id, "previous_project_id": record.project_id}
+        if record.project_id != body.project_id:
+            audit.record(session, owner=owner, actor=owner, event=audit.Event.PROJECT_ASSIGN, **moved)
         record.project_id = body.project_id
         session.flush()
         return summaries(session, [record])[0].to_wire()

@@ -13,6 +13,9 @@ would wait forever for the ops before it); a replay of a submitted seq_id is alw
 `get_info` names the base model's public id as `tokenizer_id`; the tokenizer's files are served by
 `api/routers/tokenizers.py` and, for Hugging Face Hub clients (`HF_ENDPOINT`), `api/routers/hub.py`.
 
+`load_weights` (into a run, or creating one from a checkpoint) is a `checkpoint_read` (purpose `load_weights`) in
+the checkpoint owner's audit log, in the transaction that queues the load.
+
 Limits: checkpoint names must match `CHECKPOINT_NAME_PATTERN` (so never `.` or `..`); `ttl_seconds` bounds are
 declared on the wire types (`loom.types.limits`).
 """
@@ -29,6 +32,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.admission import WorkerBudget
+from api.db.audit import ReadPurpose, checkpoint_read
 from api.db.custom_losses import owned_custom_loss
 from api.db.jobs import next_training_seq, seq_beyond_window
 from api.db.models import Checkpoint, RunStatus, SamplingSession, TrainingRun
@@ -446,6 +450,7 @@ def load_weights(body: LoadWeightsRequest, request: Request, state: State, owner
             tinker_path=body.path, storage_uri=checkpoint.storage_uri, with_optimizer=body.optimizer
         )
         job_id = _enqueue_op(session, request, run, seq_id, payload)
+        checkpoint_read(session, checkpoint, owner, ReadPurpose.LOAD_WEIGHTS)
     return _submitted(state, run, job_id)
 
 

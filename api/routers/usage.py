@@ -1,12 +1,14 @@
 """Usage and audit routes (Tinker's AdminClient surface): billing usage events, current checkpoint storage, audit log.
 
-A tenant is its own organisation: every figure is the caller's own (`api/usage.py` says what counts, and that Loom
-has no prices). `GET /api/v1/audit` answers 400 `unsupported`: Loom records no audit trail (publishing,
-unpublishing, TTL changes, deletions and reads of checkpoints leave no history in its database), and serving the
-part the job history holds as an audit log would hide exactly the events an audit looks for.
+A tenant is its own organisation: every figure and entry is the caller's own (`api/usage.py` says what counts, and
+that Loom has no prices). `GET /api/v1/audit` lists the events on the caller's objects of one UTC day (`day`,
+default today), oldest first, those of one resource if `event_type` says so; what is recorded, and when, is in
+`api/db/audit.py`. Each entry's `event_details` names the `actor` with the event's facts (and, for a checkpoint,
+its `model_id` and `tinker_path`, which the entry repeats in tinker's deprecated fields with a read's `purpose`).
 
-Limits: the usage window is whole UTC hours, starts no later than now and spans at most 14 days, as in Tinker;
-anything else is a 400 naming the parameter.
+Limits: the usage window is whole UTC hours, starts no later than now and spans at most 14 days, as in Tinker; an
+audit page holds at most `MAX_PAGE_SIZE` entries (`offset`/`limit`, with a `cursor` giving the day's total).
+Anything else is a 400 naming the parameter.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
+from api.db.audit import day_page
+from api.db.models import AuditEvent
 from api.deps import State, Tenant
-from api.errors import APIError, ErrorCode, invalid
+from api.errors import invalid
 from api.usage import billing_usage, checkpoint_storage, hour_of
-from loom.types import GetBillingUsageRequest
+from loom.types import AuditLogEntry, AuditLogResponse, Cursor, GetAuditLogRequest, GetBillingUsageRequest
 
 router = APIRouter(prefix="/api/v1")
 
@@ -54,11 +58,19 @@ def current_checkpoint_storage(state: State, owner: Tenant, project_id: str | No
         return checkpoint_storage(session, owner, project_id).to_wire()
 
 
-@router.get("/audit")
-def audit_log(owner: Tenant) -> dict[str, Any]:
-    raise APIError(
-        400,
-        ErrorCode.UNSUPPORTED,
-        "Loom keeps no audit log: who published, unpublished, re-timed, deleted or read a checkpoint is not "
-        "recorded, so no complete audit trail can be served (the server's access log has every request)",
+def _entry(event: AuditEvent) -> AuditLogEntry:
+    about = {"model_id": event.model_id, "tinker_path": event.tinker_path}
+    details = {"actor": event.actor, **{k: v for k, v in about.items() if v is not None}, **event.details}
+    return AuditLogEntry(
+        timestamp=event.at, event=event.event, event_details=details, **about, purpose=event.details.get("purpose")
     )
+
+
+@router.get("/audit")
+def audit_log(query: Annotated[GetAuditLogRequest, Query()], state: State, owner: Tenant) -> dict[str, Any]:
+    day = query.day or datetime.now(UTC).date()
+    with state.reading() as session:
+        events, total = day_page(session, owner, day, query.event_type, query.offset, query.limit)
+        entries = [_entry(event) for event in events]
+    cursor = Cursor(offset=query.offset, limit=query.limit, total_count=total)
+    return AuditLogResponse(entries=entries, cursor=cursor).to_wire()

@@ -14,12 +14,14 @@ Modules:
 - :mod:`.custom_loss`  create_custom_loss: a traced loss graph as data
 - :mod:`.usage`        billing usage events, current checkpoint storage
 - :mod:`.tokenizers`   tokenizer file listings, and the Hub shapes of the ``/hf`` routes
+- :mod:`.audit`        the audit log (``AdminClient.get_audit_log``)
 
 Every model ignores unknown keys (forward compatibility) and serialises with
 ``model.to_wire()`` (JSON mode, ``None`` left out), as the SDK does.
 """
 
 from ._base import WireModel
+from .audit import AuditEventType, AuditLogEntry, AuditLogResponse, GetAuditLogRequest
 from .custom_loss import (
     CreateCustomLossRequest,
     CreateCustomLossResponse,
@@ -308,4 +310,8 @@ __all__ = [
     "HubTreeEntry",
     "TokenizerFile",
     "TokenizerFilesResponse",
+    "AuditEventType",
+    "AuditLogEntry",
+    "AuditLogResponse",
+    "GetAuditLogRequest",
 ]

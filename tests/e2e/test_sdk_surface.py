@@ -415,7 +415,10 @@ def exercise(ledger: Ledger, server: LoomServer, tokenizer) -> None:
             f"{client_name}.get_current_checkpoint_storage_usage",
             lambda client=client: stores_bytes(client.get_current_checkpoint_storage_usage().result()),
         )
-        call(f"{client_name}.get_audit_log", lambda client=client: client.get_audit_log().result())
+        call(
+            f"{client_name}.get_audit_log",
+            lambda client=client: audited(client.get_audit_log().result(), need(state, made_state)),
+        )
     call("AdminClient.get_telemetry", lambda: admin.get_telemetry())
 
     # -- Deletions, then finishing the session ---------------------------------------------------------------------
@@ -550,6 +553,17 @@ def check_external_files(response: types.ExternalWeightsUrlsResponse) -> None:
 
 def downloaded(url: str) -> None:
     assert httpx.get(url, timeout=60).raise_for_status().content, url
+
+
+def audited(log: types.AuditLogResponse, path: str) -> None:
+    """Today's log holds the checkpoint's save, its weights_info read, and its publishing and unpublishing, in that
+    order, all by the caller."""
+    mine = [entry for entry in log.entries if entry.tinker_path == path]
+    seen = [(entry.event, entry.purpose) for entry in mine]
+    wanted = [("checkpoint_create", None), ("checkpoint_publish", None), ("checkpoint_unpublish", None)]
+    assert [event for event in seen if event in wanted] == wanted, seen
+    includes(seen, ("checkpoint_read", "weights_info"))
+    expect(len({entry.event_details["actor"] for entry in mine}), 1)
 
 
 def trained_in(usage: types.BillingUsageResponse, session_id: str | None) -> None:

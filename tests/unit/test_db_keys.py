@@ -27,9 +27,9 @@ def test_revoked_key_is_rejected_and_only_its_owner_can_revoke(
         key, plaintext = create_api_key(session, "alice", "ci")
 
     with session_factory.begin() as session:
-        assert not revoke_api_key(session, key.id, "bob")
+        assert not revoke_api_key(session, key.id, "bob", actor="bob")
         assert authenticate(session, plaintext) is not None
-        assert revoke_api_key(session, key.id, "alice")
-        assert not revoke_api_key(session, key.id, "alice")
+        assert revoke_api_key(session, key.id, "alice", actor="alice")
+        assert not revoke_api_key(session, key.id, "alice", actor="alice")
     with session_factory() as session:
         assert authenticate(session, plaintext) is None
