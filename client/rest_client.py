@@ -7,7 +7,7 @@ twin returns the value.
 Routes: ``GET /api/v1/training_runs[/{id}]``, ``GET
 /api/v1/training_runs/{id}/checkpoints``, ``GET /api/v1/checkpoints``,
 ``DELETE /api/v1/training_runs/{id}/checkpoints/{kind}/{name}``,
-``PUT …/ttl``, ``POST``/``DELETE …/publish``, ``GET …/archive`` (302 or JSON),
+``PUT …/ttl``, ``POST``/``DELETE …/publish``,
 ``POST /api/v1/weights_info``, ``GET /api/v1/samplers/{id}``,
 ``GET /api/v1/sessions[/{id}]``, ``POST /api/v1/sessions/search``, ``PUT
 /api/v1/sessions/{id}/project``, ``GET /api/v1/sessions/{id}/trace_export``,
@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 from collections.abc import Coroutine
 from datetime import date, datetime
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -34,16 +33,6 @@ from .types.limits import MAX_PAGE_SIZE
 
 T = TypeVar("T")
 AccessScope = Literal["owned", "accessible"]
-
-
-def _http_date(value: str | None) -> datetime | None:
-    """Parse an HTTP ``Expires`` date; ``None`` if absent or malformed."""
-    if not value:
-        return None
-    try:
-        return parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
 
 
 class RestClient:
@@ -93,18 +82,6 @@ class RestClient:
         await self._http.request(
             "POST" if publish else "DELETE", f"/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id}/publish"
         )
-
-    async def _archive_url(self, run_id: str, checkpoint_id: str) -> types.CheckpointArchiveUrlResponse:
-        response = await self._http.request(
-            "GET",
-            f"/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id}/archive",
-            ok_statuses=(301, 302, 303, 307),
-        )
-        if response.is_redirect:
-            return types.CheckpointArchiveUrlResponse(
-                url=response.headers["location"], expires=_http_date(response.headers.get("expires"))
-            )
-        return types.CheckpointArchiveUrlResponse.model_validate(response.json())
 
     async def _get_sampler(self, sampler_id: str) -> types.GetSamplerResponse:
         return types.GetSamplerResponse.model_validate(await self._http.get_json(f"/api/v1/samplers/{sampler_id}"))
@@ -203,19 +180,6 @@ class RestClient:
     async def unpublish_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
         parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
         await self._http.call_async(self._publish(parsed.training_run_id, parsed.checkpoint_id, False))
-
-    def get_checkpoint_archive_url_from_tinker_path(
-        self, tinker_path: str
-    ) -> APIFuture[types.CheckpointArchiveUrlResponse]:
-        """Signed download URL of the checkpoint's tar archive."""
-        parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
-        return self._future(self._archive_url(parsed.training_run_id, parsed.checkpoint_id), "CheckpointArchiveUrl")
-
-    async def get_checkpoint_archive_url_from_tinker_path_async(
-        self, tinker_path: str
-    ) -> types.CheckpointArchiveUrlResponse:
-        parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
-        return await self._http.call_async(self._archive_url(parsed.training_run_id, parsed.checkpoint_id))
 
     def get_sampler(self, sampler_id: str) -> APIFuture[types.GetSamplerResponse]:
         return self._future(self._get_sampler(sampler_id), "GetSampler")

@@ -1,7 +1,9 @@
 """Run and checkpoint management (Tinker's RestClient surface): weights_info, training runs, checkpoints.
 
-Everything is scoped to the caller's tenant: runs and checkpoints are listed for their owner only, and only the
-owner may delete a checkpoint, publish or unpublish it, or set its TTL (anyone else gets the 404 of a missing one).
+Everything is scoped to the caller's tenant: runs and checkpoints are listed for their owner only (with
+`access_scope=accessible`, run listings and `GET /training_runs/{id}` also show other tenants' runs that have a
+published checkpoint, with only those checkpoints), and only the owner may delete a checkpoint, publish or unpublish
+it, or set its TTL (anyone else gets the 404 of a missing one).
 A published checkpoint is readable by every tenant (`weights_info`, sampling, `load_weights`, OpenAI model names:
 see `api/paths.py`). Unpublishing takes that back at once: another tenant's sampling session on it answers 404 from
 its next sample on (samples already queued finish, since they carry the weights' location), while a run another
@@ -22,16 +24,16 @@ Hidden checkpoints (a sampling session's snapshot, recovery checkpoints) are nev
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
 
 from api.db.audit import Event, ReadPurpose, checkpoint_event, checkpoint_read
 from api.db.models import Checkpoint, ClientSession, TrainingRun
 from api.db.types import utcnow
 from api.deps import State, Tenant, owned_run
-from api.errors import APIError, ErrorCode
+from api.errors import APIError, ErrorCode, not_found
 from api.paths import TinkerPath, listed_checkpoint, owned_checkpoint, parse_tinker_path, readable_checkpoint
 from api.session_records import in_projects
 from contract.checkpoint_store import delete_checkpoint_uri
@@ -51,6 +53,7 @@ router = APIRouter(prefix="/api/v1")
 
 PageSize = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
 PageOffset = Annotated[int, Query(ge=0, le=INT64_MAX)]
+AccessScope = Literal["owned", "accessible"]
 
 
 def _checkpoint(c: Checkpoint) -> WireCheckpoint:
@@ -66,11 +69,27 @@ def _checkpoint(c: Checkpoint) -> WireCheckpoint:
     )
 
 
-def _run(session, run: TrainingRun) -> WireTrainingRun:
+def _published_by_others(owner: str) -> ColumnElement[bool]:
+    """Another tenant's checkpoint this tenant may read: listed and published."""
+    return listed_checkpoint() & Checkpoint.public.is_(True) & (Checkpoint.owner != owner)
+
+
+def _runs_in_scope(owner: str, access_scope: AccessScope) -> ColumnElement[bool]:
+    """`owned`: the caller's runs; `accessible`: also every run with a checkpoint published to everyone."""
+    mine = TrainingRun.owner == owner
+    if access_scope == "owned":
+        return mine
+    return mine | TrainingRun.id.in_(select(Checkpoint.run_id).where(_published_by_others(owner)))
+
+
+def _run(session, run: TrainingRun, viewer: str) -> WireTrainingRun:
+    """The wire form of `run` as `viewer` sees it: another tenant's run shows only its published checkpoints."""
+    visible = listed_checkpoint() if run.owner == viewer else _published_by_others(viewer)
+
     def last(kind: str) -> WireCheckpoint | None:
         c = session.scalar(
             select(Checkpoint)
-            .where(Checkpoint.run_id == run.id, Checkpoint.kind == kind, listed_checkpoint())
+            .where(Checkpoint.run_id == run.id, Checkpoint.kind == kind, visible)
             .order_by(Checkpoint.created_at.desc())
             .limit(1)
         )
@@ -107,9 +126,14 @@ def weights_info(body: WeightsInfoRequest, state: State, owner: Tenant) -> dict[
 
 @router.get("/training_runs")
 def list_training_runs(
-    state: State, owner: Tenant, limit: PageSize = 20, offset: PageOffset = 0, project_id: str | None = None
+    state: State,
+    owner: Tenant,
+    limit: PageSize = 20,
+    offset: PageOffset = 0,
+    project_id: str | None = None,
+    access_scope: AccessScope = "owned",
 ) -> dict[str, Any]:
-    mine = TrainingRun.owner == owner
+    mine = _runs_in_scope(owner, access_scope)
     if project_id is not None:  # a run is in its session's project
         mine = mine & TrainingRun.session_id.in_(select(ClientSession.id).where(in_projects([project_id])))
     with state.reading() as session:
@@ -117,16 +141,19 @@ def list_training_runs(
         runs = session.scalars(
             select(TrainingRun).where(mine).order_by(TrainingRun.created_at.desc()).offset(offset).limit(limit)
         ).all()
-        items = [_run(session, r) for r in runs]
+        items = [_run(session, r, owner) for r in runs]
     return TrainingRunsResponse(
         training_runs=items, cursor=Cursor(offset=offset, limit=limit, total_count=total or 0)
     ).to_wire()
 
 
 @router.get("/training_runs/{run_id}")
-def get_training_run(run_id: str, state: State, owner: Tenant) -> dict[str, Any]:
+def get_training_run(run_id: str, state: State, owner: Tenant, access_scope: AccessScope = "owned") -> dict[str, Any]:
     with state.reading() as session:
-        return _run(session, owned_run(session, owner, run_id)).to_wire()
+        run = session.scalar(select(TrainingRun).where(TrainingRun.id == run_id, _runs_in_scope(owner, access_scope)))
+        if run is None:
+            raise not_found(f"training run {run_id!r} not found")
+        return _run(session, run, owner).to_wire()
 
 
 @router.get("/training_runs/{run_id}/checkpoints")

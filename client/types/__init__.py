@@ -61,7 +61,6 @@ from .model_input import (
 )
 from .rest import (
     Checkpoint,
-    CheckpointArchiveUrlResponse,
     CheckpointsListResponse,
     CheckpointType,
     CopyWeightsRequest,
@@ -186,7 +185,6 @@ __all__ = [
     "AuthTokenResponse",
     "CancelFutureRequest",
     "Checkpoint",
-    "CheckpointArchiveUrlResponse",
     "CheckpointType",
     "CheckpointsListResponse",
     "ClientConfigRequest",

@@ -3,7 +3,7 @@
 Role: responses of ``GET /api/v1/training_runs[/{id}]``,
 ``GET /api/v1/training_runs/{id}/checkpoints``, ``GET /api/v1/checkpoints``,
 ``POST /api/v1/weights_info``, ``GET /api/v1/samplers/{id}``,
-``GET /api/v1/sessions[/{id}]``, the checkpoint archive / TTL endpoints and
+``GET /api/v1/sessions[/{id}]``, the checkpoint TTL endpoint and
 ``GET …/checkpoints/external_weights/{name}/external_weights_urls`` and
 ``POST /api/v1/copy_weights``.
 
@@ -133,11 +133,6 @@ class ListSessionsResponse(WireModel):
     sessions: list[str] = Field(default_factory=list)
     """Session ids, newest first."""
     cursor: Cursor | None = None
-
-
-class CheckpointArchiveUrlResponse(WireModel):
-    url: str
-    expires: datetime | None = None
 
 
 class SetCheckpointTtlRequest(WireModel):

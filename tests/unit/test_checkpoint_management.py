@@ -222,6 +222,29 @@ def test_publishing_lets_every_tenant_read_and_only_the_owner_change_it(door: Do
     assert door.alice.post("/api/v1/weights_info", json=weights_info).status_code == 200
 
 
+def test_accessible_scope_shows_another_tenants_run_through_its_published_checkpoints_only(door: Door) -> None:
+    run_id = door.run(door.alice)
+    shared = door.checkpoint("alice", run_id, "shared", kind="sampler_weights")
+    door.checkpoint("alice", run_id, "private-sampler", kind="sampler_weights")
+    door.checkpoint("alice", run_id, "private-state")
+    accessible = {"access_scope": "accessible"}
+    assert error(door.bob.get(f"/api/v1/training_runs/{run_id}", params=accessible), 404)["code"] == "not_found"
+    assert door.bob.get("/api/v1/training_runs", params=accessible).json()["training_runs"] == []
+
+    assert door.alice.post(rest_url(shared, "/publish")).status_code == 200
+    seen = door.bob.get(f"/api/v1/training_runs/{run_id}", params=accessible).json()
+    assert seen["training_run_id"] == run_id and seen["model_owner"] == "alice"
+    assert seen["last_sampler_checkpoint"]["tinker_path"] == shared and seen.get("last_checkpoint") is None
+    listed = door.bob.get("/api/v1/training_runs", params=accessible).json()
+    assert [r["training_run_id"] for r in listed["training_runs"]] == [run_id]
+    # the owned scope (the default) still answers 404, and the owner sees every checkpoint
+    assert error(door.bob.get(f"/api/v1/training_runs/{run_id}"), 404)["code"] == "not_found"
+    own = door.alice.get(f"/api/v1/training_runs/{run_id}", params=accessible).json()
+    assert own["last_sampler_checkpoint"]["tinker_path"] != shared and own.get("last_checkpoint") is not None
+    bad = door.bob.get(f"/api/v1/training_runs/{run_id}", params={"access_scope": "everything"})
+    assert bad.status_code == 400, bad.text
+
+
 def test_a_malformed_checkpoint_in_a_rest_url_is_400(door: Door) -> None:
     run_id = door.run(door.alice)
     bad = door.alice.post(f"/api/v1/training_runs/{run_id}/checkpoints/recovery/x/publish")

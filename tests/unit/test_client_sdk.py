@@ -571,18 +571,6 @@ def test_non_finite_floats_survive_the_wire(server: FakeServer, service: loom.Se
     assert b"-Infinity" in parsed.model_dump_json().encode()
 
 
-def test_archive_url_from_302_or_json(server: FakeServer, service: loom.ServiceClient) -> None:
-    path = "/api/v1/training_runs/r/checkpoints/weights/a/archive"
-    server.hooks[path] = lambda req, body: httpx.Response(
-        302, headers={"Location": "https://s3.test/a.tar", "Expires": "Wed, 21 Oct 2026 07:28:00 GMT"}
-    )
-    url = service.create_rest_client().get_checkpoint_archive_url_from_tinker_path("tinker://r/weights/a").result(10)
-    assert url.url == "https://s3.test/a.tar" and url.expires is not None
-    server.hooks[path] = lambda req, body: httpx.Response(200, json={"url": "https://s3.test/b.tar"})
-    url = service.create_rest_client().get_checkpoint_archive_url_from_tinker_path("tinker://r/weights/a").result(10)
-    assert url.url == "https://s3.test/b.tar"
-
-
 def test_save_weights_external_and_download_without_the_api_key(
     server: FakeServer, service: loom.ServiceClient, tmp_path
 ) -> None:
