@@ -54,6 +54,10 @@ class ErrorCode(StrEnum):
     """A Tinker feature a self-hosted Loom does not offer; the message says why."""
     INTERNAL = "internal_error"
     SERVICE_UNAVAILABLE = "service_unavailable"
+    INVALID_IMAGE = "invalid_image"
+    """400: an image is corrupt, too large, animated, of another format than declared, or not fetchable."""
+    IMAGE_TOKEN_MISMATCH = "image_token_mismatch"
+    """400: an image chunk's `expected_tokens` is not the number of tokens the server computes for the image."""
     SESSION_FINISHED = "session_finished"
     """410: the session was finished (`ServiceClient.close()`); it takes no new work, its futures still resolve."""
 

@@ -11,7 +11,8 @@ each: the loss trains on exactly those rows, against the sampler's own numbers, 
 Limits: a record is usable by training runs of the session that sampled it, for `RECORD_LIFETIME` after the
 sample finished (Tinker restarts that day on every use; Loom has no column to note the use, so it does not). A span
 naming a missing, unrecorded, unfinished, expired or another session's (or tenant's) sequence is a 400, the same
-message for each, so nothing is learned about other tenants' samples.
+message for each, so nothing is learned about other tenants' samples. Image positions are compared by where
+they are only (`IMAGE_POSITION`), not by which image fills them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from api.errors import APIError, invalid
 from contract.jobs import JobKind, RecordedTargets, SampleJob, TinkerPrompt
 from loom.types import Datum, ProvenanceSpan, SampleResponse
 
+IMAGE_POSITION = -1
+"""What an image position of a prompt or datum is compared as (no token has this id): spans over images match on
+where images are, not on which image it is."""
 RECORD_LIFETIME = timedelta(days=1)
 """How long after sampling a recorded sequence can be trained on (Tinker's day)."""
 
@@ -79,7 +83,7 @@ class _Records:
         if int(index) >= len(response.sequences) or response.sequences[int(index)].logprobs is None:
             return None
         sequence = response.sequences[int(index)]
-        prompt = [t for chunk in payload.prompt.model_input.chunks for t in chunk.tokens]
+        prompt = payload.prompt.model_input.token_ids(IMAGE_POSITION)
         return _Sequence(prompt, sequence.tokens, sequence.logprobs)
 
 
@@ -90,7 +94,7 @@ def recorded_targets(session: Session, owner: str, session_id: str, data: list[D
     records = _Records(session, owner, session_id)
     out = []
     for i, datum in enumerate(data):
-        tokens = [t for chunk in datum.model_input.chunks for t in chunk.tokens]
+        tokens = datum.model_input.token_ids(IMAGE_POSITION)
         targets = [int(t) for t in datum.loss_fn_inputs["target_tokens"].dense_data()]
         _match(records, datum.model_input_spans or [], tokens, f"data.{i}.model_input_spans")
         out.append(_match(records, datum.loss_fn_input_spans or [], targets, f"data.{i}.loss_fn_input_spans"))

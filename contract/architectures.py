@@ -5,8 +5,11 @@ facts the API derives from a config without loading anything (vocabulary, contex
 `model_type: kimi_k2` with its own remote-code classes; its layout is DeepSeek-V3's, so it loads into
 transformers' DeepseekV3 classes (no remote code is ever run).
 
-Limits: causal language models only (Llama, Qwen3 dense, Qwen3-MoE, DeepSeek-V3 / Kimi K2); an architecture not
-listed here is refused when the catalogue is read, before any weights are touched.
+Qwen3-VL (dense and MoE) loads into its `...ForConditionalGeneration` class: a vision tower and merger in front of
+a Qwen3 language model whose facts (vocabulary, context) sit in the config's `text_config`.
+
+Limits: causal language models (Llama, Qwen3 dense, Qwen3-MoE, DeepSeek-V3 / Kimi K2) and Qwen3-VL only; an
+architecture not listed here is refused when the catalogue is read, before any weights are touched.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ class Architecture:
     """The transformers causal-LM class (also the catalogue's `arch`)."""
     moe: bool
     """Whether the MLPs are routed experts (fused 3-D expert parameters in transformers 5)."""
+    vision: bool = False
+    """A vision-language model (its language model's facts are in `text_config`)."""
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -36,6 +41,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", moe=True),
         Architecture("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM", moe=True),
         Architecture("kimi_k2", "DeepseekV3Config", "DeepseekV3ForCausalLM", moe=True),
+        Architecture("qwen3_vl", "Qwen3VLConfig", "Qwen3VLForConditionalGeneration", moe=False, vision=True),
+        Architecture("qwen3_vl_moe", "Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", moe=True, vision=True),
     )
 }
 
@@ -55,6 +62,13 @@ def architecture_of(config: Mapping[str, Any], source: str) -> Architecture:
     return arch
 
 
+def text_config_of(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The language model's part of a parsed `config.json`: its `text_config` for a vision-language model, else
+    the config itself."""
+    text = config.get("text_config")
+    return text if isinstance(text, Mapping) else config
+
+
 def max_context_of(config: Mapping[str, Any]) -> int:
     """The longest sequence the config allows (`max_position_embeddings`, which already counts any YaRN scaling)."""
-    return int(config.get("max_position_embeddings") or 0)
+    return int(text_config_of(config).get("max_position_embeddings") or 0)

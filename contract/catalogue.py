@@ -8,8 +8,8 @@ model cache), the dtype it computes in, the modules LoRA may wrap, its chat form
 `Catalogue` is the set one deployment serves: the built-ins plus the entries of the operator's catalogue file
 (`contract/catalogue_file.py`, named by `LOOM_MODEL_CATALOGUE`), narrowed by the `base_models` setting.
 
-Limits: the built-ins are the real SmolLM2-135M-Instruct and two faithful miniatures (random-init Kimi K2 and
-Qwen3-MoE shapes with their real tokenizers); weights never come from a hub.
+Limits: the built-ins are the real SmolLM2-135M-Instruct and faithful miniatures (random-init Kimi K2, Qwen3-MoE and
+Qwen3-VL dense / MoE shapes with their real tokenizers); weights never come from a hub.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from loom.types.images import QWEN3_VL_GEOMETRY, ImageGeometry
 
 Dtype = Literal["float32", "bfloat16"]
 ChatFormat = Literal["template", "kimi_k2", "qwen3"]
@@ -35,6 +37,17 @@ class LoraTargets:
     experts: tuple[str, ...] = ()
     """Fused 3-D routed-expert parameters (`gate_up_proj`, `down_proj`) on modules whose class name ends in
     `Experts`; trained when `train_mlp` is set."""
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """What a vision-language model's prompts need: how images are tiled into tokens, and the special tokens an
+    image sits between (Qwen3-VL: `<|vision_start|>`, one `<|image_pad|>` per image token, `<|vision_end|>`)."""
+
+    geometry: ImageGeometry = QWEN3_VL_GEOMETRY
+    image_token_id: int = 151655
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,8 @@ class BaseModelEntry:
     """The modules LoRA may wrap; None derives them from the architecture (`worker/models/registry.py`)."""
     pool: str = "default"
     """The worker pool that serves the model (`LOOM_WORKER_POOL` of its workers)."""
+    vision: VisionSpec | None = None
+    """Set for a vision-language model (image chunks accepted); None for a text-only one."""
 
     def tokenizer_folder(self, model_cache_dir: Path) -> Path:
         """Where the worker exports the model's tokenizer for clients, before publishing it to the checkpoint store
@@ -119,7 +134,38 @@ TINY_QWEN3_MOE = BaseModelEntry(
     chat_format="qwen3",
 )
 
-BUILTIN_MODELS: dict[str, BaseModelEntry] = {entry.name: entry for entry in (SMOLLM2, TINY_KIMI_K2, TINY_QWEN3_MOE)}
+TINY_QWEN3_VL = BaseModelEntry(
+    name="loom/tiny-qwen3-vl",
+    cache_name="tiny-qwen3-vl-v1",
+    arch="Qwen3VLForConditionalGeneration",
+    vocab_size=151936,
+    max_context_length=4096,
+    train_bytes_per_token=2_775_808,  # estimated from the text config (contract/catalogue_file.py)
+    kv_bytes_per_token=2 * 2 * 2 * 32 * 4,
+    total_params=39_702_080,
+    active_params=39_702_080,
+    aliases=("tiny-qwen3-vl",),
+    chat_format="qwen3",
+    vision=VisionSpec(),
+)
+TINY_QWEN3_VL_MOE = BaseModelEntry(
+    name="loom/tiny-qwen3-vl-moe",
+    cache_name="tiny-qwen3-vl-moe-v1",
+    arch="Qwen3VLMoeForConditionalGeneration",
+    vocab_size=151936,
+    max_context_length=4096,
+    train_bytes_per_token=2_765_568,
+    kv_bytes_per_token=2 * 2 * 2 * 32 * 4,
+    total_params=39_900_736,
+    active_params=39_605_824,  # 6 of 8 experts idle per token: 2 layers x 6 x 49,152 parameters
+    aliases=("tiny-qwen3-vl-moe",),
+    chat_format="qwen3",
+    vision=VisionSpec(),
+)
+
+BUILTIN_MODELS: dict[str, BaseModelEntry] = {
+    entry.name: entry for entry in (SMOLLM2, TINY_KIMI_K2, TINY_QWEN3_MOE, TINY_QWEN3_VL, TINY_QWEN3_VL_MOE)
+}
 
 
 class UnknownModel(ValueError):

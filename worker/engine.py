@@ -224,7 +224,7 @@ class Engine:
         for job in plan.ops:
             match job.payload:
                 case ForwardBackwardJob() as fb:
-                    item = work_item(self.pool.run(job.model_id).slot, fb)
+                    item = work_item(self.pool.run(job.model_id).slot, fb, self.lm.images)
                     run_forward_backward(self.lm, [item], self.train_token_budget)
                 case OptimStepJob(adam=adam):
                     self.pool.run(job.model_id).optimizer.step(adam)  # no recovery checkpoint: already covered
@@ -244,7 +244,7 @@ class Engine:
         admitted: list[ClaimedJob] = []
         for job in jobs:
             try:
-                items.append(work_item(self.pool.run(job.model_id).slot, job.payload))
+                items.append(work_item(self.pool.run(job.model_id).slot, job.payload, self.lm.images))
             except (RunNotResident, UserInputError) as exc:
                 outcomes.append(Outcome.user_error(job, exc))
                 continue

@@ -25,6 +25,7 @@ from loom.types.validation import InvalidRequest, check_sampling, check_tokens, 
 from worker.custom_loss import CustomLoss
 from worker.losses import RECORDED_LOGPROBS, SAMPLED_MASK
 from worker.models.loader import LoadedModel
+from worker.models.vision_inputs import ImageEncoder, ImageInputError, VisionImage, flatten
 from worker.openai_jobs import PromptError, render_prompt
 from worker.sampler import SampleOutput, SampleWork
 from worker.trainer import ItemResult, TrainDatum, WorkItem
@@ -34,13 +35,16 @@ class UserInputError(ValueError):
     """The request cannot run on this model; reported as a `user` error."""
 
 
-def train_data(fb: ForwardBackwardInput, recorded: list[RecordedTargets] | None = None) -> list[TrainDatum]:
+def train_data(
+    fb: ForwardBackwardInput, recorded: list[RecordedTargets] | None = None, images: ImageEncoder | None = None
+) -> list[TrainDatum]:
     """The datums of a forward_backward input as tensors: targets as int64; every other input as float32, except
     that a custom loss gets its int64 inputs as int64 (as the SDK's client-side path would). `recorded` (one per
-    datum, stable_reinforce) adds the sampler's records as the inputs `SAMPLED_MASK` and `RECORDED_LOGPROBS`."""
+    datum, stable_reinforce) adds the sampler's records as the inputs `SAMPLED_MASK` and `RECORDED_LOGPROBS`.
+    A vision model's `images` encoder turns image chunks into image-token runs and pixels (`ImageInputError`)."""
     datums = []
     for k, datum in enumerate(fb.data):
-        tokens = [t for chunk in datum.model_input.chunks for t in chunk.tokens]
+        tokens, encoded = flatten(datum.model_input, images)
         inputs = {}
         for key, tensor in datum.loss_fn_inputs.items():
             integer = key == "target_tokens" or (fb.loss_fn == "custom" and tensor.dtype == "int64")
@@ -49,21 +53,26 @@ def train_data(fb: ForwardBackwardInput, recorded: list[RecordedTargets] | None 
         if recorded is not None:
             inputs[SAMPLED_MASK] = torch.tensor(recorded[k].sampled, dtype=torch.float32)
             inputs[RECORDED_LOGPROBS] = torch.tensor(recorded[k].logprobs, dtype=torch.float32)
-        datums.append(TrainDatum(tokens, inputs))
+        datums.append(TrainDatum(tokens, inputs, encoded))
     return datums
 
 
-def work_item(slot: int, job: ForwardBackwardJob) -> WorkItem:
-    """One request's share of a mixed forward/backward pass on adapter `slot` (a `ForwardJob` computes no gradients).
-    A custom loss is rebuilt from its stored graph here; a graph this worker refuses raises `UserInputError`."""
+def work_item(slot: int, job: ForwardBackwardJob, images: ImageEncoder | None = None) -> WorkItem:
+    """One request's share of a mixed forward/backward pass on adapter `slot` (a `ForwardJob` computes no gradients),
+    its images encoded by a vision model's `images`. A custom loss is rebuilt from its stored graph here; a graph
+    this worker refuses, or an image it cannot encode, raises `UserInputError`."""
     fb = job.input
     try:
         custom_loss = None if job.custom_loss is None else CustomLoss(job.custom_loss)
     except InvalidCustomLoss as exc:
         raise UserInputError(f"custom loss {job.custom_loss.name!r}: {exc.param}: {exc}") from exc
+    try:
+        data = train_data(fb, job.recorded, images)
+    except ImageInputError as exc:
+        raise UserInputError(str(exc)) from exc
     return WorkItem(
         slot,
-        train_data(fb, job.recorded),
+        data,
         fb.loss_fn,
         fb.loss_fn_config or {},
         isinstance(job, ForwardJob),
@@ -82,25 +91,29 @@ def forward_backward_result(result: ItemResult) -> ForwardBackwardOutput:
     )
 
 
-def prompt_tokens(lm: LoadedModel, job: SampleJob) -> list[int]:
-    """The prompt as token ids: a Tinker prompt's own, or an OpenAI prompt rendered by the model's tokenizer and
-    chat template in the catalogue entry's chat format (then checked against the model; raises `UserInputError`)."""
+def prompt_tokens(lm: LoadedModel, job: SampleJob) -> tuple[list[int], list[VisionImage]]:
+    """The prompt as token ids and encoded images: a Tinker prompt's own, or an OpenAI prompt rendered by the model's
+    tokenizer and chat template in the catalogue entry's chat format (then checked against the model); raises
+    `UserInputError` for a prompt this model cannot run."""
     prompt = job.prompt
-    if isinstance(prompt, TinkerPrompt):
-        return [t for chunk in prompt.model_input.chunks for t in chunk.tokens]
     try:
-        tokens = render_prompt(lm.tokenizer, prompt, lm.spec.chat_format)
+        if isinstance(prompt, TinkerPrompt):
+            return flatten(prompt.model_input, lm.images)
+        tokens, images = render_prompt(lm.tokenizer, prompt, lm.spec.chat_format, lm.images)
         check_tokens(tokens, lm.spec.vocab_size, lm.spec.max_context_length, "prompt")
         check_sampling(
             len(tokens), job.sampling_params, job.num_samples, lm.spec.vocab_size, lm.spec.max_context_length
         )
-    except (PromptError, InvalidRequest) as exc:
+    except (PromptError, InvalidRequest, ImageInputError) as exc:
         raise UserInputError(str(exc)) from exc
-    return tokens
+    return tokens, images
 
 
-def sample_work(job: SampleJob, prompt: list[int], slot: int | None) -> SampleWork:
-    """The decode work of a sample job whose prompt is `prompt`, on adapter `slot` (None: the base model)."""
+def sample_work(
+    job: SampleJob, prompt: list[int], slot: int | None, images: list[VisionImage] | None = None
+) -> SampleWork:
+    """The decode work of a sample job whose prompt is `prompt` (with `images`), on adapter `slot` (None: the base
+    model)."""
     params = job.sampling_params
     stop = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
     work = SampleWork(
@@ -115,6 +128,7 @@ def sample_work(job: SampleJob, prompt: list[int], slot: int | None) -> SampleWo
         stop_strings=[s for s in stop if isinstance(s, str)],
         seed=params.seed,
         stop_at_eos=params.stop != [],
+        images=images or [],
     )
     match job.prompt:
         case TinkerPrompt(prompt_logprobs=prompt_logprobs, topk_prompt_logprobs=topk):

@@ -7,8 +7,12 @@ The API forwards the OpenAI request as the `SampleJob`'s `ChatPrompt` (messages 
 (`worker/models/tool_calls.py`: "kimi_k2", "qwen3" or "template") says how its history's tool calls are rewritten
 before rendering and how tool calls are read back out of a completion.
 
-Limits: message content must be text (image parts wait for the vision base models); tool calls are parsed only
-from the answers to chat prompts that declared tools, and only in the "kimi_k2" and "qwen3" formats.
+A vision model's messages may hold image parts (`{"type": "image", "image": <ImageChunk>}`, as the API rewrites
+OpenAI `image_url` parts after checking and counting the images): the chat template places one image token per
+image, which is widened here to the image's run of image tokens.
+
+Limits: a text model's message content must be text; tool calls are parsed only from the answers to chat prompts
+that declared tools, and only in the "kimi_k2" and "qwen3" formats.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from contract.jobs import ChatPrompt, CompletionPrompt, OpenAIChoice, OpenAIPrompt
+from loom.types import ImageChunk
 from worker.models.tool_calls import kimi_k2_history, parse_reply
+from worker.models.vision_inputs import ImageEncoder, VisionImage
 from worker.sampler import SampledSequence
 from worker.text_stream import TextStream
 
@@ -26,31 +32,60 @@ class PromptError(ValueError):
     """The messages cannot be rendered for this model (a user error)."""
 
 
-def _text_content(message: Mapping[str, Any]) -> dict[str, Any]:
+def _message(message: Mapping[str, Any], images: list[ImageChunk] | None) -> dict[str, Any]:
+    """A message ready for the chat template: text parts joined for a text model; for a vision model (`images` is
+    a list) its image parts kept as `{"type": "image"}` and their images appended to `images`."""
     content = message.get("content")
     if isinstance(content, list):
-        parts = []
+        parts: list[dict[str, Any]] = []
         for part in content:
-            if part.get("type") != "text":
-                raise PromptError(f"content part type {part.get('type')!r} is not supported by this text-only model")
-            parts.append(part.get("text", ""))
-        content = "".join(parts)
+            kind = part.get("type")
+            if kind == "image" and images is not None:
+                images.append(ImageChunk.model_validate(part["image"]))
+                parts.append({"type": "image"})
+            elif kind == "text":
+                parts.append({"type": "text", "text": part.get("text", "")})
+            else:
+                what = "this text-only model" if images is None else "this model"
+                raise PromptError(f"content part type {kind!r} is not supported by {what}")
+        content = parts if images is not None else "".join(p["text"] for p in parts)
     return {**message, "content": content if content is not None else ""}
 
 
-def render_prompt(tokenizer, prompt: OpenAIPrompt, chat_format: str = "template") -> list[int]:
+def _widen_images(tokens: list[int], images: list[VisionImage], image_token_id: int) -> list[int]:
+    """The template's one image token per image widened to each image's run of image tokens."""
+    marks = [i for i, t in enumerate(tokens) if t == image_token_id]
+    if len(marks) != len(images):
+        raise PromptError(f"the chat template placed {len(marks)} image tokens for {len(images)} images")
+    out: list[int] = []
+    start = 0
+    for mark, image in zip(marks, images):
+        out += tokens[start:mark] + [image_token_id] * image.tokens
+        start = mark + 1
+    return out + tokens[start:]
+
+
+def render_prompt(
+    tokenizer, prompt: OpenAIPrompt, chat_format: str = "template", encoder: ImageEncoder | None = None
+) -> tuple[list[int], list[VisionImage]]:
+    """The prompt's token ids and, for a vision model (`encoder`), its encoded images in order."""
     if isinstance(prompt, CompletionPrompt):
         text = prompt.prompt
-        return list(text) if isinstance(text, list) else tokenizer.encode(text, add_special_tokens=False)
+        return (list(text) if isinstance(text, list) else tokenizer.encode(text, add_special_tokens=False)), []
     if not tokenizer.chat_template:
         raise PromptError("this base model has no chat template; use /v1/completions")
-    messages = [_text_content(m) for m in prompt.messages]
+    chunks: list[ImageChunk] | None = [] if encoder is not None else None
+    messages = [_message(m, chunks) for m in prompt.messages]
     if chat_format == "kimi_k2":
         messages = kimi_k2_history(messages)
     encoded = tokenizer.apply_chat_template(
         messages, tools=prompt.tools or None, add_generation_prompt=True, tokenize=True
     )
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    tokens = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    if not chunks:
+        return tokens, []
+    images = [encoder.encode(chunk) for chunk in chunks]
+    return _widen_images(tokens, images, encoder.spec.image_token_id), images
 
 
 def reply_format(prompt: OpenAIPrompt, chat_format: str) -> str:

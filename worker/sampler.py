@@ -19,7 +19,11 @@ token or the token completing a stop string is kept in the output. `top_logprobs
 token, the k most likely tokens under that same distribution.
 
 A prompt extending one seen before under the same (tenant, adapter) key reuses its KV states from the
-`PrefixCache` and prefills only the new tokens.
+`PrefixCache` and prefills only the new tokens; prompts with images are keyed by their images' content hashes
+(`prompt_identity`), and reuse a prefix only when every image lies inside it.
+
+A vision model's prompts prefill with their images (pixels through the vision tower) and explicit multimodal
+rotary positions (`rope_positions`); each row then decodes from one past its largest position.
 
 Limits: padding, not paging — a batch's cache is (rows × longest row); `token_budget` bounds rows × length and
 `fits()` tells the caller when a group would exceed it. An exception in a batched forward pass (prefill or
@@ -38,6 +42,7 @@ from transformers import DynamicCache
 
 from contract.settings import DEFAULT_TOKEN_BUDGET
 from worker.models.loader import LoadedModel
+from worker.models.vision_inputs import VisionImage, prompt_identity, rope_positions, vision_kwargs
 from worker.prefix_cache import PrefixCache
 
 SEED_SPACE = 1 << 64
@@ -68,6 +73,8 @@ class SampleWork:
     """False when the request passed `stop=[]` (Tinker: an empty list disables the implicit EOS stop)."""
     cache_key: Hashable | None = None
     """(tenant salt, adapter key) under which this prompt's KV may be reused; None disables the prefix cache."""
+    images: list[VisionImage] = field(default_factory=list)
+    """A vision model's prompt images, in order; `prompt` holds each as its run of image tokens."""
 
 
 @dataclass
@@ -180,6 +187,14 @@ def _prompt_scores(logits: torch.Tensor, prompt: list[int], topk: int, want_lp: 
     return lps, top
 
 
+def _next_positions(positions: torch.Tensor) -> torch.Tensor:
+    """Per row, the position its first generated token takes: one past the largest position of its prompt (for a
+    vision model, of its rotary positions: an image advances them by its extent, not by its token count)."""
+    if positions.dim() == 3:
+        return positions[1:].amax(dim=(0, 2)) + 1
+    return positions.amax(dim=1) + 1
+
+
 def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     missing = width - t.shape[dim]
     if missing == 0:
@@ -229,7 +244,9 @@ class DecodeBatch:
         for i, w in enumerate(works):
             hit = None
             if w.cache_key is not None and not (w.prompt_logprobs or w.topk_prompt_logprobs):
-                hit = self.prefixes.lookup(w.cache_key, w.prompt)
+                hit = self.prefixes.lookup(w.cache_key, self._identity(w))
+                if hit is not None and w.images and self._image_token in w.prompt[hit[0] :]:
+                    hit = None  # an image after the cached prefix: prefill the whole prompt with its pixels
             if hit is None:
                 fresh.append(i)
             else:
@@ -238,6 +255,19 @@ class DecodeBatch:
         if fresh:
             self._admit_fresh([works[i] for i in fresh], [tags[i] for i in fresh], [outputs[i] for i in fresh])
         return outputs
+
+    @property
+    def _image_token(self) -> int | None:
+        return None if self.lm.images is None else self.lm.images.spec.image_token_id
+
+    def _identity(self, work: SampleWork) -> list[int]:
+        return prompt_identity(work.prompt, work.images, self._image_token)
+
+    def _positions(self, ids: torch.Tensor, mask: torch.Tensor, images: list[VisionImage]) -> torch.Tensor:
+        """Position ids of left-padded rows: (rows, length), or (4, rows, length) for a vision model."""
+        if self.lm.images is None:
+            return (mask.cumsum(-1) - 1).clamp(min=0)
+        return rope_positions(self.lm.model, ids, mask, images, self.lm.images.spec)
 
     def _rows(self, work: SampleWork, tag: Any) -> list[Row]:
         gen = torch.Generator()
@@ -251,7 +281,7 @@ class DecodeBatch:
                 (layer.keys[row : row + 1, :, width - n :], layer.values[row : row + 1, :, width - n :])
                 for layer in cache.layers
             ]
-            self.prefixes.store(work.cache_key, work.prompt, states)
+            self.prefixes.store(work.cache_key, self._identity(work), states)
 
     def _admit_fresh(self, works: list[SampleWork], tags: list[Any], outputs: list[SampleOutput]) -> None:
         order = sorted(range(len(works)), key=lambda i: -1 if works[i].slot is None else works[i].slot)
@@ -262,11 +292,18 @@ class DecodeBatch:
             p = works[i].prompt
             ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[r, width - len(p) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        images = [image for i in order for image in works[i].images]
+        positions = self._positions(ids, mask, images)
+        extra = {} if self.lm.images is None else vision_kwargs(ids, images, self.lm.images.spec)
         cache = DynamicCache(config=self.lm.model.config)
         with self.lm.router.route([works[i].slot for i in order]):
             logits = self.lm.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                **extra,
             ).logits
         rows: list[Row] = []
         expand: list[int] = []
@@ -282,18 +319,21 @@ class DecodeBatch:
             expand += [r] * len(new)
         index = torch.tensor(expand, dtype=torch.long)
         cache.batch_select_indices(index)
-        self._merge(rows, cache, mask[index], positions[index, -1] + 1, logits[index, -1, :].float())
+        next_pos = _next_positions(positions)
+        self._merge(rows, cache, mask[index], next_pos[index], logits[index, -1, :].float())
 
     def _admit_extending(self, work: SampleWork, tag: Any, cached: int, states) -> None:
         cache = DynamicCache(config=self.lm.model.config)
         for layer_idx, (k, v) in enumerate(states):
             cache.update(k.clone(), v.clone(), layer_idx)
         n = len(work.prompt)
+        ids = torch.tensor([work.prompt], dtype=torch.long)
+        positions = self._positions(ids, torch.ones((1, n), dtype=torch.long), work.images)  # images: all cached
         with self.lm.router.route([work.slot]):
             logits = self.lm.model(
-                input_ids=torch.tensor([work.prompt[cached:]], dtype=torch.long),
+                input_ids=ids[:, cached:],
                 attention_mask=torch.ones((1, n), dtype=torch.long),
-                position_ids=torch.arange(cached, n)[None, :],
+                position_ids=positions[..., cached:],
                 past_key_values=cache,
                 use_cache=True,
             ).logits
@@ -302,7 +342,7 @@ class DecodeBatch:
         index = torch.zeros(len(rows), dtype=torch.long)
         cache.batch_select_indices(index)
         mask = torch.ones((len(rows), n), dtype=torch.long)
-        self._merge(rows, cache, mask, torch.full((len(rows),), n), logits[index, -1, :].float())
+        self._merge(rows, cache, mask, _next_positions(positions)[index], logits[index, -1, :].float())
 
     def _merge(
         self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor, last: torch.Tensor

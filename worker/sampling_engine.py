@@ -55,7 +55,8 @@ def openai_prompt(job: SampleJob) -> OpenAIPrompt | None:
 def job_work(lm: LoadedModel, job: SampleJob, slot: int | None) -> SampleWork:
     """The validated `SampleWork` of a sample job, an OpenAI prompt rendered in the model's chat format (raises
     `UserInputError` for an OpenAI prompt this model cannot run)."""
-    return sample_work(job, prompt_tokens(lm, job), slot)
+    tokens, images = prompt_tokens(lm, job)
+    return sample_work(job, tokens, slot, images)
 
 
 def token_event(

@@ -56,6 +56,7 @@ from worker.lora.layers import AdapterRouter, MultiLoraExperts, install_multi_lo
 from worker.models.loader import LoadedModel, load_weights, open_model
 from worker.models.model_folder import ModelFolder
 from worker.models.registry import lora_targets
+from worker.models.vision_inputs import encoder_for
 
 
 def _deepspeed():
@@ -168,4 +169,5 @@ def load_sharded_model(entry: BaseModelEntry, model_cache_dir: Path) -> LoadedMo
     `LoadedModel` the engine runs; `sharding` keeps the DeepSpeed engine and configs alive with it."""
     folder, tokenizer = open_model(entry, model_cache_dir)
     sharded, router, targets = load_sharded_base(folder, lora_targets(entry))
-    return LoadedModel(entry, folder.path, sharded.module, tokenizer, router, targets, sharding=sharded)
+    images = encoder_for(entry.vision)
+    return LoadedModel(entry, folder.path, sharded.module, tokenizer, router, targets, sharding=sharded, images=images)

@@ -9,6 +9,10 @@ Each micro-batch runs forward and back-propagates the summed loss of its non-for
 accumulate in the adapters' `.grad`; because each adapter's factors only touch its own rows, every run's
 gradient equals the gradient of that run computed alone, in one pass (up to float reassociation).
 
+A vision model's rows carry their images: the micro-batch's images go through the vision tower together (each
+image attends only to itself) and fill their rows' image-token runs, so a vision row's result does not depend on
+its neighbours either.
+
 Limits: sequences are padded, not packed; a micro-batch's full (rows × length × vocab) logits are materialised,
 so peak memory grows with `token_budget`; a single row longer than the budget still runs (alone). A failure
 leaves the gradients of the micro-batches already run accumulated: the caller restores them
@@ -26,6 +30,7 @@ from contract.settings import DEFAULT_TRAIN_TOKEN_BUDGET
 from worker.custom_loss import CustomLoss, Metrics, reduce_metrics
 from worker.losses import LOSSES
 from worker.models.loader import LoadedModel
+from worker.models.vision_inputs import VisionImage, vision_kwargs
 
 
 class LossError(ValueError):
@@ -36,6 +41,8 @@ class LossError(ValueError):
 class TrainDatum:
     tokens: list[int]
     inputs: dict[str, torch.Tensor]
+    images: list[VisionImage] = field(default_factory=list)
+    """A vision model's images, in order; `tokens` holds each as its run of image tokens."""
 
 
 @dataclass
@@ -128,8 +135,11 @@ def _run_micro_batch(
         toks = items[i].data[j].tokens
         input_ids[r, : len(toks)] = torch.tensor(toks, dtype=torch.long)
     needs_grad = any(not items[i].forward_only for i, _ in rows)
+    extra = {}
+    if lm.images is not None:  # a vision model: the rows' images, in row order, and which positions hold them
+        extra = vision_kwargs(input_ids, [img for i, j in rows for img in items[i].data[j].images], lm.images.spec)
     with torch.set_grad_enabled(needs_grad), lm.router.route([items[i].slot for i, _ in rows]):
-        logits = lm.model(input_ids=input_ids, use_cache=False).logits.float()
+        logits = lm.model(input_ids=input_ids, use_cache=False, **extra).logits.float()
         # 1-D targets of every row in one gather: slicing the (rows, length, vocab) logits per datum would make
         # the backward pass materialise a full-size zero gradient per datum.
         flat_targets = torch.zeros_like(input_ids)

@@ -27,6 +27,7 @@ from api.db.models import Checkpoint, SamplingSession, TrainingRun
 from api.db.sampler_clones import TooManyClones, join_clone
 from api.deps import State, Tenant, enqueue, live_session
 from api.errors import invalid, not_found
+from api.images import prepare_model_input
 from api.paths import parse_tinker_path, readable_checkpoint
 from api.sampler_completions import note_submitted
 from contract.jobs import SampleJob, TinkerPrompt
@@ -125,8 +126,10 @@ def asample(body: SampleRequest, request: Request, state: State, owner: Tenant) 
         if model_path is not None:
             weights, base_model = _weights(session, owner, model_path)
     info = state.model(base_model)
+    body = body.model_copy(update={"prompt": prepare_model_input(body.prompt, info.vision, state.settings, "prompt")})
     try:
-        prompt_tokens = check_sample(body, info.vocab_size, info.max_context_length)
+        image_token = info.vision.image_token_id if info.vision is not None else None
+        prompt_tokens = check_sample(body, info.vocab_size, info.max_context_length, image_token)
     except InvalidRequest as exc:
         raise invalid(f"{exc.param}: {exc}", exc.param) from exc
     budget = WorkerBudget.of(info, state.settings)

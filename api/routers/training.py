@@ -38,6 +38,7 @@ from api.db.jobs import next_training_seq, seq_beyond_window
 from api.db.models import Checkpoint, RunStatus, SamplingSession, TrainingRun
 from api.deps import State, Tenant, enqueue, live_session, owned_run
 from api.errors import APIError, ErrorCode, invalid, invalid_from_validation
+from api.images import prepare_forward_backward
 from api.openapi import raw_body
 from api.paths import parse_tinker_path, readable_checkpoint
 from api.proto.codec import ProtoDecodeError, decode_forward_backward_request
@@ -237,9 +238,11 @@ def _queue_forward_backward(state: State, request: Request, owner: str, fb: Forw
         run = _active_run(session, owner, fb.model_id)
         custom_loss = _custom_loss(session, owner, run, fb_input)
     info = state.model(run.base_model)
+    fb_input = prepare_forward_backward(fb_input, info.vision, state.settings)
     try:
         custom_inputs = custom_loss.inputs if custom_loss is not None else ()
-        check_forward_backward(fb_input, info.vocab_size, info.max_context_length, custom_inputs)
+        image_token = info.vision.image_token_id if info.vision is not None else None
+        check_forward_backward(fb_input, info.vocab_size, info.max_context_length, custom_inputs, image_token)
     except InvalidRequest as exc:
         raise invalid(str(exc) if exc.param is None else f"{exc.param}: {exc}", exc.param) from exc
     WorkerBudget.of(info, state.settings).check_forward_backward(fb_input)

@@ -15,6 +15,7 @@ Modules:
 - :mod:`.usage`        billing usage events, current checkpoint storage
 - :mod:`.tokenizers`   tokenizer file listings, and the Hub shapes of the ``/hf`` routes
 - :mod:`.audit`        the audit log (``AdminClient.get_audit_log``)
+- :mod:`.images`       ImageGeometry: how many tokens an image takes in a Qwen3-VL-style model
 
 Every model ignores unknown keys (forward compatibility) and serialises with
 ``model.to_wire()`` (JSON mode, ``None`` left out), as the SDK does.
@@ -48,6 +49,7 @@ from .futures import (
     TryAgainResponse,
     UntypedAPIFuture,
 )
+from .images import QWEN3_VL_GEOMETRY, ImageGeometry
 from .model_input import (
     LOSS_FN_INPUT_DTYPES,
     Datum,
@@ -220,6 +222,8 @@ __all__ = [
     "HealthResponse",
     "ImageAssetPointerChunk",
     "ImageChunk",
+    "ImageGeometry",
+    "QWEN3_VL_GEOMETRY",
     "JoinSamplingSessionRequest",
     "JoinSamplingSessionResponse",
     "LOSS_FN_INPUT_DTYPES",

@@ -7,9 +7,10 @@ sampling requests. JSON shape (tinker)::
 
 Chunk kinds, discriminated by ``type``:
 - ``encoded_text``: token ids (the only kind Loom's text models accept).
-- ``image`` (bytes, base64 in JSON), ``image_asset_pointer`` and ``dmel`` are
-  declared so requests validate and the server can reject them with a clear
-  error; a chunk without ``type`` is read as ``encoded_text``.
+- ``image`` (png/jpeg bytes, base64 in JSON) and ``image_asset_pointer`` (a ``data:`` or http(s) URL): accepted by
+  vision-language base models, where an image takes ``expected_tokens`` positions; text models refuse them.
+- ``dmel`` is declared so requests validate and the server can reject it with a clear error.
+A chunk without ``type`` is read as ``encoded_text``.
 
 ``Datum`` = ``model_input`` + ``loss_fn_inputs`` (name -> :class:`TensorData`), plus optional provenance:
 ``model_input_spans`` / ``loss_fn_input_spans``, runs of :class:`ProvenanceSpan` tiling the input tokens and the
@@ -135,6 +136,18 @@ class ModelInput(WireModel):
     @classmethod
     def empty(cls) -> "ModelInput":
         return cls(chunks=[])
+
+    def token_ids(self, image_token_id: int) -> list[int]:
+        """Every position as a token id, an image chunk as ``expected_tokens`` copies of ``image_token_id`` (what a
+        vision-language model sees: Qwen3-VL's ``<|image_pad|>``); raises ``ValueError`` for an image chunk
+        without ``expected_tokens`` or a dmel chunk."""
+        out: list[int] = []
+        for chunk in self.chunks:
+            if isinstance(chunk, EncodedTextChunk):
+                out.extend(chunk.tokens)
+            else:
+                out.extend([image_token_id] * chunk.length)
+        return out
 
     def to_ints(self) -> list[int]:
         """All token ids; raises ``ValueError`` if a chunk is not text."""

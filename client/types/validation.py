@@ -24,7 +24,7 @@ from typing import Any
 
 from .custom_loss import CustomLossInput
 from .limits import MAX_SAMPLES, MAX_TARGET_K
-from .model_input import Datum, EncodedTextChunk, ModelInput, ProvenanceSpan
+from .model_input import Datum, EncodedTextChunk, ImageChunk, ModelInput, ProvenanceSpan
 from .sampling import SampleRequest, SamplingParams
 from .tensors import TensorData
 from .training import ForwardBackwardInput
@@ -75,15 +75,30 @@ class InvalidRequest(ValueError):
         self.param = param
 
 
-def model_input_tokens(model_input: ModelInput, vocab_size: int, max_length: int, param: str) -> list[int]:
-    """The flat token ids of a text-only model input, checked against the vocabulary and context."""
+def model_input_tokens(
+    model_input: ModelInput, vocab_size: int, max_length: int, param: str, image_token_id: int | None = None
+) -> list[int]:
+    """The flat token ids of a model input, checked against the vocabulary and context. `image_token_id` is set for
+    a vision-language model: its image chunks (counted, `expected_tokens` set) become that many copies of it, and
+    neither may its text hold that token nor may two images touch (each image must be its own run of image tokens,
+    as the model locates images by those runs)."""
     tokens: list[int] = []
+    previous_image = False
     for i, chunk in enumerate(model_input.chunks):
-        if not isinstance(chunk, EncodedTextChunk):
-            raise InvalidRequest(
-                f"chunk type {chunk.type!r} is not supported by this text-only base model", f"{param}.chunks.{i}"
-            )
-        tokens.extend(chunk.tokens)
+        where = f"{param}.chunks.{i}"
+        if isinstance(chunk, EncodedTextChunk):
+            if image_token_id is not None and image_token_id in chunk.tokens:
+                raise InvalidRequest(f"text holds the image token {image_token_id}; send images as image chunks", where)
+            tokens.extend(chunk.tokens)
+            previous_image = False
+            continue
+        if image_token_id is None or not isinstance(chunk, ImageChunk) or chunk.expected_tokens is None:
+            what = "this text-only base model" if image_token_id is None else "this base model"
+            raise InvalidRequest(f"chunk type {chunk.type!r} is not supported by {what}", where)
+        if previous_image:
+            raise InvalidRequest("two images follow each other; put text (e.g. <|vision_end|>) between them", where)
+        tokens.extend([image_token_id] * chunk.expected_tokens)
+        previous_image = True
     check_tokens(tokens, vocab_size, max_length, param)
     return tokens
 
@@ -116,10 +131,11 @@ def check_datum(
     max_length: int,
     param: str,
     custom_inputs: Sequence[CustomLossInput] = (),
+    image_token_id: int | None = None,
 ) -> list[int]:
     """One datum of a `loss_fn` request; `custom_inputs` are a `custom` loss's declared inputs (`logprobs` first).
     A custom loss reads only what it declared, so other inputs (which the SDK sends along) go unchecked."""
-    tokens = model_input_tokens(datum.model_input, vocab_size, max_length, f"{param}.model_input")
+    tokens = model_input_tokens(datum.model_input, vocab_size, max_length, f"{param}.model_input", image_token_id)
     inputs = datum.loss_fn_inputs
     ranks = {item.name: item.rank for item in custom_inputs[1:]}
     required = ("target_tokens", *ranks) if loss_fn == "custom" else LOSS_REQUIRED_INPUTS[loss_fn]
@@ -196,7 +212,11 @@ def sampled_rows(spans: Sequence[ProvenanceSpan]) -> list[bool]:
 
 
 def check_forward_backward(
-    fb: ForwardBackwardInput, vocab_size: int, max_length: int, custom_inputs: Sequence[CustomLossInput] = ()
+    fb: ForwardBackwardInput,
+    vocab_size: int,
+    max_length: int,
+    custom_inputs: Sequence[CustomLossInput] = (),
+    image_token_id: int | None = None,
 ) -> None:
     """A forward(_backward) input; for `custom`, `custom_inputs` are the stored loss's inputs (its `loss_id`
     already resolved by the caller)."""
@@ -215,12 +235,14 @@ def check_forward_backward(
     if not fb.data:
         raise InvalidRequest("forward_backward needs at least one datum", "data")
     for i, datum in enumerate(fb.data):
-        check_datum(datum, fb.loss_fn, vocab_size, max_length, f"data.{i}", custom_inputs)
+        check_datum(datum, fb.loss_fn, vocab_size, max_length, f"data.{i}", custom_inputs, image_token_id)
 
 
-def check_sample(request: SampleRequest, vocab_size: int, max_length: int) -> list[int]:
+def check_sample(
+    request: SampleRequest, vocab_size: int, max_length: int, image_token_id: int | None = None
+) -> list[int]:
     """The prompt tokens of an `asample` request that passes every check."""
-    prompt = model_input_tokens(request.prompt, vocab_size, max_length, "prompt")
+    prompt = model_input_tokens(request.prompt, vocab_size, max_length, "prompt", image_token_id)
     if request.topk_prompt_logprobs > vocab_size:
         raise InvalidRequest(f"must be at most the vocabulary size {vocab_size}", "topk_prompt_logprobs")
     check_sampling(len(prompt), request.sampling_params, request.num_samples, vocab_size, max_length)

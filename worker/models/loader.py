@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import transformers
 
+from contract.architectures import text_config_of
 from contract.catalogue import BaseModelEntry
 from worker.lora.adapter import TargetWeight
 from worker.lora.layers import AdapterRouter, install_multi_lora
@@ -35,6 +36,7 @@ from worker.models.model_folder import (
 from worker.models.quantized_checkpoints import cast_leftovers, load_options, loading_quantization
 from worker.models.registry import lora_targets, model_dir
 from worker.models.tokenizer_export import export_tokenizer
+from worker.models.vision_inputs import ImageEncoder, encoder_for
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -50,10 +52,12 @@ class LoadedModel:
     targets: list[TargetWeight]
     sharding: Any = None
     """With ZeRO-3 (`worker/sharded_base.py`): the `ShardedBase` that partitions `model`, kept alive with it."""
+    images: ImageEncoder | None = None
+    """A vision-language model's image encoder (None for a text model)."""
 
     @property
     def vocab_size(self) -> int:
-        return int(self.model.config.vocab_size)
+        return int(self.model.config.get_text_config().vocab_size)
 
 
 def hf_config(folder: ModelFolder) -> transformers.PretrainedConfig:
@@ -91,7 +95,7 @@ def load_weights(folder: ModelFolder, dtype: torch.dtype) -> torch.nn.Module:
 
 def check_entry_matches(entry: BaseModelEntry, folder: ModelFolder, tokenizer: Any) -> None:
     """The catalogue's facts about the model agree with its folder."""
-    config_vocab = int(folder.config.get("vocab_size", 0))
+    config_vocab = int(text_config_of(folder.config).get("vocab_size", 0))
     if entry.arch != folder.architecture.model_class or entry.vocab_size != config_vocab:
         raise ModelFolderError(
             f"{folder.path / 'config.json'}: a {folder.architecture.model_class} with vocabulary {config_vocab}, "
@@ -119,4 +123,4 @@ def load_base_model(entry: BaseModelEntry, model_cache_dir: Path) -> LoadedModel
     folder, tokenizer = open_model(entry, model_cache_dir)
     model = load_weights(folder, TORCH_DTYPES[entry.dtype])
     router, targets = install_multi_lora(model, lora_targets(entry))
-    return LoadedModel(entry, folder.path, model, tokenizer, router, targets)
+    return LoadedModel(entry, folder.path, model, tokenizer, router, targets, images=encoder_for(entry.vision))

@@ -26,6 +26,8 @@ LORA_TARGETS: dict[str, LoraTargets] = {
     "LlamaForCausalLM": LoraTargets(attn=_DENSE_ATTN, mlp=_DENSE_MLP),
     "Qwen3ForCausalLM": LoraTargets(attn=_DENSE_ATTN, mlp=_DENSE_MLP),
     "Qwen3MoeForCausalLM": LoraTargets(attn=_DENSE_ATTN, mlp=_DENSE_MLP, experts=_FUSED_EXPERTS),
+    "Qwen3VLForConditionalGeneration": LoraTargets(attn=_DENSE_ATTN, mlp=_DENSE_MLP),
+    "Qwen3VLMoeForConditionalGeneration": LoraTargets(attn=_DENSE_ATTN, mlp=_DENSE_MLP, experts=_FUSED_EXPERTS),
     "DeepseekV3ForCausalLM": LoraTargets(
         attn=("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
         mlp=_DENSE_MLP,

