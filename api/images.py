@@ -5,7 +5,8 @@ queued, so a worker is only ever handed images it can decode, each with its toke
 `ImageChunk` whose `expected_tokens` is the server's count (`ImageGeometry.tokens` of the image's size, what the
 worker's image processor will produce). A client's own `expected_tokens` must equal that count: otherwise 400
 `image_token_mismatch` naming both numbers. An image asset pointer is fetched first (`image_bytes`: a `data:` URL,
-or http(s) from a host in `LOOM_REMOTE_IMAGE_HOSTS`); the same fetch serves OpenAI `image_url` parts.
+or http(s) from a host in `LOOM_REMOTE_IMAGE_HOSTS`); the same fetch serves OpenAI `image_url` parts (`prepare_messages`), whose format is
+read from the bytes.
 
 An image is refused with 400 `invalid_image` when its encoded bytes exceed `LOOM_MAX_IMAGE_BYTES`, its width x
 height exceeds `LOOM_MAX_IMAGE_PIXELS` (checked from the header, before decoding), it is not a PNG or JPEG or not
@@ -22,6 +23,7 @@ import base64
 import binascii
 import io
 import warnings
+from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
 import httpx
@@ -146,6 +148,45 @@ def prepare_model_input(
             chunk = chunk.model_copy(update={"expected_tokens": tokens})
         chunks.append(chunk)
     return ModelInput(chunks=chunks)
+
+
+def sniffed_format(data: bytes, param: str) -> str:
+    """An encoded image's format from its first bytes (`png` or `jpeg`); anything else is a 400."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    raise invalid_image("the image is neither png nor jpeg", param)
+
+
+def prepare_messages(
+    messages: list[dict[str, Any]], vision: VisionSpec | None, model: str, settings: Settings
+) -> list[dict[str, Any]]:
+    """OpenAI chat messages with every `image_url` part replaced by an image part the worker renders
+    (`{"type": "image", "image": <ImageChunk>}`), fetched, checked and counted; a 400 when `model` takes no images."""
+    out = []
+    for m, message in enumerate(messages):
+        content = message.get("content")
+        if not isinstance(content, list) or not any(part.get("type") == "image_url" for part in content):
+            out.append(message)
+            continue
+        parts = []
+        for p, part in enumerate(content):
+            if part.get("type") != "image_url":
+                parts.append(part)
+                continue
+            where = f"messages.{m}.content.{p}.image_url"
+            if vision is None:
+                raise invalid_image(f"model {model!r} does not take images; use a vision-language model", where)
+            url = (part.get("image_url") or {}).get("url")
+            if not isinstance(url, str):
+                raise invalid_image("an image_url part needs image_url.url", where)
+            data = image_bytes(url, settings, f"{where}.url")
+            fmt = sniffed_format(data, where)
+            chunk = ImageChunk(data=data, format=fmt, expected_tokens=image_tokens(data, fmt, vision, settings, where))
+            parts.append({"type": "image", "image": chunk.model_dump(mode="json")})
+        out.append({**message, "content": parts})
+    return out
 
 
 def prepare_forward_backward(

@@ -4,6 +4,7 @@ Requests accept the fields the official `openai` client sends and validate the o
 fields are ignored (newer clients add some). Limits enforced here: `n` ≤ 8, `max_tokens` ≤ 4096 (and the model's
 context, checked by the worker), `top_logprobs` ≤ 20, at most 4 stop strings, temperature in [0, 2], `seed` in
 [0, MAX_SEED], prompt token ids non-negative 64-bit integers, and a message content part's `text` a string.
+`image_url` parts (a `data:` URL, or http(s) from an allowed host) go to vision-language models only.
 
 Limits: no `response_format`, `logit_bias`, `presence_penalty`/`frequency_penalty` (accepted only at 0),
 `suffix` or `echo`; `tool_choice` is accepted and ignored (the worker parses whatever tool calls the model
@@ -60,11 +61,19 @@ class _Sampling(_Lenient):
         return value
 
 
+class ImageUrl(_Lenient):
+    url: str = Field(min_length=1)
+    detail: str | None = None
+    """Accepted and ignored: images are always tiled at the model's own resolution range."""
+
+
 class ContentPart(_Lenient):
-    """One part of a message's content; the worker renders `text` parts and refuses the other kinds by name."""
+    """One part of a message's content: `text`, or `image_url` for a vision model (the API fetches, checks and
+    counts the image, `api/images.py`); the worker refuses other kinds by name."""
 
     type: str
     text: str | None = None
+    image_url: ImageUrl | None = None
 
 
 class ChatMessage(_Lenient):

@@ -64,7 +64,8 @@ def _submit(
 ) -> tuple[str, str]:
     with state.transaction() as session:
         model = service.resolve_model(state, session, owner, body.model)
-        budget = WorkerBudget.of(state.model(model.base_model), state.settings)
+        entry = state.model(model.base_model)
+        budget = WorkerBudget.of(entry, state.settings)
         budget.check_sample(0, body.token_limit, body.n, "n")  # the prompt's length is known only to the worker
         job_id = enqueue(
             session,
@@ -73,7 +74,7 @@ def _submit(
             base_model=model.base_model,
             model_id=None,
             seq_id=None,
-            payload=service.sample_job(body, model),
+            payload=service.sample_job(body, model, entry, state.settings),
         )
     return job_id, model.base_model
 

@@ -30,10 +30,13 @@ from api.db.audit import ReadPurpose, checkpoint_read
 from api.db.models import Checkpoint, ModelAlias, TrainingRun
 from api.deps import AppState
 from api.errors import APIError, ErrorCode
+from api.images import prepare_messages
 from api.openai_compat.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, Usage
 from api.paths import parse_tinker_path, readable_checkpoint
 from contract.broker import TokenEvent
+from contract.catalogue import BaseModelEntry
 from contract.jobs import ChatPrompt, CompletionPrompt, OpenAIChoice, OpenAIPrompt, OpenAISampleResult, SampleJob
+from contract.settings import Settings
 from loom.types import SamplingParams
 
 
@@ -69,11 +72,16 @@ def resolve_model(state: AppState, session: Session, owner: str, name: str) -> R
     return ResolvedModel(name, entry.name, None)
 
 
-def sample_job(request: ChatCompletionRequest | CompletionRequest, model: ResolvedModel) -> SampleJob:
+def sample_job(
+    request: ChatCompletionRequest | CompletionRequest, model: ResolvedModel, entry: BaseModelEntry, settings: Settings
+) -> SampleJob:
+    """The worker's job for an OpenAI request on `model` (whose base model is `entry`); a chat request's images are
+    fetched, checked and counted here (`api/images.py`)."""
     prompt: OpenAIPrompt
     if isinstance(request, ChatCompletionRequest):
+        messages = [m.model_dump(exclude_none=True) for m in request.messages]
         prompt = ChatPrompt(
-            messages=[m.model_dump(exclude_none=True) for m in request.messages],
+            messages=prepare_messages(messages, entry.vision, request.model, settings),
             tools=request.tools,
             stream=request.stream,
             top_logprobs=(request.top_logprobs or 1) if request.logprobs else 0,

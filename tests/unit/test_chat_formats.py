@@ -106,7 +106,7 @@ def test_kimi_k2_adds_its_default_system_prompt(kimi) -> None:
 def test_render_prompt_gives_kimi_its_own_tool_call_ids(kimi) -> None:
     """A client's own call ids (OpenAI's `call_...`) become `functions.NAME:IDX` in the rendered history."""
     prompt = ChatPrompt(messages=_conversation("call_8f2a"), tools=TOOLS)
-    tokens = render_prompt(kimi, prompt, "kimi_k2")
+    tokens, _ = render_prompt(kimi, prompt, "kimi_k2")
     assert tokens == kimi.encode(KIMI_EXPECTED, add_special_tokens=False)
     assert tokens[:1] == [163594] and tokens[-1] == 163601  # <|im_system|> ... <|im_middle|>
     assert 163595 in tokens and 163597 in tokens  # the call section and call markers are single tokens
@@ -134,6 +134,6 @@ def test_qwen3_thinking_switch_and_history(qwen3) -> None:
 
 def test_render_prompt_feeds_qwen3_its_template_tokens(qwen3) -> None:
     prompt = ChatPrompt(messages=_conversation("call_8f2a"), tools=TOOLS)
-    tokens = render_prompt(qwen3, prompt, "qwen3")
+    tokens, _ = render_prompt(qwen3, prompt, "qwen3")
     assert tokens == qwen3.encode(QWEN3_EXPECTED, add_special_tokens=False)
     assert tokens.count(151657) == 3 and tokens.count(151658) == 3  # <tool_call> twice in the system turn, once called
