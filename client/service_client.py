@@ -196,17 +196,10 @@ class ServiceClient:
 
     # -------------------------------------------------------- training client
     async def _create_lora(
-        self,
-        base_model: str,
-        rank: int,
-        seed: int | None,
-        train_mlp: bool,
-        train_attn: bool,
-        train_unembed: bool,
-        user_metadata: dict[str, str] | None,
+        self, base_model: str, lora: types.LoraConfig, user_metadata: dict[str, str] | None
     ) -> TrainingClient:
-        if not (train_mlp or train_attn or train_unembed):
-            raise ValueError("at least one of train_mlp, train_attn, train_unembed must be True")
+        if not (lora.train_mlp or lora.train_attn or lora.train_unembed or lora.train_vision):
+            raise ValueError("at least one of train_mlp, train_attn, train_unembed, train_vision must be True")
         session_id = await self._ensure_session()
         model_seq_id = self._next_model_seq_id()
         request = types.CreateModelRequest(
@@ -214,9 +207,7 @@ class ServiceClient:
             model_seq_id=model_seq_id,
             base_model=base_model,
             user_metadata=user_metadata,
-            lora_config=types.LoraConfig(
-                rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn, train_unembed=train_unembed
-            ),
+            lora_config=lora,
         )
         response: types.CreateModelResponse = await submit_and_poll(
             self._http,
@@ -236,11 +227,19 @@ class ServiceClient:
         train_attn: bool = True,
         train_unembed: bool = True,
         user_metadata: dict[str, str] | None = None,
+        train_vision: bool = False,
     ) -> TrainingClient:
-        """Create a LoRA training run on ``base_model`` and return its client."""
-        return self._http.call(
-            self._create_lora(base_model, rank, seed, train_mlp, train_attn, train_unembed, user_metadata)
+        """Create a LoRA training run on ``base_model`` and return its client; ``train_vision`` (Loom only) also
+        trains a vision-language model's vision tower and patch merger."""
+        lora = types.LoraConfig(
+            rank=rank,
+            seed=seed,
+            train_mlp=train_mlp,
+            train_attn=train_attn,
+            train_unembed=train_unembed,
+            train_vision=train_vision,
         )
+        return self._http.call(self._create_lora(base_model, lora, user_metadata))
 
     async def create_lora_training_client_async(
         self,
@@ -251,22 +250,28 @@ class ServiceClient:
         train_attn: bool = True,
         train_unembed: bool = True,
         user_metadata: dict[str, str] | None = None,
+        train_vision: bool = False,
     ) -> TrainingClient:
-        return await self._http.call_async(
-            self._create_lora(base_model, rank, seed, train_mlp, train_attn, train_unembed, user_metadata)
+        lora = types.LoraConfig(
+            rank=rank,
+            seed=seed,
+            train_mlp=train_mlp,
+            train_attn=train_attn,
+            train_unembed=train_unembed,
+            train_vision=train_vision,
         )
+        return await self._http.call_async(self._create_lora(base_model, lora, user_metadata))
 
     async def _from_state(self, path: str, optimizer: bool, user_metadata: dict[str, str] | None) -> TrainingClient:
         info = await RestClient(self._http)._weights_info(path)
-        client = await self._create_lora(
-            info.base_model,
-            info.lora_rank or 32,
-            None,
-            info.train_mlp if info.train_mlp is not None else True,
-            info.train_attn if info.train_attn is not None else True,
-            info.train_unembed if info.train_unembed is not None else True,
-            user_metadata,
+        lora = types.LoraConfig(
+            rank=info.lora_rank or 32,
+            train_mlp=info.train_mlp if info.train_mlp is not None else True,
+            train_attn=info.train_attn if info.train_attn is not None else True,
+            train_unembed=info.train_unembed if info.train_unembed is not None else True,
+            train_vision=bool(info.train_vision),
         )
+        client = await self._create_lora(info.base_model, lora, user_metadata)
         await client._load_coro(path, optimizer)
         return client
 

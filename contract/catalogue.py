@@ -37,6 +37,8 @@ class LoraTargets:
     experts: tuple[str, ...] = ()
     """Fused 3-D routed-expert parameters (`gate_up_proj`, `down_proj`) on modules whose class name ends in
     `Experts`; trained when `train_mlp` is set."""
+    vision: tuple[str, ...] = ()
+    """A vision-language model's vision tower and merger linears; trained when `train_vision` is set."""
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,8 @@ class RunLora(ContractModel):
     train_mlp: bool
     """Includes shared and routed MoE experts."""
     train_unembed: bool
+    train_vision: bool = False
+    """A vision-language model's vision tower and merger."""
 
 
 def default_lora_seed(model_id: str) -> int:

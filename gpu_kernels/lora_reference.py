@@ -51,7 +51,9 @@ def add_segment_deltas(
         return y
     if len(segments) == 1 and segments[0][0] == 0 and segments[0][1] == x.shape[0]:
         return y + lora_delta(x, segments[0][2]).to(y.dtype)
-    if _batchable(segments, x.shape[0]):  # under autograd the stacks join the graph, so they are not cached
+    if x.dim() > 2 and _batchable(segments, x.shape[0]):  # rows of sequences; under autograd the stacks join the
+        # graph, so they are not cached. Flat (tokens, in) inputs take the per-segment path: per-row stacks would
+        # copy the factors once per token.
         return y + _batched_delta(x, segments, None if torch.is_grad_enabled() else cache, name).to(y.dtype)
     # One concatenated delta added once: in-place adds per segment would copy the whole gradient per segment
     # in the backward pass (cost ∝ adapters × tensor size).

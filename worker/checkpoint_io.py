@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from worker.lora.adapter import LORA_ALPHA, LoraAdapter, LoraSpec, TargetWeight
+from worker.models.registry import QWEN3_VL_VISION
 from worker.optimizer import RunOptimizer
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -113,6 +114,7 @@ def read_lora_spec(folder: Path) -> LoraSpec:
         train_attn=bool(modules & {"q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "kv_a_proj_with_mqa"}),
         train_mlp=bool(modules & {"gate_proj", "up_proj", "down_proj", "gate_up_proj"}),
         train_unembed="lm_head" in modules,
+        train_vision=bool(modules & set(QWEN3_VL_VISION)),
     )
 
 
@@ -160,6 +162,7 @@ def save_optimizer(folder: Path, optimizer: RunOptimizer) -> None:
             "train_attn": spec.train_attn,
             "train_mlp": spec.train_mlp,
             "train_unembed": spec.train_unembed,
+            "train_vision": spec.train_vision,
         },
     }
     (folder / TRAINER_STATE).write_text(json.dumps(state))

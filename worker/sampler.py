@@ -296,7 +296,8 @@ class DecodeBatch:
         positions = self._positions(ids, mask, images)
         extra = {} if self.lm.images is None else vision_kwargs(ids, images, self.lm.images.spec)
         cache = DynamicCache(config=self.lm.model.config)
-        with self.lm.router.route([works[i].slot for i in order]):
+        patches = [sum(image.pixel_values.shape[0] for image in works[i].images) for i in order]
+        with self.lm.router.route([works[i].slot for i in order], patches):
             logits = self.lm.model(
                 input_ids=ids,
                 attention_mask=mask,

@@ -51,9 +51,13 @@ class WorkerHandle:
 def build_engine(
     lm: LoadedModel, store: CheckpointStore, settings: Settings, on_stream: StreamSink | None = None
 ) -> Engine:
-    """The engine for one loaded base model, sampling with the backend `settings.sampler_backend` names."""
+    """The engine for one loaded base model, sampling with the backend `settings.sampler_backend` names; a
+    vision-language model always samples with Loom's own sampler (the vLLM backend takes token ids, not images,
+    and vLLM applies no vision-tower LoRA)."""
     sampling: SamplingBackend | None = None
-    if settings.sampler_backend == "vllm":
+    if settings.sampler_backend == "vllm" and lm.images is not None:
+        log.warning("%s is a vision-language model: it samples with Loom's sampler, not vLLM", lm.spec.name)
+    elif settings.sampler_backend == "vllm":
         from worker.vllm.engine import VllmSamplingEngine  # starts a vLLM server for this model
 
         sampling = VllmSamplingEngine(

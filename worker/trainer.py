@@ -138,7 +138,8 @@ def _run_micro_batch(
     extra = {}
     if lm.images is not None:  # a vision model: the rows' images, in row order, and which positions hold them
         extra = vision_kwargs(input_ids, [img for i, j in rows for img in items[i].data[j].images], lm.images.spec)
-    with torch.set_grad_enabled(needs_grad), lm.router.route([items[i].slot for i, _ in rows]):
+    patches = [sum(img.pixel_values.shape[0] for img in items[i].data[j].images) for i, j in rows]
+    with torch.set_grad_enabled(needs_grad), lm.router.route([items[i].slot for i, _ in rows], patches):
         logits = lm.model(input_ids=input_ids, use_cache=False, **extra).logits.float()
         # 1-D targets of every row in one gather: slicing the (rows, length, vocab) logits per datum would make
         # the backward pass materialise a full-size zero gradient per datum.

@@ -34,6 +34,7 @@ from sqlalchemy import (
     MetaData,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -169,6 +170,7 @@ class TrainingRun(Base):
     train_attn: Mapped[bool]
     train_mlp: Mapped[bool]
     train_unembed: Mapped[bool]
+    train_vision: Mapped[bool] = mapped_column(default=False, server_default=false())
     seed: Mapped[int | None]
     user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -186,6 +186,7 @@ def copy_weights(body: CopyWeightsRequest, request: Request, state: State, owner
                 "train_attn": run.train_attn,
                 "train_mlp": run.train_mlp,
                 "train_unembed": run.train_unembed,
+                "train_vision": run.train_vision,
                 "seed": run.seed,
             },
         )

@@ -121,6 +121,7 @@ def weights_info(body: WeightsInfoRequest, state: State, owner: Tenant) -> dict[
         train_attn=run.train_attn,
         train_mlp=run.train_mlp,
         train_unembed=run.train_unembed,
+        train_vision=run.train_vision,
     ).to_wire()
 
 

@@ -141,6 +141,7 @@ def _create_run(
         train_attn=lora.train_attn,
         train_mlp=lora.train_mlp,
         train_unembed=lora.train_unembed,
+        train_vision=lora.train_vision,
         seed=lora.seed,
         user_metadata=meta,
         next_seq_id=0,
@@ -180,8 +181,10 @@ def create_model(body: CreateModelRequest, request: Request, state: State, owner
             f"lora_config.rank {lora.rank} exceeds max LoRA rank {info.max_lora_rank} for {info.name}",
             "lora_config.rank",
         )
-    if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
+    if not (lora.train_attn or lora.train_mlp or lora.train_unembed or lora.train_vision):
         raise invalid("lora_config trains nothing: enable train_attn, train_mlp or train_unembed", "lora_config")
+    if lora.train_vision and info.vision is None:
+        raise invalid(f"{info.name} has no vision tower to train", "lora_config.train_vision")
     with state.transaction() as session:
         run = _create_run(session, owner, body.session_id, body.model_seq_id, info.name, lora, body.user_metadata or {})
         seed = lora.seed if lora.seed is not None else default_lora_seed(run.id)
@@ -192,6 +195,7 @@ def create_model(body: CreateModelRequest, request: Request, state: State, owner
                 train_attn=lora.train_attn,
                 train_mlp=lora.train_mlp,
                 train_unembed=lora.train_unembed,
+                train_vision=lora.train_vision,
             )
         )
         job_id = _enqueue_op(session, request, run, 0, payload)
@@ -439,6 +443,7 @@ def load_weights(body: LoadWeightsRequest, request: Request, state: State, owner
                 train_attn=source.train_attn,
                 train_mlp=source.train_mlp,
                 train_unembed=source.train_unembed,
+                train_vision=source.train_vision,
             )
             run = _create_run(
                 session, owner, body.session_id, body.model_seq_id or 0, base.name, lora, body.user_metadata or {}

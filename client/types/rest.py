@@ -109,6 +109,8 @@ class WeightsInfoResponse(WireModel):
     train_unembed: bool | None = None
     train_mlp: bool | None = None
     train_attn: bool | None = None
+    train_vision: bool | None = None
+    """Loom's extension: the run also trains the vision tower (`LoraConfig.train_vision`)."""
 
 
 class GetSamplerResponse(WireModel):

@@ -16,7 +16,7 @@ from PIL import Image
 from tinker import types
 
 import loom
-from loom.vision import chat_input
+from loom.vision import chat_input, completion_datum
 
 pytestmark = pytest.mark.e2e
 
@@ -139,3 +139,21 @@ def test_loom_sdk_builds_the_same_chat_input(tinker_env, tokenizer_of) -> None:
     )
     out = sampler.sample(ours, 1, loom.types.SamplingParams(max_tokens=2, temperature=0.0)).result()
     assert len(out.sequences[0].tokens) == 2
+
+
+def test_loom_sdk_trains_the_vision_tower_too_and_restores_it(tinker_env, tokenizer_of) -> None:
+    service = loom.ServiceClient(base_url=tinker_env.url, api_key=tinker_env.api_key)
+    with pytest.raises(loom.BadRequestError, match="no vision tower"):
+        service.create_lora_training_client("HuggingFaceTB/SmolLM2-135M-Instruct", rank=4, train_vision=True)
+    training = service.create_lora_training_client(VL, rank=4, seed=2, train_vision=True)
+    tokenizer = tokenizer_of(VL)
+    question = [{"type": "image", "image": IMAGES["red"]}, {"type": "text", "text": "Which colour?"}]
+    prompt = chat_input(tokenizer, [{"role": "user", "content": question}])
+    batch = [completion_datum(prompt, tokenizer.encode("red<|im_end|>", add_special_tokens=False))]
+    training.forward_backward(batch, "cross_entropy").result()
+    training.optim_step(loom.types.AdamParams(learning_rate=1e-2)).result()
+    after = training.forward(batch, "cross_entropy").result().metrics["loss:sum"]
+    saved = training.save_state("vision-tower").result().path
+    assert service.create_rest_client().get_weights_info_by_tinker_path(saved).result().train_vision is True
+    restored = service.create_training_client_from_state(saved)
+    assert restored.forward(batch, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(after, rel=1e-5)

@@ -1,8 +1,8 @@
 """Images through the worker on the Qwen3-VL miniatures (dense and MoE): the token count the API computes is the one
 transformers' image processor produces; a vision run mixed with a text run in one pass gets the logprobs and
 gradients each gets alone; sampling with an image scores its tokens exactly as the training pass does; the prefix
-cache tells images apart; and a trained vision adapter saved in PEFT format reproduces the worker's logprobs when
-`peft` loads it onto the transformers Qwen3-VL class with the processor's pixels.
+cache tells images apart; and a trained adapter with vision-tower LoRA saved in PEFT format reproduces the worker's
+logprobs when `peft` loads it onto the transformers Qwen3-VL class with the processor's pixels.
 
 Tolerances as in test_worker_mixed_batch.py: logprobs atol 1e-4, gradients 1e-4 relative to their scale.
 """
@@ -80,7 +80,8 @@ def test_the_token_count_is_the_image_processors(size: tuple[int, int]) -> None:
 def mixed(request):
     """A vision run (two image datums) and a text run of the same base model, mixed in one pass and alone."""
     lm = vl_model(request.param)
-    vision_adapter, text_adapter = make_adapter(lm, 4, 1, b_std=3e-3), make_adapter(lm, 8, 2, b_std=3e-3)
+    vision_adapter = make_adapter(lm, 4, 1, b_std=3e-3, vision=True)
+    text_adapter = make_adapter(lm, 8, 2, b_std=3e-3)
     slots = [register(lm, vision_adapter), register(lm, text_adapter)]
     vision_fb = [
         answer_datum(lm, png(1), "A shirt."),
@@ -124,6 +125,10 @@ def test_a_vision_run_mixed_with_a_text_run_gets_what_it_gets_alone(mixed) -> No
         for name in want:
             scale = float(want[name].abs().max())
             assert float((got[name] - want[name]).abs().max()) <= GRAD_RTOL * scale + 1e-9, name
+    # the vision run's LoRA reaches the vision blocks and every merger; the text run has none there
+    tower = {n for n, g in together_grads[0].items() if ".visual." in n and float(g.abs().max()) > 0}
+    assert {n.split(".visual.")[1].split(".")[0] for n in tower} == {"blocks", "merger", "deepstack_merger_list"}
+    assert not any(".visual." in n for n in together_grads[1])
     # the image matters: the same question about another image scores the answer differently
     other = answer_datum(lm, png(3), "A shirt.")
     swapped = train_data(ForwardBackwardInput(data=[other], loss_fn="cross_entropy"), None, lm.images)
@@ -176,7 +181,7 @@ def test_the_prefix_cache_tells_images_apart() -> None:
 
 def test_a_saved_vision_adapter_loads_with_peft_and_reproduces_the_logprobs(tmp_path) -> None:
     lm = vl_model("dense")
-    adapter = make_adapter(lm, 4, 11, b_std=5e-2)
+    adapter = make_adapter(lm, 4, 11, b_std=5e-2, vision=True)
     slot = register(lm, adapter)
     try:
         prompt = image_prompt(lm, png(12), "What is shown?")

@@ -61,9 +61,10 @@ def make_adapter(
     mlp: bool = True,
     unembed: bool = True,
     b_std: float | None = None,
+    vision: bool = False,
 ) -> LoraAdapter:
     """A PEFT-initialised adapter; with `b_std`, B is drawn N(0, b_std²) (seeded) so A gets gradients too."""
-    adapter = create_adapter(lm.targets, LoraSpec(rank, seed, attn, mlp, unembed))
+    adapter = create_adapter(lm.targets, LoraSpec(rank, seed, attn, mlp, unembed, vision))
     if b_std is not None:
         gen = torch.Generator().manual_seed(10_000 + seed)
         for _, b in adapter.params.values():

@@ -25,7 +25,7 @@ class TargetWeight:
 
     name: str
     group: str
-    """"attn", "mlp" or "unembed"."""
+    """"attn", "mlp", "unembed" or "vision"."""
     in_features: int
     out_features: int
     num_experts: int = 1
@@ -38,13 +38,16 @@ class LoraSpec:
     train_attn: bool
     train_mlp: bool
     train_unembed: bool
+    train_vision: bool = False
+    """A vision-language model's vision tower and merger (Loom's extension of Tinker's LoRA flags)."""
 
     @property
     def scale(self) -> float:
         return LORA_ALPHA / self.rank
 
     def wants(self, group: str) -> bool:
-        return {"attn": self.train_attn, "mlp": self.train_mlp, "unembed": self.train_unembed}[group]
+        groups = {"attn": self.train_attn, "mlp": self.train_mlp, "unembed": self.train_unembed}
+        return groups[group] if group != "vision" else self.train_vision
 
 
 @dataclass

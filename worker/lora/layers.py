@@ -5,6 +5,9 @@ routed-experts module for a `MultiLoraExperts`, all sharing one `AdapterRouter`.
 `router.route(slots_per_row)` gives row i the adapter registered under `slots_per_row[i]` (rows of one adapter
 must be contiguous; slot None means the bare base model). Outside a route the model is the plain base model.
 
+A vision model's tower linears (`LoraTargets.vision`) take flat patches, not rows: a route then also carries each
+row's patch count, and each adapter's LoRA applies to its rows' patches (scaled after a patch merger).
+
 Limits: one route at a time per model (the worker drives each model from one thread); experts modules must
 expose `gate_up_proj` (E, 2I, H), `down_proj` (E, H, I) and `act_fn`, as transformers' DeepseekV3 and
 Qwen3-MoE experts do.
@@ -12,6 +15,7 @@ Qwen3-MoE experts do.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,28 +30,41 @@ from worker.lora.adapter import LoraAdapter, TargetWeight
 
 @dataclass(frozen=True)
 class Route:
-    """Which adapter each batch row uses, as contiguous segments (slot, row_start, row_end)."""
+    """Which adapter each batch row uses, as contiguous segments (slot, row_start, row_end); for a vision model's
+    images, the same over their patches (slot, patch_start, patch_end) out of `patches`."""
 
     segments: tuple[tuple[int, int, int], ...]
     row_slots: torch.Tensor
     """(B,) slot id per row, -1 for the base model."""
+    patch_segments: tuple[tuple[int, int, int], ...] = ()
+    patches: int = 0
 
     @classmethod
-    def from_rows(cls, slots_per_row: Sequence[int | None]) -> Route:
-        segments: list[tuple[int, int, int]] = []
-        seen: set[int] = set()
-        for i, slot in enumerate(slots_per_row):
-            if slot is None:
-                continue
-            if segments and segments[-1][0] == slot and segments[-1][2] == i:
-                segments[-1] = (slot, segments[-1][1], i + 1)
-                continue
-            if slot in seen:
-                raise ValueError("rows of one adapter must be contiguous")
-            seen.add(slot)
-            segments.append((slot, i, i + 1))
+    def from_rows(cls, slots_per_row: Sequence[int | None], patches_per_row: Sequence[int] = ()) -> Route:
+        segments = _segments(slots_per_row)
         row_slots = torch.tensor([-1 if s is None else s for s in slots_per_row], dtype=torch.long)
-        return cls(tuple(segments), row_slots)
+        if not any(patches_per_row):
+            return cls(segments, row_slots)
+        starts = [0, *itertools.accumulate(patches_per_row)]
+        patch_segments = tuple((slot, starts[a], starts[b]) for slot, a, b in segments if starts[a] < starts[b])
+        return cls(segments, row_slots, patch_segments, starts[-1])
+
+
+def _segments(slots_per_row: Sequence[int | None]) -> tuple[tuple[int, int, int], ...]:
+    """Contiguous (slot, start, end) runs of rows per adapter; slot None rows belong to none."""
+    segments: list[tuple[int, int, int]] = []
+    seen: set[int] = set()
+    for i, slot in enumerate(slots_per_row):
+        if slot is None:
+            continue
+        if segments and segments[-1][0] == slot and segments[-1][2] == i:
+            segments[-1] = (slot, segments[-1][1], i + 1)
+            continue
+        if slot in seen:
+            raise ValueError("rows of one adapter must be contiguous")
+        seen.add(slot)
+        segments.append((slot, i, i + 1))
+    return tuple(segments)
 
 
 class AdapterRouter:
@@ -60,10 +77,12 @@ class AdapterRouter:
         """Factor stacks of the batched decode path, reused across decode steps."""
 
     @contextmanager
-    def route(self, slots_per_row: Sequence[int | None]) -> Iterator[Route]:
+    def route(self, slots_per_row: Sequence[int | None], patches_per_row: Sequence[int] = ()) -> Iterator[Route]:
+        """Route a forward pass: row i through adapter `slots_per_row[i]`, and so its images' `patches_per_row[i]`
+        vision-tower patches (a vision model's rows hold their images' patches in row order)."""
         if self.current is not None:
             raise RuntimeError("a forward pass is already routed on this model")
-        self.current = Route.from_rows(slots_per_row)
+        self.current = Route.from_rows(slots_per_row, patches_per_row)
         try:
             yield self.current
         finally:
@@ -71,11 +90,13 @@ class AdapterRouter:
 
 
 class MultiLoraLinear(nn.Module):
-    def __init__(self, base: nn.Linear, name: str, router: AdapterRouter) -> None:
+    def __init__(self, base: nn.Linear, name: str, router: AdapterRouter, vision: bool = False) -> None:
         super().__init__()
         self.base = base
         self.name = name
         self.router = router
+        self.vision = vision
+        """A vision-tower linear: its input is (patches, in), or (patches / merge^2, in) after a patch merger."""
 
     @property
     def weight(self) -> torch.Tensor:
@@ -86,8 +107,16 @@ class MultiLoraLinear(nn.Module):
         route = self.router.current
         if route is None:
             return y
+        spans = route.segments
+        if self.vision:  # patch spans, scaled to this layer's rows (every image's patches fold evenly)
+            if not route.patches:
+                return y
+            spans = tuple(
+                (s, a * x.shape[0] // route.patches, b * x.shape[0] // route.patches)
+                for s, a, b in route.patch_segments
+            )
         segments = []
-        for slot, start, end in route.segments:
+        for slot, start, end in spans:
             factors = self.router.adapters[slot].factors(self.name)
             if factors is not None:
                 segments.append((start, end, factors))
@@ -144,6 +173,8 @@ class MultiLoraExperts(nn.Module):
 
 
 def _group_of(leaf: str, targets: LoraTargets) -> str | None:
+    if leaf in targets.vision:
+        return "vision"
     if leaf in targets.unembed:
         return "unembed"
     if leaf in targets.attn:
@@ -176,7 +207,7 @@ def install_multi_lora(model: nn.Module, targets: LoraTargets) -> tuple[AdapterR
             if group is None:
                 continue
             found.append(TargetWeight(name, group, module.in_features, module.out_features))
-            replacements.append((name, MultiLoraLinear(module, name, router)))
+            replacements.append((name, MultiLoraLinear(module, name, router, vision=group == "vision")))
         elif _is_experts(module, targets):
             for param in targets.experts:
                 e, out_f, in_f = getattr(module, param).shape

@@ -22,12 +22,16 @@ from worker.models.model_folder import fetch_s3_folder
 _DENSE_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _DENSE_MLP = ("gate_proj", "up_proj", "down_proj")
 _FUSED_EXPERTS = ("gate_up_proj", "down_proj")
+QWEN3_VL_VISION = ("qkv", "proj", "linear_fc1", "linear_fc2")
+"""Qwen3-VL's vision blocks (attention `qkv`/`proj`, MLP `linear_fc1`/`linear_fc2`) and patch mergers."""
 LORA_TARGETS: dict[str, LoraTargets] = {
     "LlamaForCausalLM": LoraTargets(attn=_DENSE_ATTN, mlp=_DENSE_MLP),
     "Qwen3ForCausalLM": LoraTargets(attn=_DENSE_ATTN, mlp=_DENSE_MLP),
     "Qwen3MoeForCausalLM": LoraTargets(attn=_DENSE_ATTN, mlp=_DENSE_MLP, experts=_FUSED_EXPERTS),
-    "Qwen3VLForConditionalGeneration": LoraTargets(attn=_DENSE_ATTN, mlp=_DENSE_MLP),
-    "Qwen3VLMoeForConditionalGeneration": LoraTargets(attn=_DENSE_ATTN, mlp=_DENSE_MLP, experts=_FUSED_EXPERTS),
+    "Qwen3VLForConditionalGeneration": LoraTargets(attn=_DENSE_ATTN, mlp=_DENSE_MLP, vision=QWEN3_VL_VISION),
+    "Qwen3VLMoeForConditionalGeneration": LoraTargets(
+        attn=_DENSE_ATTN, mlp=_DENSE_MLP, experts=_FUSED_EXPERTS, vision=QWEN3_VL_VISION
+    ),
     "DeepseekV3ForCausalLM": LoraTargets(
         attn=("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
         mlp=_DENSE_MLP,
