@@ -138,7 +138,7 @@ TINY_QWEN3_MOE = BaseModelEntry(
 
 TINY_QWEN3_VL = BaseModelEntry(
     name="loom/tiny-qwen3-vl",
-    cache_name="tiny-qwen3-vl-v1",
+    cache_name="tiny-qwen3-vl-v2",
     arch="Qwen3VLForConditionalGeneration",
     vocab_size=151936,
     max_context_length=4096,
@@ -152,7 +152,7 @@ TINY_QWEN3_VL = BaseModelEntry(
 )
 TINY_QWEN3_VL_MOE = BaseModelEntry(
     name="loom/tiny-qwen3-vl-moe",
-    cache_name="tiny-qwen3-vl-moe-v1",
+    cache_name="tiny-qwen3-vl-moe-v2",
     arch="Qwen3VLMoeForConditionalGeneration",
     vocab_size=151936,
     max_context_length=4096,

@@ -2,7 +2,8 @@
 data until its loss falls, samples with an image in the prompt, and the sampled tokens' logprobs match
 `compute_logprobs` of the same sequence within 1e-4; a wrong `expected_tokens` is a 400 naming both numbers (the
 SDK raises it); the official `openai` client sends a data-URL image to the trained checkpoint; Loom's own SDK builds
-the same chat-formatted input with `loom.vision.chat_input`."""
+the same chat-formatted input with `loom.vision.chat_input` and trains the vision tower too (`train_vision`); and a
+client sizes images with the server's own image processor, fetched from its Hub routes."""
 
 from __future__ import annotations
 
@@ -157,3 +158,14 @@ def test_loom_sdk_trains_the_vision_tower_too_and_restores_it(tinker_env, tokeni
     assert service.create_rest_client().get_weights_info_by_tinker_path(saved).result().train_vision is True
     restored = service.create_training_client_from_state(saved)
     assert restored.forward(batch, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(after, rel=1e-5)
+
+
+def test_clients_get_the_servers_image_processor_from_the_hub_routes(tinker_env, tmp_path) -> None:
+    """What the cookbook's Qwen3-VL renderer does to fill `expected_tokens`, with `HF_ENDPOINT` at the server."""
+    from huggingface_hub import snapshot_download
+    from transformers import AutoImageProcessor
+
+    snapshot = snapshot_download(VL, endpoint=f"{tinker_env.url}/hf", cache_dir=tmp_path)
+    processor = AutoImageProcessor.from_pretrained(snapshot)
+    assert processor.get_number_of_image_patches(28, 28) // processor.merge_size**2 == EXPECTED
+    assert processor.get_number_of_image_patches(480, 640) // processor.merge_size**2 == 300

@@ -201,11 +201,12 @@ def preprocessor_config(vision: VisionSpec) -> dict[str, Any]:
 
 def _qwen3_vl_builder(moe: bool) -> Callable[[Path], None]:
     def build(out: Path) -> None:
+        from worker.models.tokenizer_export import PREPROCESSOR_CONFIG
         from worker.models.tokenizer_folders import build_qwen3_tokenizer
 
         _save_random_init(tiny_qwen3_vl_config_dict(moe), QWEN3_GENERATION, out)
         build_qwen3_tokenizer(out, template="qwen3_vl")
-        (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(VisionSpec()), indent=2) + "\n")
+        (out / PREPROCESSOR_CONFIG).write_text(json.dumps(preprocessor_config(VisionSpec()), indent=2) + "\n")
 
     return build
 

@@ -35,7 +35,7 @@ from worker.models.model_folder import (
 )
 from worker.models.quantized_checkpoints import cast_leftovers, load_options, loading_quantization
 from worker.models.registry import lora_targets, model_dir
-from worker.models.tokenizer_export import export_tokenizer
+from worker.models.tokenizer_export import PREPROCESSOR_CONFIG, export_tokenizer
 from worker.models.vision_inputs import ImageEncoder, encoder_for
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -114,7 +114,8 @@ def open_model(entry: BaseModelEntry, model_cache_dir: Path) -> tuple[ModelFolde
     require_tokenizer(folder.path)
     tokenizer = load_tokenizer(folder.path)
     check_entry_matches(entry, folder, tokenizer)
-    export_tokenizer(tokenizer, entry.tokenizer_folder(model_cache_dir))
+    processor = folder.path / PREPROCESSOR_CONFIG
+    export_tokenizer(tokenizer, entry.tokenizer_folder(model_cache_dir), processor if processor.is_file() else None)
     return folder, tokenizer
 
 

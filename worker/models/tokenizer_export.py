@@ -16,6 +16,7 @@ Limits: written once per model cache and never refreshed (delete it after changi
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
@@ -24,6 +25,8 @@ from worker.models.bpe_ranks import read_ranks
 from worker.models.folder_once import folder_once
 from worker.models.kimi_tokenizer import KimiTokenizer
 from worker.models.tokenizer_folders import write_kimi_tokenizer
+
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 
 def _write(tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
@@ -37,6 +40,14 @@ def _write(tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
         tokenizer.save_pretrained(str(out))
 
 
-def export_tokenizer(tokenizer: PreTrainedTokenizerBase, out: Path) -> Path:
-    """`out`, holding `tokenizer` as a folder `AutoTokenizer` loads without remote code (written once, atomically)."""
-    return folder_once(out, "tokenizer_config.json", lambda staging: _write(tokenizer, staging))
+def export_tokenizer(tokenizer: PreTrainedTokenizerBase, out: Path, image_processor: Path | None = None) -> Path:
+    """`out`, holding `tokenizer` as a folder `AutoTokenizer` loads without remote code (written once, atomically),
+    and a vision model's `preprocessor_config.json` (`image_processor`), so clients can size images as the server
+    does (`AutoImageProcessor`)."""
+
+    def write(staging: Path) -> None:
+        _write(tokenizer, staging)
+        if image_processor is not None:
+            shutil.copyfile(image_processor, staging / PREPROCESSOR_CONFIG)
+
+    return folder_once(out, "tokenizer_config.json", write)
