@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from contract.architectures import architecture_of, max_context_of, text_config_of
 from contract.catalogue import (
@@ -78,6 +78,14 @@ class _Model(BaseModel):
     train_bytes_per_token: int | None = Field(None, gt=0)
     image_min_pixels: int = Field(QWEN3_VL_GEOMETRY.min_pixels, gt=0)
     image_max_pixels: int = Field(QWEN3_VL_GEOMETRY.max_pixels, gt=0)
+
+    @model_validator(mode="after")
+    def _pixel_range(self) -> _Model:
+        if self.image_min_pixels > self.image_max_pixels:
+            raise ValueError(
+                f"image_min_pixels {self.image_min_pixels} exceeds image_max_pixels {self.image_max_pixels}"
+            )
+        return self
 
 
 class _File(BaseModel):
@@ -164,8 +172,6 @@ def vision_spec_of(config: Mapping[str, Any], model: _Model) -> VisionSpec:
     """A vision-language model's image tiling and special tokens from its config (`vision_config`'s patch, merge
     and temporal patch sizes; the top-level token ids), with the entry's pixel range."""
     vision = config["vision_config"]
-    if model.image_min_pixels > model.image_max_pixels:
-        raise ValueError(f"image_min_pixels {model.image_min_pixels} exceeds image_max_pixels {model.image_max_pixels}")
     geometry = ImageGeometry(
         patch_size=int(vision["patch_size"]),
         merge_size=int(vision["spatial_merge_size"]),

@@ -149,3 +149,31 @@ def test_a_bad_catalogue_ends_loom_with_one_line(tmp_path: Path, monkeypatch) ->
     with pytest.raises(SystemExit) as exit_:
         loom_main(["models"])
     assert "catalogue.yaml: models: Input should be a valid list" in str(exit_.value)
+
+
+def test_a_vision_language_entry_gets_its_image_geometry_and_sizes_from_the_config(tmp_path: Path) -> None:
+    """Qwen3-VL-MoE in transformers' default (30B-A3B-style) shape: the vision spec comes from the config and the
+    entry's pixel range, and the parameter count is the transformers class's own."""
+    import torch
+    import transformers
+
+    config = transformers.Qwen3VLMoeConfig()
+    folder = _folder(tmp_path, "qwen3-vl-moe", config.to_dict() | {"model_type": "qwen3_vl_moe"})
+    path = _write(
+        tmp_path,
+        f"models:\n  - id: Qwen/Qwen3-VL-30B-A3B-Instruct\n    source: {folder}\n    chat_format: qwen3\n"
+        "    image_min_pixels: 3136\n    image_max_pixels: 1003520\n",
+    )
+    entry = load_catalogue(path).resolve("Qwen/Qwen3-VL-30B-A3B-Instruct")
+    assert entry.arch == "Qwen3VLMoeForConditionalGeneration" and entry.vocab_size == 151936
+    vision = entry.vision
+    assert (vision.image_token_id, vision.vision_start_token_id, vision.vision_end_token_id) == (151655, 151652, 151653)
+    g = vision.geometry
+    assert (g.patch_size, g.merge_size, g.temporal_patch_size, g.min_pixels, g.max_pixels) == (16, 2, 2, 3136, 1003520)
+    with torch.device("meta"):
+        model = transformers.Qwen3VLMoeForConditionalGeneration(config)
+    assert entry.total_params == sum(t.numel() for t in model.state_dict().values())
+    assert entry.active_params < entry.total_params
+    bad = _write(tmp_path, path.read_text().replace("image_min_pixels: 3136", "image_min_pixels: 9999999"), ".yml")
+    with pytest.raises(CatalogueError, match="image_min_pixels"):
+        load_catalogue(bad)
