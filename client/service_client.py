@@ -237,7 +237,7 @@ class ServiceClient:
             train_mlp=train_mlp,
             train_attn=train_attn,
             train_unembed=train_unembed,
-            train_vision=train_vision,
+            train_vision=train_vision or None,
         )
         return self._http.call(self._create_lora(base_model, lora, user_metadata))
 
@@ -258,7 +258,7 @@ class ServiceClient:
             train_mlp=train_mlp,
             train_attn=train_attn,
             train_unembed=train_unembed,
-            train_vision=train_vision,
+            train_vision=train_vision or None,
         )
         return await self._http.call_async(self._create_lora(base_model, lora, user_metadata))
 
@@ -269,7 +269,7 @@ class ServiceClient:
             train_mlp=info.train_mlp if info.train_mlp is not None else True,
             train_attn=info.train_attn if info.train_attn is not None else True,
             train_unembed=info.train_unembed if info.train_unembed is not None else True,
-            train_vision=bool(info.train_vision),
+            train_vision=info.train_vision or None,
         )
         client = await self._create_lora(info.base_model, lora, user_metadata)
         await client._load_coro(path, optimizer)

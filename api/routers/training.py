@@ -141,7 +141,7 @@ def _create_run(
         train_attn=lora.train_attn,
         train_mlp=lora.train_mlp,
         train_unembed=lora.train_unembed,
-        train_vision=lora.train_vision,
+        train_vision=bool(lora.train_vision),
         seed=lora.seed,
         user_metadata=meta,
         next_seq_id=0,
@@ -195,7 +195,7 @@ def create_model(body: CreateModelRequest, request: Request, state: State, owner
                 train_attn=lora.train_attn,
                 train_mlp=lora.train_mlp,
                 train_unembed=lora.train_unembed,
-                train_vision=lora.train_vision,
+                train_vision=bool(lora.train_vision),
             )
         )
         job_id = _enqueue_op(session, request, run, 0, payload)

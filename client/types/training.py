@@ -46,9 +46,9 @@ class LoraConfig(WireModel):
     train_mlp: bool = True
     """Includes MoE experts."""
     train_attn: bool = True
-    train_vision: bool = False
-    """Loom's extension: also train a vision-language model's vision tower and patch merger (refused for text
-    models; the official SDK never sends it, so its runs train the language model only)."""
+    train_vision: bool | None = None
+    """Loom's extension: True also trains a vision-language model's vision tower and patch merger (refused for
+    text models). Left out (None, as the official SDK always leaves it): the language model only."""
 
 
 class OptimizerConfig(WireModel):

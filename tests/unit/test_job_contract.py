@@ -195,6 +195,7 @@ def test_migration_0004_converts_stored_payloads_both_ways(tmp_path: Path) -> No
     assert isinstance(create, CreateModelJob)
     assert create.lora.model_dump() == {
         "rank": 8, "seed": default_lora_seed(RUN), "train_attn": True, "train_mlp": True, "train_unembed": False,
+        "train_vision": False,  # added after 0004: payloads stored before it read as False
     }  # fmt: skip
     assert jobs["f"].kind is JobKind.FORWARD and jobs["f"].payload.input.loss_fn == "cross_entropy"
     assert jobs["o"].payload.adam.learning_rate == 0.5
