@@ -56,6 +56,20 @@ def _env(*names: str) -> str | None:
     return None
 
 
+def _lora_config(
+    rank: int, seed: int | None, train_mlp: bool, train_attn: bool, train_unembed: bool, train_vision: bool
+) -> types.LoraConfig:
+    """A run's LoRA config; `train_vision` goes on the wire only when set (what the official SDK sends otherwise)."""
+    return types.LoraConfig(
+        rank=rank,
+        seed=seed,
+        train_mlp=train_mlp,
+        train_attn=train_attn,
+        train_unembed=train_unembed,
+        train_vision=train_vision or None,
+    )
+
+
 class ServiceClient:
     """Connection + session; factory of the other clients."""
 
@@ -231,14 +245,7 @@ class ServiceClient:
     ) -> TrainingClient:
         """Create a LoRA training run on ``base_model`` and return its client; ``train_vision`` (Loom only) also
         trains a vision-language model's vision tower and patch merger."""
-        lora = types.LoraConfig(
-            rank=rank,
-            seed=seed,
-            train_mlp=train_mlp,
-            train_attn=train_attn,
-            train_unembed=train_unembed,
-            train_vision=train_vision or None,
-        )
+        lora = _lora_config(rank, seed, train_mlp, train_attn, train_unembed, train_vision)
         return self._http.call(self._create_lora(base_model, lora, user_metadata))
 
     async def create_lora_training_client_async(
@@ -252,24 +259,18 @@ class ServiceClient:
         user_metadata: dict[str, str] | None = None,
         train_vision: bool = False,
     ) -> TrainingClient:
-        lora = types.LoraConfig(
-            rank=rank,
-            seed=seed,
-            train_mlp=train_mlp,
-            train_attn=train_attn,
-            train_unembed=train_unembed,
-            train_vision=train_vision or None,
-        )
+        lora = _lora_config(rank, seed, train_mlp, train_attn, train_unembed, train_vision)
         return await self._http.call_async(self._create_lora(base_model, lora, user_metadata))
 
     async def _from_state(self, path: str, optimizer: bool, user_metadata: dict[str, str] | None) -> TrainingClient:
         info = await RestClient(self._http)._weights_info(path)
-        lora = types.LoraConfig(
-            rank=info.lora_rank or 32,
-            train_mlp=info.train_mlp if info.train_mlp is not None else True,
-            train_attn=info.train_attn if info.train_attn is not None else True,
-            train_unembed=info.train_unembed if info.train_unembed is not None else True,
-            train_vision=info.train_vision or None,
+        lora = _lora_config(
+            info.lora_rank or 32,
+            None,
+            info.train_mlp if info.train_mlp is not None else True,
+            info.train_attn if info.train_attn is not None else True,
+            info.train_unembed if info.train_unembed is not None else True,
+            bool(info.train_vision),
         )
         client = await self._create_lora(info.base_model, lora, user_metadata)
         await client._load_coro(path, optimizer)
