@@ -85,6 +85,11 @@ class BaseModelEntry:
     vision: VisionSpec | None = None
     """Set for a vision-language model (image chunks accepted); None for a text-only one."""
 
+    @property
+    def image_token_id(self) -> int | None:
+        """The token an image's positions hold (a vision model's `<|image_pad|>`); None for a text model."""
+        return None if self.vision is None else self.vision.image_token_id
+
     def tokenizer_folder(self, model_cache_dir: Path) -> Path:
         """Where the worker exports the model's tokenizer for clients, before publishing it to the checkpoint store
         for the API to serve (`contract/published_tokenizers.py`)."""

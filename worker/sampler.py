@@ -42,7 +42,7 @@ from transformers import DynamicCache
 
 from contract.settings import DEFAULT_TOKEN_BUDGET
 from worker.models.loader import LoadedModel
-from worker.models.vision_inputs import VisionImage, prompt_identity, rope_positions, vision_kwargs
+from worker.models.vision_inputs import VisionImage, patch_count, prompt_identity, rope_positions, vision_kwargs
 from worker.prefix_cache import PrefixCache
 
 SEED_SPACE = 1 << 64
@@ -245,7 +245,7 @@ class DecodeBatch:
             hit = None
             if w.cache_key is not None and not (w.prompt_logprobs or w.topk_prompt_logprobs):
                 hit = self.prefixes.lookup(w.cache_key, self._identity(w))
-                if hit is not None and w.images and self._image_token in w.prompt[hit[0] :]:
+                if hit is not None and w.images and self.lm.spec.image_token_id in w.prompt[hit[0] :]:
                     hit = None  # an image after the cached prefix: prefill the whole prompt with its pixels
             if hit is None:
                 fresh.append(i)
@@ -256,12 +256,8 @@ class DecodeBatch:
             self._admit_fresh([works[i] for i in fresh], [tags[i] for i in fresh], [outputs[i] for i in fresh])
         return outputs
 
-    @property
-    def _image_token(self) -> int | None:
-        return None if self.lm.images is None else self.lm.images.spec.image_token_id
-
     def _identity(self, work: SampleWork) -> list[int]:
-        return prompt_identity(work.prompt, work.images, self._image_token)
+        return prompt_identity(work.prompt, work.images, self.lm.spec.image_token_id)
 
     def _positions(self, ids: torch.Tensor, mask: torch.Tensor, images: list[VisionImage]) -> torch.Tensor:
         """Position ids of left-padded rows: (rows, length), or (4, rows, length) for a vision model."""
@@ -296,7 +292,7 @@ class DecodeBatch:
         positions = self._positions(ids, mask, images)
         extra = {} if self.lm.images is None else vision_kwargs(ids, images, self.lm.images.spec)
         cache = DynamicCache(config=self.lm.model.config)
-        patches = [sum(image.pixel_values.shape[0] for image in works[i].images) for i in order]
+        patches = [patch_count(works[i].images) for i in order]
         with self.lm.router.route([works[i].slot for i in order], patches):
             logits = self.lm.model(
                 input_ids=ids,

@@ -30,7 +30,7 @@ from contract.settings import DEFAULT_TRAIN_TOKEN_BUDGET
 from worker.custom_loss import CustomLoss, Metrics, reduce_metrics
 from worker.losses import LOSSES
 from worker.models.loader import LoadedModel
-from worker.models.vision_inputs import VisionImage, vision_kwargs
+from worker.models.vision_inputs import VisionImage, patch_count, vision_kwargs
 
 
 class LossError(ValueError):
@@ -138,7 +138,7 @@ def _run_micro_batch(
     extra = {}
     if lm.images is not None:  # a vision model: the rows' images, in row order, and which positions hold them
         extra = vision_kwargs(input_ids, [img for i, j in rows for img in items[i].data[j].images], lm.images.spec)
-    patches = [sum(img.pixel_values.shape[0] for img in items[i].data[j].images) for i, j in rows]
+    patches = [patch_count(items[i].data[j].images) for i, j in rows]
     with torch.set_grad_enabled(needs_grad), lm.router.route([items[i].slot for i, _ in rows], patches):
         logits = lm.model(input_ids=input_ids, use_cache=False, **extra).logits.float()
         # 1-D targets of every row in one gather: slicing the (rows, length, vocab) logits per datum would make

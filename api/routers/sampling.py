@@ -128,8 +128,7 @@ def asample(body: SampleRequest, request: Request, state: State, owner: Tenant) 
     info = state.model(base_model)
     body = body.model_copy(update={"prompt": prepare_model_input(body.prompt, info.vision, state.settings, "prompt")})
     try:
-        image_token = info.vision.image_token_id if info.vision is not None else None
-        prompt_tokens = check_sample(body, info.vocab_size, info.max_context_length, image_token)
+        prompt_tokens = check_sample(body, info.vocab_size, info.max_context_length, info.image_token_id)
     except InvalidRequest as exc:
         raise invalid(f"{exc.param}: {exc}", exc.param) from exc
     budget = WorkerBudget.of(info, state.settings)

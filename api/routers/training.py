@@ -245,8 +245,7 @@ def _queue_forward_backward(state: State, request: Request, owner: str, fb: Forw
     fb_input = prepare_forward_backward(fb_input, info.vision, state.settings)
     try:
         custom_inputs = custom_loss.inputs if custom_loss is not None else ()
-        image_token = info.vision.image_token_id if info.vision is not None else None
-        check_forward_backward(fb_input, info.vocab_size, info.max_context_length, custom_inputs, image_token)
+        check_forward_backward(fb_input, info.vocab_size, info.max_context_length, custom_inputs, info.image_token_id)
     except InvalidRequest as exc:
         raise invalid(str(exc) if exc.param is None else f"{exc.param}: {exc}", exc.param) from exc
     WorkerBudget.of(info, state.settings).check_forward_backward(fb_input)

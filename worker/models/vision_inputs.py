@@ -125,6 +125,11 @@ def prompt_identity(tokens: Sequence[int], images: Sequence[VisionImage], image_
     return out
 
 
+def patch_count(images: Sequence[VisionImage]) -> int:
+    """The vision-tower patches of `images` (what a row's share of a vision-LoRA route spans)."""
+    return sum(image.pixel_values.shape[0] for image in images)
+
+
 def vision_kwargs(input_ids: torch.Tensor, images: Sequence[VisionImage], spec: VisionSpec) -> dict[str, torch.Tensor]:
     """The forward arguments a batch whose rows hold `images` (in row order) needs besides its token ids."""
     kwargs: dict[str, torch.Tensor] = {"mm_token_type_ids": (input_ids == spec.image_token_id).int()}
