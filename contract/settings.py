@@ -20,6 +20,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 CACHE_ROOT = Path.home() / ".cache" / "loom"
 DEFAULT_TOKEN_BUDGET = 1 << 18
 """KV-cache tokens of one decode batch, unless the `token_budget` setting says otherwise."""
+DEFAULT_LOGPROB_CHUNK_BYTES = 64 << 20
+"""Float32 logit bytes of one chunk of a training pass's target logprobs, unless `logprob_chunk_bytes` says so."""
+DEFAULT_CHECKPOINT_TOKENS = 4096
+"""Tokens of a training micro-batch from which it runs with activation checkpointing, unless
+`activation_checkpoint_tokens` says otherwise."""
 DEFAULT_TRAIN_TOKEN_BUDGET = 2048
 """Padded tokens (rows × longest row) of one training micro-batch, unless `train_token_budget` says otherwise."""
 TRAIN_PASSES_PER_TICK = 8
@@ -158,6 +163,28 @@ class Settings(BaseSettings):
         description="padded tokens (rows × longest row) of one training micro-batch: a worker splits each "
         "forward/backward pass into micro-batches of at most this many, which bounds its peak memory; a sequence "
         "longer than it is refused at submit (413)",
+    )
+    device: str = Field(
+        "auto",
+        description="where workers put the frozen base, the adapters and every step's tensors: `auto` (the first CUDA "
+        "GPU when torch sees one, else the CPU), `cpu`, `cuda` or `cuda:N`",
+    )
+    base_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="the frozen base's compute dtype: `auto` is bfloat16 on a GPU and the catalogue entry's dtype on "
+        "the CPU; LoRA factors and Adam moments stay float32 whatever this says",
+    )
+    logprob_chunk_bytes: int = Field(
+        DEFAULT_LOGPROB_CHUNK_BYTES,
+        ge=0,
+        description="float32 logit bytes a training pass holds at once: target logprobs are computed from the hidden "
+        "states a chunk of tokens at a time, never as a (tokens × vocab) block (0 = materialise the whole block)",
+    )
+    activation_checkpoint_tokens: int = Field(
+        DEFAULT_CHECKPOINT_TOKENS,
+        ge=0,
+        description="training micro-batches of at least this many tokens keep only each decoder layer's input and "
+        "recompute the rest in the backward pass (less memory, about a third more compute; 0 = never)",
     )
     recovery_every: int = Field(
         50,

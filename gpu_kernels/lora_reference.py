@@ -37,6 +37,12 @@ def lora_delta(x: torch.Tensor, factors: LoraFactors) -> torch.Tensor:
     return (x @ factors.a.transpose(-1, -2)) @ factors.b.transpose(-1, -2) * factors.scale
 
 
+def lora_down(x: torch.Tensor, factors: LoraFactors) -> torch.Tensor:
+    """The scaled shrink half of the delta, scale · x @ Aᵀ, in the factors' dtype: what a fused consumer of the
+    expand half (`gpu_kernels/chunked_logprobs.py`) takes."""
+    return (x.to(factors.a.dtype) @ factors.a.transpose(-1, -2)) * factors.scale
+
+
 def add_segment_deltas(
     y: torch.Tensor,
     x: torch.Tensor,

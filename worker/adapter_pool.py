@@ -68,14 +68,14 @@ class AdapterPool:
 
     def create_run(self, model_id: str, spec: LoraSpec) -> ResidentRun:
         self.drop_run(model_id)
-        adapter = create_adapter(self.lm.targets, spec)
+        adapter = create_adapter(self.lm.targets, spec, self.lm.device)
         run = ResidentRun(model_id, self._register(adapter), adapter, RunOptimizer(adapter))
         self.runs[model_id] = run
         return run
 
     def load_run(self, model_id: str, folder: Path, with_optimizer: bool, spec: LoraSpec | None = None) -> ResidentRun:
         """Make `model_id` resident with the weights in `folder` (and its Adam moments if asked)."""
-        adapter = load_adapter(folder, self.lm.targets, spec)
+        adapter = load_adapter(folder, self.lm.targets, spec, self.lm.device)
         optimizer = RunOptimizer(adapter)
         if with_optimizer:
             load_optimizer(folder, optimizer)
@@ -131,5 +131,5 @@ class AdapterPool:
         if slot is not None:
             self.samplers.move_to_end(key)
             return slot
-        adapter = frozen_copy(load_adapter(open_folder(key), self.lm.targets))
+        adapter = frozen_copy(load_adapter(open_folder(key), self.lm.targets, device=self.lm.device))
         return self.put_sampler(key, adapter)

@@ -118,10 +118,13 @@ def read_lora_spec(folder: Path) -> LoraSpec:
     )
 
 
-def load_adapter(folder: Path, targets: list[TargetWeight], spec: LoraSpec | None = None) -> LoraAdapter:
+def load_adapter(
+    folder: Path, targets: list[TargetWeight], spec: LoraSpec | None = None, device: torch.device | None = None
+) -> LoraAdapter:
+    """The adapter saved in `folder`, its factors on `device` (default CPU)."""
     spec = spec or read_lora_spec(folder)
     try:
-        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+        tensors = load_file(str(folder / ADAPTER_WEIGHTS), device=str(device or "cpu"))
     except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError is not a ValueError
         raise CheckpointFormatError(f"cannot read {ADAPTER_WEIGHTS}: {exc}") from exc
     adapter = LoraAdapter(spec)

@@ -25,6 +25,10 @@ A prompt extending one seen before under the same (tenant, adapter) key reuses i
 A vision model's prompts prefill with their images (pixels through the vision tower) and explicit multimodal
 rotary positions (`rope_positions`); each row then decodes from one past its largest position.
 
+The model and its KV cache live on the worker's device (`lm.device`); the bookkeeping (masks, positions, the last
+logits each row samples from with its CPU generator) stays on the CPU. A prefill computes only each row's last
+logits unless one of its requests asks for prompt scores.
+
 Limits: padding, not paging — a batch's cache is (rows × longest row); `token_budget` bounds rows × length and
 `fits()` tells the caller when a group would exceed it. An exception in a batched forward pass (prefill or
 decode step) is not confined to a row: it leaves the batch unusable and the caller starts a new one.
@@ -177,7 +181,7 @@ class Row:
 
 def _prompt_scores(logits: torch.Tensor, prompt: list[int], topk: int, want_lp: bool):
     """Per prompt position i: log p(prompt[i] | prompt[:i]) and the top-k alternatives there (None at 0)."""
-    logp = torch.log_softmax(logits[:-1].float(), -1)
+    logp = torch.log_softmax(logits[:-1].float(), -1).cpu()
     targets = torch.tensor(prompt[1:], dtype=torch.long)
     lps = [None] + logp.gather(-1, targets[:, None])[:, 0].tolist() if want_lp else None
     top = None
@@ -290,16 +294,19 @@ class DecodeBatch:
             mask[r, width - len(p) :] = 1
         images = [image for i in order for image in works[i].images]
         positions = self._positions(ids, mask, images)
-        extra = {} if self.lm.images is None else vision_kwargs(ids, images, self.lm.images.spec)
+        device = self.lm.device
+        extra = {} if self.lm.images is None else vision_kwargs(ids.to(device), images, self.lm.images.spec)
         cache = DynamicCache(config=self.lm.model.config)
         patches = [patch_count(works[i].images) for i in order]
+        scored = any(works[i].prompt_logprobs or works[i].topk_prompt_logprobs for i in order)
         with self.lm.router.route([works[i].slot for i in order], patches):
             logits = self.lm.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
                 past_key_values=cache,
                 use_cache=True,
+                logits_to_keep=0 if scored else 1,  # without prompt scores only the last position's logits
                 **extra,
             ).logits
         rows: list[Row] = []
@@ -317,7 +324,7 @@ class DecodeBatch:
         index = torch.tensor(expand, dtype=torch.long)
         cache.batch_select_indices(index)
         next_pos = _next_positions(positions)
-        self._merge(rows, cache, mask[index], next_pos[index], logits[index, -1, :].float())
+        self._merge(rows, cache, mask[index], next_pos[index], logits[index.to(device), -1, :].float().cpu())
 
     def _admit_extending(self, work: SampleWork, tag: Any, cached: int, states) -> None:
         cache = DynamicCache(config=self.lm.model.config)
@@ -326,14 +333,16 @@ class DecodeBatch:
         n = len(work.prompt)
         ids = torch.tensor([work.prompt], dtype=torch.long)
         positions = self._positions(ids, torch.ones((1, n), dtype=torch.long), work.images)  # images: all cached
+        device = self.lm.device
         with self.lm.router.route([work.slot]):
             logits = self.lm.model(
-                input_ids=ids[:, cached:],
-                attention_mask=torch.ones((1, n), dtype=torch.long),
-                position_ids=positions[..., cached:],
+                input_ids=ids[:, cached:].to(device),
+                attention_mask=torch.ones((1, n), dtype=torch.long, device=device),
+                position_ids=positions[..., cached:].to(device),
                 past_key_values=cache,
                 use_cache=True,
-            ).logits
+                logits_to_keep=1,
+            ).logits.cpu()
         self._remember(work, cache, 0, n)
         rows = self._rows(work, tag)
         index = torch.zeros(len(rows), dtype=torch.long)
@@ -400,14 +409,15 @@ class DecodeBatch:
         if self.rows:
             self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], dim=1)
             with self.lm.router.route([row.work.slot for row in self.rows]):
+                device = self.lm.device
                 out = self.lm.model(
-                    input_ids=tokens[:, None],
-                    attention_mask=self.mask,
-                    position_ids=self.next_pos[:, None],
+                    input_ids=tokens[:, None].to(device),
+                    attention_mask=self.mask.to(device),
+                    position_ids=self.next_pos[:, None].to(device),
                     past_key_values=self.cache,
                     use_cache=True,
                 )
-            self.last = out.logits[:, -1, :].float()
+            self.last = out.logits[:, -1, :].float().cpu()
             self.next_pos = self.next_pos + 1
         return Step(emitted, finished, failed)
 

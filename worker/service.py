@@ -26,6 +26,7 @@ from contract.settings import TRAIN_PASSES_PER_TICK, Settings
 from worker.consumer import Consumer
 from worker.engine import Engine
 from worker.models.loader import LoadedModel, load_base_model
+from worker.models.runtime import runtime_for
 from worker.sampling_backend import SamplingBackend
 from worker.sampling_engine import StreamSink
 
@@ -105,7 +106,8 @@ def start_workers(
         engine = (engines or {}).get(entry.name)
         if engine is None:
             progress(f"loading {entry.name} ...")
-            engine = build_engine(load_base_model(entry, settings.model_cache_dir), store, settings, on_stream)
+            lm = load_base_model(entry, settings.model_cache_dir, runtime_for(settings))
+            engine = build_engine(lm, store, settings, on_stream)
         revision = publish_tokenizer(store, entry, entry.tokenizer_folder(settings.model_cache_dir))
         progress(f"{entry.name} tokenizer published (revision {revision[:12]})")
         lease_owner = worker_id or f"{socket.gethostname()}:{entry.cache_name}:{threading.get_native_id()}"

@@ -13,21 +13,32 @@ A vision model's rows carry their images: the micro-batch's images go through th
 image attends only to itself) and fill their rows' image-token runs, so a vision row's result does not depend on
 its neighbours either.
 
-Limits: sequences are padded, not packed; a micro-batch's full (rows × length × vocab) logits are materialised,
-so peak memory grows with `token_budget`; a single row longer than the budget still runs (alone). A failure
+Target logprobs come from the final hidden states of the real (unpadded) tokens, a chunk of tokens at a time
+(`gpu_kernels/chunked_logprobs.py`), so no (tokens × vocab) logits block is ever held; a micro-batch of at least
+`checkpoint_tokens` tokens runs with activation checkpointing (`worker/activation_checkpointing.py`). Both are the
+model's runtime settings (`worker/models/runtime.py`). Inputs go to the model's device; results stay there.
+
+Limits: sequences are padded, not packed (padding costs compute in the decoder, not in the output projection); a
+ZeRO-3 base materialises each micro-batch's logits (its output projection is gathered only inside its own call); a
+single row longer than the budget still runs (alone). A failure
 leaves the gradients of the micro-batches already run accumulated: the caller restores them
 (`worker/fault_isolation.py`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from contract.settings import DEFAULT_TRAIN_TOKEN_BUDGET
+from gpu_kernels.chunked_logprobs import target_logprobs
+from gpu_kernels.lora_reference import lora_delta, lora_down
+from worker.activation_checkpointing import activation_checkpointing
 from worker.custom_loss import CustomLoss, Metrics, reduce_metrics
+from worker.lora.layers import MultiLoraLinear
 from worker.losses import LOSSES
 from worker.models.loader import LoadedModel
 from worker.models.vision_inputs import VisionImage, patch_count, vision_kwargs
@@ -128,38 +139,31 @@ def _run_micro_batch(
 ) -> None:
     """Forward (and backward, if any row trains) over `rows` (item, datum), padded to the longest; writes each
     row's target logprobs, loss and custom metrics into `logprobs` / `losses` / `metrics`."""
-    max_len = max(len(items[i].data[j].tokens) for i, j in rows)
-    pad_id = 0
-    input_ids = torch.full((len(rows), max_len), pad_id, dtype=torch.long)
-    for r, (i, j) in enumerate(rows):
-        toks = items[i].data[j].tokens
-        input_ids[r, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+    data = [items[i].data[j] for i, j in rows]
+    lengths = [len(datum.tokens) for datum in data]
+    input_ids = torch.zeros((len(rows), max(lengths)), dtype=torch.long)
+    for r, datum in enumerate(data):
+        input_ids[r, : lengths[r]] = torch.tensor(datum.tokens, dtype=torch.long)
+    input_ids = input_ids.to(lm.device)
     needs_grad = any(not items[i].forward_only for i, _ in rows)
     extra = {}
     if lm.images is not None:  # a vision model: the rows' images, in row order, and which positions hold them
-        extra = vision_kwargs(input_ids, [img for i, j in rows for img in items[i].data[j].images], lm.images.spec)
-    patches = [patch_count(items[i].data[j].images) for i, j in rows]
-    with torch.set_grad_enabled(needs_grad), lm.router.route([items[i].slot for i, _ in rows], patches):
-        logits = lm.model(input_ids=input_ids, use_cache=False, **extra).logits.float()
-        # 1-D targets of every row in one gather: slicing the (rows, length, vocab) logits per datum would make
-        # the backward pass materialise a full-size zero gradient per datum.
-        flat_targets = torch.zeros_like(input_ids)
-        for r, (i, j) in enumerate(rows):
-            targets = items[i].data[j].inputs["target_tokens"]
-            if targets.dim() == 1:
-                flat_targets[r, : targets.shape[0]] = targets
-        token_lp = logits.gather(-1, flat_targets[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
+        extra = vision_kwargs(input_ids, [img for datum in data for img in datum.images], lm.images.spec)
+    slots = [items[i].slot for i, _ in rows]
+    route = lm.router.route(slots, [patch_count(datum.images) for datum in data])
+    checkpointed = needs_grad and 0 < lm.runtime.checkpoint_tokens <= input_ids.numel()
+    with torch.set_grad_enabled(needs_grad), route, activation_checkpointing(lm.model, checkpointed):
+        hidden = lm.model.model(input_ids=input_ids, use_cache=False, **extra).last_hidden_state
+        inputs = [{k: v.to(lm.device) for k, v in datum.inputs.items()} for datum in data]
+        row_lps = _row_logprobs(lm, hidden, lengths, slots, [row["target_tokens"] for row in inputs])
         total = None
         for r, (i, j) in enumerate(rows):
-            item, datum = items[i], items[i].data[j]
-            n = len(datum.tokens)
-            targets = datum.inputs["target_tokens"]
-            lp = token_lp[r, :n] if targets.dim() == 1 else _target_logprobs(logits[r, :n], targets)
+            item, lp = items[i], row_lps[r]
             try:
                 if item.custom_loss is not None:
-                    loss, metrics[i, j] = item.custom_loss(lp, datum.inputs)
+                    loss, metrics[i, j] = item.custom_loss(lp, inputs[r])
                 else:
-                    loss, metrics[i, j] = LOSSES[item.loss_fn](lp, datum.inputs, item.loss_fn_config), {}
+                    loss, metrics[i, j] = LOSSES[item.loss_fn](lp, inputs[r], item.loss_fn_config), {}
             except Exception as exc:
                 what = item.loss_fn if item.custom_loss is None else f"custom loss {item.custom_loss.name!r}"
                 raise LossError(f"{what} failed on datum {j}: {type(exc).__name__}: {exc}") from exc
@@ -169,3 +173,43 @@ def _run_micro_batch(
                 total = loss if total is None else total + loss
         if total is not None:
             total.backward()
+
+
+def _row_logprobs(
+    lm: LoadedModel,
+    hidden: torch.Tensor,
+    lengths: list[int],
+    slots: list[int | None],
+    targets: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """Each row's target logprobs from the final hidden states (rows, length, H): the rows with one target per
+    token adapter by adapter over their real tokens only (padding never reaches the output projection), rows with
+    K targets per token one by one. A LoRA on the output projection applies per row's adapter."""
+    head = lm.model.get_output_embeddings()
+    base = getattr(head, "base", head)  # the frozen projection under a `MultiLoraLinear`
+    chunk_bytes = lm.runtime.logprob_chunk_bytes if lm.sharding is None else 0  # ZeRO-3: whole only inside its call
+
+    def score(h: torch.Tensor, t: torch.Tensor, slot: int | None) -> torch.Tensor:
+        factors = None
+        if slot is not None and isinstance(head, MultiLoraLinear):
+            factors = lm.router.adapters[slot].factors(head.name)
+        if chunk_bytes:
+            low_rank = None if factors is None else (lora_down(h, factors), factors.b)
+            return target_logprobs(h, base.weight, t, chunk_bytes, low_rank)
+        logits = base(h)
+        if factors is not None:
+            logits = logits + lora_delta(h, factors).to(logits.dtype)
+        return _target_logprobs(logits.float(), t)
+
+    out: dict[int, torch.Tensor] = {}
+    flat = [r for r, t in enumerate(targets) if t.dim() == 1]
+    for slot, group in itertools.groupby(flat, key=lambda r: slots[r]):
+        rows = list(group)
+        row_index = torch.cat([torch.full((lengths[r],), r, dtype=torch.long) for r in rows]).to(hidden.device)
+        position = torch.cat([torch.arange(lengths[r]) for r in rows]).to(hidden.device)
+        scored = score(hidden[row_index, position], torch.cat([targets[r] for r in rows]), slot)
+        out.update(zip(rows, scored.split([lengths[r] for r in rows])))
+    for r, t in enumerate(targets):
+        if t.dim() == 2:
+            out[r] = score(hidden[r, : lengths[r]], t, slots[r])
+    return [out[r] for r in range(len(targets))]

@@ -84,8 +84,9 @@ class LoraAdapter:
             p.grad = None
 
 
-def create_adapter(targets: list[TargetWeight], spec: LoraSpec) -> LoraAdapter:
-    """Initialise factors for every target whose group the spec trains (deterministic for a given seed)."""
+def create_adapter(targets: list[TargetWeight], spec: LoraSpec, device: torch.device | None = None) -> LoraAdapter:
+    """Initialise float32 factors on `device` (default CPU) for every target whose group the spec trains
+    (deterministic for a given seed on any device: drawn on the CPU)."""
     gen = torch.Generator().manual_seed(spec.seed if spec.seed is not None else torch.seed())
     adapter = LoraAdapter(spec)
     for t in sorted(targets, key=lambda t: t.name):
@@ -94,6 +95,6 @@ def create_adapter(targets: list[TargetWeight], spec: LoraSpec) -> LoraAdapter:
         bound = 1.0 / math.sqrt(t.in_features)
         a_shape = (spec.rank, t.in_features) if t.num_experts == 1 else (t.num_experts, spec.rank, t.in_features)
         b_shape = (t.out_features, spec.rank) if t.num_experts == 1 else (t.num_experts, t.out_features, spec.rank)
-        a = (torch.rand(a_shape, generator=gen) * 2 - 1) * bound
-        adapter.params[t.name] = (torch.nn.Parameter(a), torch.nn.Parameter(torch.zeros(b_shape)))
+        a = ((torch.rand(a_shape, generator=gen) * 2 - 1) * bound).to(device)
+        adapter.params[t.name] = (torch.nn.Parameter(a), torch.nn.Parameter(torch.zeros(b_shape, device=device)))
     return adapter

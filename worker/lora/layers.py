@@ -150,7 +150,7 @@ class MultiLoraExperts(nn.Module):
         token_slots = None
         if route is not None:
             tokens_per_row = hidden_states.shape[0] // route.row_slots.shape[0]
-            token_slots = route.row_slots.repeat_interleave(tokens_per_row)
+            token_slots = route.row_slots.to(hidden_states.device).repeat_interleave(tokens_per_row)
         final = torch.zeros_like(hidden_states)
         with torch.no_grad():
             counts = torch.bincount(top_k_index.flatten(), minlength=self.num_experts)[: self.num_experts]

@@ -4,7 +4,8 @@
 checked (`model_folder.check_model_folder`), the config is read into the architecture's transformers classes
 (`kimi_k2` into DeepseekV3's, never remote code), and the weights are loaded by transformers shard by shard
 (per-expert checkpoint tensors fused into the classes' expert parameters; Kimi K2's fp8 block and int4
-compressed-tensors weights dequantised on the way, `worker/models/quantized_checkpoints.py`) into the entry's dtype.
+compressed-tensors weights dequantised on the way, `worker/models/quantized_checkpoints.py`) into the runtime's dtype
+and moved to its device (`worker/models/runtime.py`).
 Anything missing, unexpected or wrongly shaped fails here, at start-up, naming the file.
 
 Limits: quantised weights are always dequantised (no fp8/int4 compute path yet); the whole dense model is held in
@@ -13,7 +14,7 @@ the worker's memory (a ZeRO-3 group partitions it instead, `worker/sharded_base.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,9 @@ from worker.models.model_folder import (
 )
 from worker.models.quantized_checkpoints import cast_leftovers, load_options, loading_quantization
 from worker.models.registry import lora_targets, model_dir
+from worker.models.runtime import ModelRuntime
 from worker.models.tokenizer_export import PREPROCESSOR_CONFIG, export_tokenizer
 from worker.models.vision_inputs import ImageEncoder, encoder_for
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -54,6 +54,12 @@ class LoadedModel:
     """With ZeRO-3 (`worker/sharded_base.py`): the `ShardedBase` that partitions `model`, kept alive with it."""
     images: ImageEncoder | None = None
     """A vision-language model's image encoder (None for a text model)."""
+    runtime: ModelRuntime = field(default_factory=ModelRuntime)
+    """The device, dtype and memory trades this worker runs the model with."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
 
     @property
     def vocab_size(self) -> int:
@@ -119,9 +125,12 @@ def open_model(entry: BaseModelEntry, model_cache_dir: Path) -> tuple[ModelFolde
     return folder, tokenizer
 
 
-def load_base_model(entry: BaseModelEntry, model_cache_dir: Path) -> LoadedModel:
-    """`entry`'s model, from its folder, in the entry's dtype with multi-LoRA installed."""
+def load_base_model(entry: BaseModelEntry, model_cache_dir: Path, runtime: ModelRuntime | None = None) -> LoadedModel:
+    """`entry`'s model, from its folder, on `runtime`'s device in its dtype (default: the CPU, the entry's dtype),
+    with multi-LoRA installed."""
+    runtime = runtime or ModelRuntime()
     folder, tokenizer = open_model(entry, model_cache_dir)
-    model = load_weights(folder, TORCH_DTYPES[entry.dtype])
+    model = load_weights(folder, runtime.base_dtype(entry)).to(runtime.device)
     router, targets = install_multi_lora(model, lora_targets(entry))
-    return LoadedModel(entry, folder.path, model, tokenizer, router, targets, images=encoder_for(entry.vision))
+    images = encoder_for(entry.vision)
+    return LoadedModel(entry, folder.path, model, tokenizer, router, targets, images=images, runtime=runtime)

@@ -131,11 +131,12 @@ def patch_count(images: Sequence[VisionImage]) -> int:
 
 
 def vision_kwargs(input_ids: torch.Tensor, images: Sequence[VisionImage], spec: VisionSpec) -> dict[str, torch.Tensor]:
-    """The forward arguments a batch whose rows hold `images` (in row order) needs besides its token ids."""
+    """The forward arguments a batch whose rows hold `images` (in row order) needs besides its token ids, on the
+    ids' device."""
     kwargs: dict[str, torch.Tensor] = {"mm_token_type_ids": (input_ids == spec.image_token_id).int()}
     if images:
-        kwargs["pixel_values"] = torch.cat([image.pixel_values for image in images])
-        kwargs["image_grid_thw"] = torch.stack([image.grid_thw for image in images])
+        kwargs["pixel_values"] = torch.cat([image.pixel_values for image in images]).to(input_ids.device)
+        kwargs["image_grid_thw"] = torch.stack([image.grid_thw for image in images]).to(input_ids.device)
     return kwargs
 
 
