@@ -6,6 +6,9 @@
     loom keys create --owner O [--name N] / loom keys revoke KEY_ID --owner O
     loom runs [--owner O]               training runs with their checkpoints
     loom settings                       every LOOM_* setting, its current value and what it means
+    loom plan --model M --gpu G --gpus N [--rank R] [--tokens T] [--format bf16|fp8|int4] [--json]
+                                        capacity plan on paper: per-GPU memory, step time, tenants per worker,
+                                        LoRA vs full-parameter RL GPU counts (`contract/capacity_plan.py`)
     loom worker ... / loom gc ...       the worker's commands: this process becomes `loom-worker run ...` /
                                         `loom-worker gc ...` (`worker/cli.py`), so the API never imports worker code
 
@@ -134,6 +137,76 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:,.1f} GiB"
+
+
+def _plan_text(p) -> str:
+    """The readable table `loom plan` prints."""
+    m, s, rl = p.memory, p.step_time, p.rl
+    groups = ", ".join(f"{k} {_count(v)}" for k, v in p.lora_params_by_group.items())
+    rows = [
+        ("model", f"{p.model}: {_count(p.total_params)} params, {_count(p.active_params)} active"),
+        ("worker", f"{p.gpus} x {p.gpu}, base in {p.weight_format} ({_gib(p.base_bytes)})"),
+        ("run", f"LoRA rank {p.rank}, {p.expert_lora} expert LoRA: {_count(p.lora_params)} params ({groups})"),
+        (
+            "step",
+            f"{p.tokens:,} tokens, sequences of {p.seq_len:,}, checkpointing {'on' if p.checkpointing else 'off'}",
+        ),
+        ("", ""),
+        ("per GPU: usable", _gib(m.usable)),
+        ("  frozen base share", _gib(m.base)),
+        ("  one run's LoRA + Adam", _gib(m.lora_run)),
+        ("  activations (in use)", _gib(m.activations)),
+        ("    with checkpointing", _gib(m.activations_checkpointing)),
+        ("    without", _gib(m.activations_no_checkpointing)),
+        ("  KV cache", _gib(m.kv_cache)),
+        ("  free for tenants", _gib(m.free)),
+        ("tenants per worker", str(p.tenants)),
+        ("", ""),
+        ("step time", f"{s.step:.2f} s ({s.bound}-bound, MFU {p.mfu:.0%})"),
+        ("  compute", f"{s.compute:.2f} s ({s.flops:.3g} FLOPs)"),
+        ("  communication", f"{s.communication:.2f} s"),
+        ("  HBM weight reads", f"{s.hbm:.3f} s"),
+        ("", ""),
+        ("RL GPUs: LoRA", f"{rl.lora_gpus} ({_gib(rl.lora_bytes)} held)"),
+        ("  full-parameter", f"{rl.full_gpus} ({_gib(rl.full_bytes)} held)"),
+        ("  ratio", f"{rl.ratio:.3f} (FLOPs ratio {rl.flop_ratio:.2f})"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(width)}  {v}".rstrip() for k, v in rows]
+    return "\n".join([*lines, "", "where the ratio stops holding:", *(f"- {line}" for line in p.limits)])
+
+
+def cmd_plan(args: argparse.Namespace, settings: Settings) -> None:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from contract.capacity_plan import GPUS, PlanInput, plan
+    from contract.published_models import CONFIG_DIR
+
+    path = Path(args.model) if args.model.endswith(".json") else CONFIG_DIR / f"{args.model}.json"
+    if not path.is_file():
+        bundled = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+        sys.exit(f"loom plan: no config {args.model!r}; bundled: {', '.join(bundled)}, or a path to a config.json")
+    inputs = PlanInput(
+        config=json.loads(path.read_text()),
+        gpu=GPUS[args.gpu],
+        gpus=args.gpus,
+        rank=args.rank,
+        tokens=args.tokens,
+        seq_len=args.seq_len,
+        weight_format=args.format,
+        expert_lora=args.expert_lora,
+        checkpointing=not args.no_checkpointing,
+        kv_tokens=args.kv_tokens,
+        mfu=args.mfu,
+    )
+    result = plan(inputs, args.model)
+    print(json.dumps(dataclasses.asdict(result), indent=2) if args.json else _plan_text(result))
+
+
 def cmd_settings(args: argparse.Namespace, settings: Settings) -> None:
     for variable, value, description in settings.describe():
         print(f"{variable}={value}\n    {description}")
@@ -142,6 +215,25 @@ def cmd_settings(args: argparse.Namespace, settings: Settings) -> None:
 def _hand_to_worker(command: str, argv: list[str]) -> None:
     """Become the worker's command-line program (same process id, so signals and exit codes pass through)."""
     os.execv(sys.executable, [sys.executable, "-m", "worker.cli", WORKER_COMMANDS[command], *argv])
+
+
+def _plan_parser(plan: argparse.ArgumentParser) -> None:
+    from contract.capacity_plan import FORMATS, GPUS
+    from contract.lora_size import EXPERT_LORA
+
+    plan.add_argument("--model", required=True, help="a bundled config (e.g. kimi-k2-instruct) or a config.json path")
+    plan.add_argument("--gpu", choices=sorted(GPUS), default="h200")
+    plan.add_argument("--gpus", type=int, default=8, help="GPUs of one worker (one copy of the base)")
+    plan.add_argument("--rank", type=int, default=32)
+    plan.add_argument("--tokens", type=int, default=32768, help="tokens per training step, all tenants together")
+    plan.add_argument("--seq-len", type=int, default=4096)
+    plan.add_argument("--format", choices=sorted(FORMATS), default="bf16", help="the frozen base's weight format")
+    plan.add_argument("--expert-lora", choices=EXPERT_LORA, default="per-expert")
+    plan.add_argument("--no-checkpointing", action="store_true")
+    plan.add_argument("--kv-tokens", type=int, default=0, help="sampling KV cache tokens held across the worker")
+    plan.add_argument("--mfu", type=float, default=0.2, help="assumed model FLOPs utilisation")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=cmd_plan)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -169,6 +261,7 @@ def _parser() -> argparse.ArgumentParser:
     runs.set_defaults(func=cmd_runs)
     sub.add_parser("settings", help="show every setting").set_defaults(func=cmd_settings)
     sub.add_parser("models", help="list the base models this deployment serves").set_defaults(func=cmd_models)
+    _plan_parser(sub.add_parser("plan", help="capacity plan on paper for a model and a cluster"))
     for name in WORKER_COMMANDS:
         sub.add_parser(name, help=f"the worker's command (loom-worker {WORKER_COMMANDS[name]} --help)")
     return parser
