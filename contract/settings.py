@@ -192,6 +192,12 @@ class Settings(BaseSettings):
         description="optimizer steps between a run's hidden recovery checkpoints, which bound the replay when a run "
         "is rebuilt on another worker (0 = never)",
     )
+    lora_kernels: Literal["auto", "reference", "triton"] = Field(
+        "auto",
+        description="where workers compute LoRA deltas: `auto` (the Triton multi-LoRA kernels on CUDA when triton "
+        "is installed, the torch reference elsewhere), `reference` (always the torch reference) or `triton` "
+        "(always the kernels)",
+    )
     vllm_venv: Path = Field(
         Path(__file__).resolve().parent.parent / ".venv-vllm",
         description="with `vllm`: the virtual environment vLLM runs from",

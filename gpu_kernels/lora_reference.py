@@ -30,6 +30,10 @@ class LoraFactors:
     b: torch.Tensor
     scale: float
 
+    def of_expert(self, expert: int) -> LoraFactors:
+        """Expert `expert`'s factors, when these are a routed-experts weight's (A (E, r, in), B (E, out, r))."""
+        return LoraFactors(self.a[expert], self.b[expert], self.scale)
+
 
 def lora_delta(x: torch.Tensor, factors: LoraFactors) -> torch.Tensor:
     """The delta in the factors' dtype (float32 adapters over a bfloat16 base compute in float32)."""

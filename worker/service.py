@@ -54,7 +54,8 @@ def build_engine(
 ) -> Engine:
     """The engine for one loaded base model, sampling with the backend `settings.sampler_backend` names; a
     vision-language model always samples with Loom's own sampler (the vLLM backend takes token ids, not images,
-    and vLLM applies no vision-tower LoRA)."""
+    and vLLM applies no vision-tower LoRA). LoRA deltas are computed where `settings.lora_kernels` says."""
+    lm.router.kernels = settings.lora_kernels
     sampling: SamplingBackend | None = None
     if settings.sampler_backend == "vllm" and lm.images is not None:
         log.warning("%s is a vision-language model: it samples with Loom's sampler, not vLLM", lm.spec.name)

@@ -63,12 +63,6 @@ class LoraAdapter:
             return None
         return LoraFactors(pair[0], pair[1], self.spec.scale)
 
-    def expert_factors(self, name: str, expert: int) -> LoraFactors | None:
-        pair = self.params.get(name)
-        if pair is None:
-            return None
-        return LoraFactors(pair[0][expert], pair[1][expert], self.spec.scale)
-
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         out: list[tuple[str, torch.nn.Parameter]] = []
         for name in sorted(self.params):

@@ -8,6 +8,10 @@ must be contiguous; slot None means the bare base model). Outside a route the mo
 A vision model's tower linears (`LoraTargets.vision`) take flat patches, not rows: a route then also carries each
 row's patch count, and each adapter's LoRA applies to its rows' patches (scaled after a patch merger).
 
+Where `gpu_kernels.dispatch` picks the Triton kernels (CUDA, by default), LoRA deltas of all adapters go through
+one segmented launch per weight, and routed experts take every (token, expert) pair at once, grouped by (adapter,
+expert); elsewhere the torch reference runs.
+
 Limits: one route at a time per model (the worker drives each model from one thread); experts modules must
 expose `gate_up_proj` (E, 2I, H), `down_proj` (E, H, I) and `act_fn`, as transformers' DeepseekV3 and
 Qwen3-MoE experts do.
@@ -24,7 +28,8 @@ import torch
 from torch import nn
 
 from contract.catalogue import LoraTargets
-from gpu_kernels.lora_reference import StackCache, add_grouped_deltas, add_segment_deltas
+from gpu_kernels.dispatch import KernelMode, add_expert_deltas, add_segment_deltas, use_kernels
+from gpu_kernels.lora_reference import LoraFactors, StackCache, add_grouped_deltas
 from worker.lora.adapter import LoraAdapter, TargetWeight
 
 
@@ -75,6 +80,8 @@ class AdapterRouter:
         self.current: Route | None = None
         self.stacks = StackCache()
         """Factor stacks of the batched decode path, reused across decode steps."""
+        self.kernels: KernelMode = "auto"
+        """Where LoRA deltas are computed (`gpu_kernels.dispatch`): the worker's `lora_kernels` setting."""
 
     @contextmanager
     def route(self, slots_per_row: Sequence[int | None], patches_per_row: Sequence[int] = ()) -> Iterator[Route]:
@@ -120,7 +127,7 @@ class MultiLoraLinear(nn.Module):
             factors = self.router.adapters[slot].factors(self.name)
             if factors is not None:
                 segments.append((start, end, factors))
-        return add_segment_deltas(y, x, segments, self.router.stacks, self.name)
+        return add_segment_deltas(y, x, segments, self.router.stacks, self.name, self.router.kernels)
 
 
 class MultiLoraExperts(nn.Module):
@@ -133,13 +140,14 @@ class MultiLoraExperts(nn.Module):
         self.router = router
         self.num_experts = base.gate_up_proj.shape[0]
 
-    def _expert_factors(self, param: str, expert: int) -> dict[int, object]:
-        route = self.router.current
-        if route is None:
-            return {}
+    def _expert_factors(self, param: str, expert: int) -> dict[int, LoraFactors]:
+        return {slot: f.of_expert(expert) for slot, f in self._adapter_factors(param).items()}
+
+    def _adapter_factors(self, param: str) -> dict[int, LoraFactors]:
+        """Each routed adapter's (E, r, ·) factors of `param`, by slot."""
         out = {}
-        for slot, _, _ in route.segments:
-            f = self.router.adapters[slot].expert_factors(f"{self.name}.{param}", expert)
+        for slot, _, _ in self.router.current.segments:
+            f = self.router.adapters[slot].factors(f"{self.name}.{param}")
             if f is not None:
                 out[slot] = f
         return out
@@ -151,7 +159,9 @@ class MultiLoraExperts(nn.Module):
         if route is not None:
             tokens_per_row = hidden_states.shape[0] // route.row_slots.shape[0]
             token_slots = route.row_slots.to(hidden_states.device).repeat_interleave(tokens_per_row)
-        final = torch.zeros_like(hidden_states)
+            if use_kernels(hidden_states, self.router.kernels):
+                return self._forward_pairs(hidden_states, top_k_index, top_k_weights, token_slots)
+        final = torch.zeros_like(hidden_states)  # the reference path: expert by expert, adapter by adapter
         with torch.no_grad():
             counts = torch.bincount(top_k_index.flatten(), minlength=self.num_experts)[: self.num_experts]
             hit = counts.nonzero(as_tuple=True)[0]
@@ -170,6 +180,43 @@ class MultiLoraExperts(nn.Module):
             out = out * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, out.to(final.dtype))
         return final
+
+    def _forward_pairs(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        token_slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """The kernels' path: all routed (token, expert) pairs at once, sorted by expert for the base weights, the
+        LoRA of every (adapter, expert) group in one segmented launch per projection."""
+        base = self.base
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts)[: self.num_experts].tolist()
+        order = order[: sum(counts)]  # pairs routed to no local expert sort last and are dropped
+        final = torch.zeros_like(hidden_states)
+        if order.numel() == 0:
+            return final
+        experts, token_idx = flat[order], order // top_k_index.shape[-1]
+        x, slots = hidden_states[token_idx], token_slots[token_idx]
+        gate_up = _per_expert_linear(x, base.gate_up_proj, counts)
+        kernels, experts_total = self.router.kernels, self.num_experts
+        gate_up = add_expert_deltas(
+            gate_up, x, slots, experts, self._adapter_factors("gate_up_proj"), experts_total, kernels
+        )
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = base.act_fn(gate) * up
+        out = _per_expert_linear(h, base.down_proj, counts)
+        out = add_expert_deltas(out, h, slots, experts, self._adapter_factors("down_proj"), experts_total, kernels)
+        out = out * top_k_weights.reshape(-1)[order, None]
+        return final.index_add_(0, token_idx, out.to(final.dtype))
+
+
+def _per_expert_linear(x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """Rows of `x` sorted by expert (`counts[e]` rows for expert e) through their expert's weight (E, out, in)."""
+    chunks = x.split(list(counts))
+    return torch.cat([nn.functional.linear(chunk, weight[e]) for e, chunk in enumerate(chunks) if counts[e]])
 
 
 def _group_of(leaf: str, targets: LoraTargets) -> str | None:
