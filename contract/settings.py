@@ -186,6 +186,13 @@ class Settings(BaseSettings):
         description="training micro-batches of at least this many tokens keep only each decoder layer's input and "
         "recompute the rest in the backward pass (less memory, about a third more compute; 0 = never)",
     )
+    malloc_mmap_threshold: int = Field(
+        4 << 20,
+        ge=0,
+        description="bytes from which a worker's memory blocks are mapped one by one and returned to the OS when freed "
+        "(glibc's M_MMAP_THRESHOLD), so training passes do not fragment the heap: less peak memory for some speed "
+        "(worker/heap.py has the measured trade-off); 0 = glibc's default",
+    )
     recovery_every: int = Field(
         50,
         ge=0,

@@ -25,6 +25,7 @@ from contract.published_tokenizers import publish_tokenizer
 from contract.settings import TRAIN_PASSES_PER_TICK, Settings
 from worker.consumer import Consumer
 from worker.engine import Engine
+from worker.heap import cap_heap_blocks
 from worker.models.loader import LoadedModel, load_base_model
 from worker.models.runtime import runtime_for
 from worker.sampling_backend import SamplingBackend
@@ -101,6 +102,8 @@ def start_workers(
     deltas of streaming OpenAI requests. `worker_id` names this process in leases and placements (default: one id
     per model thread); `role` and `sticky` are passed to the consumers. `engines`: engines built by the caller, by
     base model name (a ZeRO-3 `LockstepEngine`); the rest are built here."""
+    if cap_heap_blocks(settings.malloc_mmap_threshold):
+        progress(f"freed memory blocks of {settings.malloc_mmap_threshold} bytes and more go back to the OS at once")
     store = configured_checkpoint_store(settings)
     handles: dict[str, WorkerHandle] = {}
     for entry in entries:

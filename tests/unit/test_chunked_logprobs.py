@@ -12,6 +12,7 @@ plain paths.
   back in eval mode without checkpointing.
 - `runtime_for`: `auto` is the CPU in the entry's dtype on this GPU-less machine; `cuda` is refused here; a
   bfloat16 base on the CPU trains float32 adapters and scores like the float32 base to bfloat16 precision.
+- `cap_heap_blocks` (the worker's malloc mmap threshold) is taken by glibc; 0 leaves glibc alone.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tests.unit.worker_fixtures import (
     shared_model,
     token_ids,
 )
+from worker.heap import cap_heap_blocks
 from worker.models.loader import load_base_model
 from worker.models.runtime import ModelRuntime, resolve_device, runtime_for
 from worker.trainer import WorkItem, run_forward_backward
@@ -160,3 +162,12 @@ def test_a_bfloat16_base_trains_float32_adapters() -> None:
     # bfloat16 keeps 8 bits of mantissa: logprobs of O(10) agree to a few tenths, not to float32 precision
     torch.testing.assert_close(got.logprobs[0], want.logprobs[0], atol=0.5, rtol=0.05)
     assert abs(got.losses[0] - want.losses[0]) <= 0.02 * abs(want.losses[0])
+
+
+def test_heap_cap_is_taken_by_glibc_and_zero_changes_nothing() -> None:
+    import platform
+
+    assert cap_heap_blocks(0) is False
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    assert cap_heap_blocks(Settings().malloc_mmap_threshold) is True
