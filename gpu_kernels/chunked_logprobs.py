@@ -5,7 +5,8 @@ backward, without ever holding the (tokens x vocab) logits: a chunk of at most `
 reduced to its log-sum-exp and target logits, and dropped; backward recomputes each chunk's logits and turns them
 into the hidden states' gradient (softmax minus one-hot, times the incoming gradient, times `weight`). Peak extra
 memory is about three chunk-sized float32 logit blocks instead of several full-size ones (logits, their float copy,
-log-softmax and its gradient), at the price of computing the output projection twice.
+log-softmax and its gradient), at the price of computing the output projection twice; when one chunk holds every
+token, its logits are kept for the backward pass instead (no second projection, one chunk of memory).
 
 Numerics follow the materialised path Loom used before: logits are computed in `weight`'s dtype and reduced in
 float32, as `lm_head(hidden).float()` is. `targets` is (N,) (one target per token) or (N, K) (K candidates per
@@ -43,11 +44,14 @@ class _TargetLogprobs(torch.autograd.Function):
         picked = targets if targets.dim() == 2 else targets[:, None]
         out = torch.empty(picked.shape, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        ctx.kept = None
         for start in range(0, hidden.shape[0], rows):
             part = slice(start, start + rows)
             logits = _chunk_logits(hidden[part], weight, None if low is None else low[part], up)
             lse[part] = torch.logsumexp(logits, dim=-1)
             out[part] = logits.gather(-1, picked[part])
+            if hidden.shape[0] <= rows and any(ctx.needs_input_grad):
+                ctx.kept = logits  # one chunk holds every token: keep it rather than project again in backward
             del logits
         out -= lse[:, None]
         ctx.save_for_backward(hidden, weight, low, up, picked, lse)
@@ -67,7 +71,9 @@ class _TargetLogprobs(torch.autograd.Function):
             part = slice(start, start + ctx.rows)
             chunk_low = None if low is None else low[part]
             # d out[i, k] / d logits[i, v] = [v == target_ik] - softmax(logits_i)[v]
-            dlogits = _chunk_logits(hidden[part], weight, chunk_low, up).sub_(lse[part, None]).exp_()
+            dlogits = ctx.kept if ctx.kept is not None else _chunk_logits(hidden[part], weight, chunk_low, up)
+            ctx.kept = None
+            dlogits = dlogits.sub_(lse[part, None]).exp_()
             dlogits.mul_(-grad[part].sum(-1, keepdim=True))
             dlogits.scatter_add_(-1, picked[part], grad[part])
             if grad_hidden is not None:
