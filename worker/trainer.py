@@ -28,7 +28,7 @@ leaves the gradients of the micro-batches already run accumulated: the caller re
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -153,9 +153,14 @@ def _run_micro_batch(
     route = lm.router.route(slots, [patch_count(datum.images) for datum in data])
     checkpointed = needs_grad and 0 < lm.runtime.checkpoint_tokens <= input_ids.numel()
     with torch.set_grad_enabled(needs_grad), route, activation_checkpointing(lm.model, checkpointed):
-        hidden = lm.model.model(input_ids=input_ids, use_cache=False, **extra).last_hidden_state
         inputs = [{k: v.to(lm.device) for k, v in datum.inputs.items()} for datum in data]
-        row_lps = _row_logprobs(lm, hidden, lengths, slots, [row["target_tokens"] for row in inputs])
+        targets = [row["target_tokens"] for row in inputs]
+        if hasattr(_frozen_head(lm).weight, "ds_id"):  # ZeRO-3: the projection is whole only inside the model's call
+            logits = lm.model(input_ids=input_ids, use_cache=False, **extra).logits
+            row_lps = _row_logprobs(logits, lengths, slots, targets, _score_logits)
+        else:
+            hidden = lm.model.model(input_ids=input_ids, use_cache=False, **extra).last_hidden_state
+            row_lps = _row_logprobs(hidden, lengths, slots, targets, _hidden_scorer(lm))
         total = None
         for r, (i, j) in enumerate(rows):
             item, lp = items[i], row_lps[r]
@@ -175,19 +180,25 @@ def _run_micro_batch(
             total.backward()
 
 
-def _row_logprobs(
-    lm: LoadedModel,
-    hidden: torch.Tensor,
-    lengths: list[int],
-    slots: list[int | None],
-    targets: list[torch.Tensor],
-) -> list[torch.Tensor]:
-    """Each row's target logprobs from the final hidden states (rows, length, H): the rows with one target per
-    token adapter by adapter over their real tokens only (padding never reaches the output projection), rows with
-    K targets per token one by one. A LoRA on the output projection applies per row's adapter."""
+def _frozen_head(lm: LoadedModel) -> torch.nn.Module:
+    """The model's frozen output projection (under its `MultiLoraLinear`, when the head has LoRA)."""
     head = lm.model.get_output_embeddings()
-    base = getattr(head, "base", head)  # the frozen projection under a `MultiLoraLinear`
-    chunk_bytes = lm.runtime.logprob_chunk_bytes if lm.sharding is None else 0  # ZeRO-3: whole only inside its call
+    return getattr(head, "base", head)
+
+
+Scorer = Callable[[torch.Tensor, torch.Tensor, int | None], torch.Tensor]
+"""(final states (N, ·) of N real tokens, targets (N,) or (N, K), adapter slot) → target logprobs."""
+
+
+def _score_logits(logits: torch.Tensor, targets: torch.Tensor, slot: int | None) -> torch.Tensor:
+    return _target_logprobs(logits.float(), targets)
+
+
+def _hidden_scorer(lm: LoadedModel) -> Scorer:
+    """Scores hidden states through the output projection, vocab chunk by chunk (`lm.runtime.logprob_chunk_bytes`;
+    0 materialises the logits), with the slot's LoRA on the projection where the head has one."""
+    head, base = lm.model.get_output_embeddings(), _frozen_head(lm)
+    chunk_bytes = lm.runtime.logprob_chunk_bytes
 
     def score(h: torch.Tensor, t: torch.Tensor, slot: int | None) -> torch.Tensor:
         factors = None
@@ -201,15 +212,28 @@ def _row_logprobs(
             logits = logits + lora_delta(h, factors).to(logits.dtype)
         return _target_logprobs(logits.float(), t)
 
+    return score
+
+
+def _row_logprobs(
+    states: torch.Tensor,
+    lengths: list[int],
+    slots: list[int | None],
+    targets: list[torch.Tensor],
+    score: Scorer,
+) -> list[torch.Tensor]:
+    """Each row's target logprobs from the final states (rows, length, ·), hidden states or logits: rows with one
+    target per token adapter by adapter over their real tokens only (padding is never scored), rows with K targets
+    per token one by one."""
     out: dict[int, torch.Tensor] = {}
     flat = [r for r, t in enumerate(targets) if t.dim() == 1]
     for slot, group in itertools.groupby(flat, key=lambda r: slots[r]):
         rows = list(group)
-        row_index = torch.cat([torch.full((lengths[r],), r, dtype=torch.long) for r in rows]).to(hidden.device)
-        position = torch.cat([torch.arange(lengths[r]) for r in rows]).to(hidden.device)
-        scored = score(hidden[row_index, position], torch.cat([targets[r] for r in rows]), slot)
+        row_index = torch.cat([torch.full((lengths[r],), r, dtype=torch.long) for r in rows]).to(states.device)
+        position = torch.cat([torch.arange(lengths[r]) for r in rows]).to(states.device)
+        scored = score(states[row_index, position], torch.cat([targets[r] for r in rows]), slot)
         out.update(zip(rows, scored.split([lengths[r] for r in rows])))
     for r, t in enumerate(targets):
         if t.dim() == 2:
-            out[r] = score(hidden[r, : lengths[r]], t, slots[r])
+            out[r] = score(states[r, : lengths[r]], t, slots[r])
     return [out[r] for r in range(len(targets))]

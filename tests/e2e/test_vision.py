@@ -72,7 +72,8 @@ def test_train_on_images_then_sample_with_one(tinker_env, tokenizer_of) -> None:
     losses = []
     for _ in range(16):
         fb = training.forward_backward(batch, "cross_entropy")
-        opt = training.optim_step(types.AdamParams(learning_rate=2e-2))
+        # 5e-3 descends smoothly here; 2e-2 overshot (the loss jumped about and the greedy answer depended on luck)
+        opt = training.optim_step(types.AdamParams(learning_rate=5e-3))
         losses.append(fb.result().metrics["loss:sum"])
         opt.result()
     assert losses[-1] < 0.5 * losses[0], losses

@@ -1,7 +1,7 @@
 """gpu_kernels' Triton multi-LoRA kernels against their torch reference twins: outputs and every gradient.
 
-Without CUDA the kernels run in Triton's interpreter on CPU (TRITON_INTERPRET=1, set before the kernels module is
-decorated); with CUDA, compiled, on the GPU. Compared (kernel vs `lora_reference`, same inputs and output grad):
+Without CUDA the kernels run in Triton's interpreter on CPU (TRITON_INTERPRET=1, which tests/conftest.py sets
+before anything imports triton); with CUDA, compiled, on the GPU. Compared (kernel vs `lora_reference`, same inputs and output grad):
 the delta added to y, grad x and grad A, grad B of every adapter (a segment with no rows: zeros against the
 reference's none), for
 - row segments: 1 adapter over all rows of sequences; 16 adapters of ranks 1-16 over flat tokens, listed out of
@@ -17,15 +17,11 @@ The `gpu` test runs a layer-sized case on CUDA and prints kernel and reference t
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch import nn
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated, i.e. when segmented_lora imports
 pytest.importorskip("triton", reason="triton is not installed (the `dev` extra installs it)")
 
 from gpu_kernels import lora_reference, segmented_lora  # noqa: E402
