@@ -8,8 +8,9 @@ Sections (`--only` picks some; all by default):
    reference here) and the base matmul alone. Ratios: each path ÷ base-only.
 2. `train`: one SmolLM2 SL step (forward_backward + Adam) on the fixed 4×64 batch and on a mixed-length batch (8
    sequences, lengths drawn log-normally in 20-1,000 tokens like chat data, seeded), Loom's engine in process
-   (`run_forward_backward` + `RunOptimizer`, LoRA r=8 on attention + MLP) against plain transformers + peft in
-   process on the same batch (padded with an attention mask, the usual user loop). Also the achieved training
+   (`run_forward_backward` + `RunOptimizer`, LoRA r=8 on attention + MLP; packed, and padded for comparison)
+   against plain transformers + peft in process on the same batch (padded with an attention mask, the usual user
+   loop). Also the achieved training
    FLOP/s (4 × frozen params × real tokens + attention, the LoRA terms ignored) ÷ this machine's `torch.mm` FLOP/s
    (2,048², measured here). The SDK's own overhead on top of the engine is `optim_step_roundtrip.py`'s figure.
 3. `mixed`: 16 tenants (one 64-token datum each) in one pass ÷ the same 16 passes one after another, and 64
@@ -17,7 +18,7 @@ Sections (`--only` picks some; all by default):
 4. `memory`: peak RSS of one training pass in a fresh child process each: a 4,096-token sequence on Loom's
    miniature Qwen3 (`loom/tiny-qwen3-moe`, the real 151,936-word vocabulary) with chunked logprobs ÷ with the logits
    materialised; the mixed-length SmolLM2 batch the issue names (8 × 16-256 tokens, 925 in all) with Loom's
-   defaults and with the old path (materialised logits, no checkpointing); and one 8,192-token SmolLM2 sequence
+   defaults and with the old path (padded rows, materialised logits, no checkpointing); and one 8,192-token SmolLM2 sequence
    with the defaults (activation checkpointing from 4,096 tokens). Each child pages its weights in with a short
    warm-up pass first, then reports the process's peak RSS during the measured pass (Linux `VmHWM`, reset through
    `/proc/self/clear_refs`), the pass's part of it, and the RSS left after it. Loom's cases run as a worker does
@@ -38,6 +39,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as under `loom` (benchmarks/README.md)
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -228,22 +230,28 @@ def train_section(reps: int) -> dict:
     peak = matmul_flops(reps)
     print(f"torch.mm 2048² fp32: {peak / 1e9:.0f} GFLOP/s", flush=True)
     out = {"matmul_gflops": peak / 1e9}
+    packed_runtime = lm.runtime
     for name, lengths in (("fixed_4x64", [64] * 4), ("mixed_chat", chat_lengths(8, seed=1))):
         seqs = sequences([n + 1 for n in lengths], seed=2)
         loom_s = timed(LoomStep(lm, seqs), reps)
+        lm.runtime = dataclasses.replace(packed_runtime, pack_sequences=False)
+        padded_s = timed(LoomStep(lm, seqs), reps)
+        lm.runtime = packed_runtime
         hf_s = timed(HfPeftStep(seqs), reps)
         flops = step_flops(lm, lengths)
         out[name] = {
             "lengths": lengths,
             "loom_s": loom_s,
+            "loom_padded_s": padded_s,
             "hf_peft_s": hf_s,
             "loom_vs_hf": loom_s / hf_s,
+            "loom_padded_vs_hf": padded_s / hf_s,
             "loom_flop_efficiency": flops / loom_s / peak,
             "hf_flop_efficiency": flops / hf_s / peak,
         }
         print(
-            f"SL step {name} ({sum(lengths)} tokens): Loom {loom_s:.2f} s, HF+PEFT {hf_s:.2f} s → "
-            f"{loom_s / hf_s:.2f}x; FLOP efficiency Loom {out[name]['loom_flop_efficiency']:.2f}, "
+            f"SL step {name} ({sum(lengths)} tokens): Loom {loom_s:.2f} s (padded {padded_s:.2f} s), HF+PEFT "
+            f"{hf_s:.2f} s → {loom_s / hf_s:.2f}x; FLOP efficiency Loom {out[name]['loom_flop_efficiency']:.2f}, "
             f"HF {out[name]['hf_flop_efficiency']:.2f}",
             flush=True,
         )
@@ -290,18 +298,18 @@ def mixed_section(reps: int) -> dict:
 
 
 MEMORY_CASES = {
-    # name: (model, sequence lengths, logprob chunk bytes (None: default), checkpoint tokens (None: default))
-    "qwen3_4k_chunked": (TINY_QWEN3_MOE.name, [4096], None, 0),
-    "qwen3_4k_materialised": (TINY_QWEN3_MOE.name, [4096], 0, 0),
-    "smollm2_mixed_defaults": (SMOLLM2.name, ISSUE_MIXED, None, None),
-    "smollm2_mixed_checkpointed": (SMOLLM2.name, ISSUE_MIXED, None, 1),
-    "smollm2_mixed_old_path": (SMOLLM2.name, ISSUE_MIXED, 0, 0),
-    "smollm2_8k_defaults": (SMOLLM2.name, [8192], None, None),
+    # name: (model, sequence lengths, logprob chunk bytes (None: default), checkpoint tokens (None: default), packed)
+    "qwen3_4k_chunked": (TINY_QWEN3_MOE.name, [4096], None, 0, True),
+    "qwen3_4k_materialised": (TINY_QWEN3_MOE.name, [4096], 0, 0, True),
+    "smollm2_mixed_defaults": (SMOLLM2.name, ISSUE_MIXED, None, None, True),
+    "smollm2_mixed_checkpointed": (SMOLLM2.name, ISSUE_MIXED, None, 1, True),
+    "smollm2_mixed_old_path": (SMOLLM2.name, ISSUE_MIXED, 0, 0, False),
+    "smollm2_8k_defaults": (SMOLLM2.name, [8192], None, None, True),
 }
 
 
 def memory_child(case: str) -> None:
-    model, lengths, chunk, checkpoint = MEMORY_CASES[case]
+    model, lengths, chunk, checkpoint, packed = MEMORY_CASES[case]
     settings = Settings()
     if not case.endswith("old_path"):  # as `start_workers` does
         cap_heap_blocks(settings.malloc_mmap_threshold)
@@ -311,6 +319,7 @@ def memory_child(case: str) -> None:
         defaults.dtype,
         defaults.logprob_chunk_bytes if chunk is None else chunk,
         defaults.checkpoint_tokens if checkpoint is None else checkpoint,
+        packed,
     )
     lm = load_base_model(BUILTIN_MODELS[model], Settings().model_cache_dir, runtime)
     run = AdapterPool(lm).create_run("bench", LoraSpec(8, 0, True, True, True))
@@ -367,12 +376,15 @@ def report(results: dict) -> str:
         train = results["train"]
         lines += ["## 2-3. SL step, Loom's engine vs HF + peft in process; FLOP efficiency", ""]
         lines += [f"`torch.mm` 2048² fp32 here: {train['matmul_gflops']:.0f} GFLOP/s.", ""]
-        lines += ["| batch | tokens | Loom s | HF+PEFT s | Loom ÷ HF | target | Loom FLOP eff. | HF FLOP eff. |"]
-        lines += ["|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "| batch | tokens | Loom s | Loom padded s | HF+PEFT s | Loom ÷ HF | target | Loom FLOP eff. | HF FLOP eff. |"
+        ]
+        lines += ["|---|---|---|---|---|---|---|---|---|"]
         for name, target in (("fixed_4x64", "sl_fixed"), ("mixed_chat", "sl_mixed")):
             r = train[name]
             lines.append(
-                f"| {name} | {sum(r['lengths'])} | {r['loom_s']:.2f} | {r['hf_peft_s']:.2f} | {r['loom_vs_hf']:.2f}x "
+                f"| {name} | {sum(r['lengths'])} | {r['loom_s']:.2f} | {r['loom_padded_s']:.2f} | {r['hf_peft_s']:.2f} "
+                f"| {r['loom_vs_hf']:.2f}x "
                 f"| ≤ {TARGETS[target]} {verdict(r['loom_vs_hf'] <= TARGETS[target])} "
                 f"| {r['loom_flop_efficiency']:.2f} ({verdict(r['loom_flop_efficiency'] >= 0.6)}) "
                 f"| {r['hf_flop_efficiency']:.2f} |"

@@ -26,7 +26,8 @@ DEFAULT_CHECKPOINT_TOKENS = 4096
 """Tokens of a training micro-batch from which it runs with activation checkpointing, unless
 `activation_checkpoint_tokens` says otherwise."""
 DEFAULT_TRAIN_TOKEN_BUDGET = 2048
-"""Padded tokens (rows × longest row) of one training micro-batch, unless `train_token_budget` says otherwise."""
+"""Tokens of one training micro-batch (packed: their sum; padded: rows × longest row), unless `train_token_budget`
+says otherwise."""
 TRAIN_PASSES_PER_TICK = 8
 """Training passes' worth of tokens (`train_token_budget` each) one worker tick packs, and so the most one
 forward_backward request may carry."""
@@ -160,7 +161,7 @@ class Settings(BaseSettings):
     train_token_budget: int = Field(
         DEFAULT_TRAIN_TOKEN_BUDGET,
         gt=0,
-        description="padded tokens (rows × longest row) of one training micro-batch: a worker splits each "
+        description="tokens of one training micro-batch (packed: their sum; padded: rows × longest row): a worker splits each "
         "forward/backward pass into micro-batches of at most this many, which bounds its peak memory; a sequence "
         "longer than it is refused at submit (413)",
     )
@@ -185,6 +186,12 @@ class Settings(BaseSettings):
         ge=0,
         description="training micro-batches of at least this many tokens keep only each decoder layer's input and "
         "recompute the rest in the backward pass (less memory, about a third more compute; 0 = never)",
+    )
+    pack_sequences: bool = Field(
+        True,
+        description="a text model's training micro-batch packs its sequences into one row, each attending only to "
+        "itself (no padding tokens computed; micro-batches then count real tokens against `train_token_budget`); "
+        "false pads every row to the longest",
     )
     malloc_mmap_threshold: int = Field(
         4 << 20,

@@ -46,7 +46,7 @@ def table() -> str:
         ("items per list page (`limit`)", str(limits.MAX_PAGE_SIZE)),
         ("request body", f"{default('max_body_bytes') >> 20} MiB (`LOOM_MAX_BODY_BYTES`); no `Content-Encoding`"),
         (
-            "training pass (padded rows × longest row)",
+            "training pass (packed tokens; padded vision rows: rows × longest row)",
             f"{default('train_token_budget')} tokens (`LOOM_TRAIN_TOKEN_BUDGET`); "
             f"a worker tick packs, and a request may carry, {TRAIN_PASSES_PER_TICK} passes' worth",
         ),

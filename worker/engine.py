@@ -15,7 +15,7 @@ request never fails another's: a mixed pass that fails is rerun to find the offe
 alone while the others complete as in a clean pass without them (`worker/fault_isolation.py`); a decode row
 whose logits diverge or whose token choice fails fails its own request only (`worker/sampler.py`); an
 `optim_step` that would make a run's weights non-finite is refused and leaves the run as it was
-(`worker/optimizer.py`). Training passes run in micro-batches of at most `train_token_budget` padded tokens,
+(`worker/optimizer.py`). Training passes run in micro-batches of at most `train_token_budget` tokens,
 which bounds a worker's peak memory whatever the mix of requests (`worker/trainer.py`).
 
 Each resident run remembers the seq_id of the newest op applied to it (`applied_seq`). Before executing a
@@ -110,7 +110,7 @@ class Engine:
         recovery_every: int = 0,
     ) -> None:
         """`sampling`: the sampling backend (default: Loom's own `SamplingEngine` over this engine's adapter pool,
-        with a KV budget of `token_budget` tokens, streaming to `on_stream`). `train_token_budget`: padded tokens
+        with a KV budget of `token_budget` tokens, streaming to `on_stream`). `train_token_budget`: tokens
         of one training micro-batch (`worker/trainer.py`). `recovery_every`: save a hidden recovery checkpoint
         of a run every that many optimizer steps (0: never), so rebuilding it elsewhere replays at most that
         many steps (worker/run_recovery.py)."""

@@ -2,26 +2,29 @@
 micro-batches.
 
 Each work item (one request: a run's adapter slot, its datums, loss and config) contributes one row per datum.
-Rows are sorted by length and cut into micro-batches of at most `token_budget` padded tokens (rows × longest row
-in it); inside a micro-batch rows are grouped by adapter so each LoRA sees a contiguous slice, right-padded to
-the micro-batch's longest sequence (causal attention means padding after a sequence never changes its logits).
+Rows are sorted by length and cut into micro-batches of at most `token_budget` tokens; inside a micro-batch rows
+are grouped by adapter so each LoRA sees a contiguous run. A text model's micro-batch is packed: its sequences
+sit back to back in one row with position ids restarting at each, which transformers turns into a
+block-diagonal causal mask, so no padding token is ever computed and the budget counts real tokens. Otherwise
+(`pack_sequences` off, vision rows, a ZeRO-3 base) rows are right-padded to the micro-batch's longest (causal
+attention means padding after a sequence never changes its logits) and the budget counts rows × longest row.
 Each micro-batch runs forward and back-propagates the summed loss of its non-forward-only rows, so gradients
-accumulate in the adapters' `.grad`; because each adapter's factors only touch its own rows, every run's
+accumulate in the adapters' `.grad`; because each adapter's factors only touch its own tokens, every run's
 gradient equals the gradient of that run computed alone, in one pass (up to float reassociation).
 
 A vision model's rows carry their images: the micro-batch's images go through the vision tower together (each
 image attends only to itself) and fill their rows' image-token runs, so a vision row's result does not depend on
 its neighbours either.
 
-Target logprobs come from the final hidden states of the real (unpadded) tokens, a chunk of tokens at a time
+Target logprobs come from the final hidden states of the real tokens, a chunk of tokens at a time
 (`gpu_kernels/chunked_logprobs.py`), so no (tokens × vocab) logits block is ever held; a micro-batch of at least
-`checkpoint_tokens` tokens runs with activation checkpointing (`worker/activation_checkpointing.py`). Both are the
-model's runtime settings (`worker/models/runtime.py`). Inputs go to the model's device; results stay there.
+`checkpoint_tokens` tokens runs with activation checkpointing (`worker/activation_checkpointing.py`). All three
+are the model's runtime settings (`worker/models/runtime.py`). Inputs go to the model's device; results stay there.
 
-Limits: sequences are padded, not packed (padding costs compute in the decoder, not in the output projection); a
-ZeRO-3 base materialises each micro-batch's logits (its output projection is gathered only inside its own call); a
-single row longer than the budget still runs (alone). A failure
-leaves the gradients of the micro-batches already run accumulated: the caller restores them
+Limits: a packed micro-batch's attention mask is dense (tokens² booleans, 4 MiB at the default budget of 2,048;
+flash-attn's varlen path would need none); a ZeRO-3 base materialises each micro-batch's logits (its output
+projection is gathered only inside its own call); a single row longer than the budget still runs (alone). A
+failure leaves the gradients of the micro-batches already run accumulated: the caller restores them
 (`worker/fault_isolation.py`).
 """
 
@@ -89,18 +92,23 @@ def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return logits.gather(-1, targets) - lse[:, None]
 
 
-def micro_batches(lengths: Sequence[int], slots: Sequence[int], token_budget: int) -> list[list[int]]:
-    """Split rows (their lengths and adapter slots) into micro-batches of at most `token_budget` padded tokens
-    (rows × longest row). Rows are taken longest first so padding stays small; inside a micro-batch they are
-    ordered by slot (stable), so each adapter's rows are contiguous as the LoRA router requires. A row longer
-    than the budget gets a micro-batch of its own."""
+def micro_batches(
+    lengths: Sequence[int], slots: Sequence[int], token_budget: int, packed: bool = False
+) -> list[list[int]]:
+    """Split rows (their lengths and adapter slots) into micro-batches of at most `token_budget` tokens: padded,
+    rows × longest row; `packed`, the sum of their lengths. Rows are taken longest first so padding stays small;
+    inside a micro-batch they are ordered by slot (stable), so each adapter's rows are contiguous as the LoRA
+    router requires. A row longer than the budget gets a micro-batch of its own."""
     batches: list[list[int]] = []
     current: list[int] = []
+    used = 0
     for r in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
-        if current and (len(current) + 1) * lengths[current[0]] > token_budget:
+        cost = used + lengths[r] if packed else (len(current) + 1) * lengths[current[0] if current else r]
+        if current and cost > token_budget:
             batches.append(current)
-            current = []
+            current, used = [], 0
         current.append(r)
+        used += lengths[r]
     if current:
         batches.append(current)
     return [sorted(batch, key=lambda r: (slots[r], r)) for batch in batches]
@@ -109,16 +117,18 @@ def micro_batches(lengths: Sequence[int], slots: Sequence[int], token_budget: in
 def run_forward_backward(
     lm: LoadedModel, items: Sequence[WorkItem], token_budget: int = DEFAULT_TRAIN_TOKEN_BUDGET
 ) -> list[ItemResult]:
-    """Run all items, in micro-batches of at most `token_budget` padded tokens; accumulate gradients into each
-    adapter's `.grad` for non-forward-only items. A loss that fails on a request's inputs raises `LossError`."""
+    """Run all items, in micro-batches of at most `token_budget` tokens (packed where `_packs(lm)`, else padded);
+    accumulate gradients into each adapter's `.grad` for non-forward-only items. A loss that fails on a request's
+    inputs raises `LossError`."""
     rows: list[tuple[int, int]] = [(i, j) for i, item in enumerate(items) for j in range(len(item.data))]
     lengths = [len(items[i].data[j].tokens) for i, j in rows]
     slots = [items[i].slot for i, _ in rows]
     logprobs: dict[tuple[int, int], torch.Tensor] = {}
     losses: dict[tuple[int, int], float] = {}
     metrics: dict[tuple[int, int], Metrics] = {}
-    for batch in micro_batches(lengths, slots, token_budget):
-        _run_micro_batch(lm, items, [rows[r] for r in batch], logprobs, losses, metrics)
+    packed = _packs(lm)
+    for batch in micro_batches(lengths, slots, token_budget, packed):
+        _run_micro_batch(lm, items, [rows[r] for r in batch], packed, logprobs, losses, metrics)
     return [
         ItemResult(
             [logprobs[i, j] for j in range(len(item.data))],
@@ -129,38 +139,55 @@ def run_forward_backward(
     ]
 
 
+def _packs(lm: LoadedModel) -> bool:
+    """Whether micro-batches pack their sequences: a text model (image rows need their own row for the vision
+    tower's placement) whose output projection is whole (not ZeRO-3 partitioned), unless the runtime says no."""
+    return lm.runtime.pack_sequences and lm.images is None and not _head_partitioned(lm)
+
+
 def _run_micro_batch(
     lm: LoadedModel,
     items: Sequence[WorkItem],
     rows: list[tuple[int, int]],
+    packed: bool,
     logprobs: dict[tuple[int, int], torch.Tensor],
     losses: dict[tuple[int, int], float],
     metrics: dict[tuple[int, int], Metrics],
 ) -> None:
-    """Forward (and backward, if any row trains) over `rows` (item, datum), padded to the longest; writes each
-    row's target logprobs, loss and custom metrics into `logprobs` / `losses` / `metrics`."""
+    """Forward (and backward, if any row trains) over `rows` (item, datum), packed into one row (each sequence
+    attends only to itself: restarting position ids, which transformers turns into a block-diagonal causal mask) or
+    padded to the longest; writes each row's target logprobs, loss and custom metrics into `logprobs` / `losses` /
+    `metrics`."""
     data = [items[i].data[j] for i, j in rows]
     lengths = [len(datum.tokens) for datum in data]
-    input_ids = torch.zeros((len(rows), max(lengths)), dtype=torch.long)
-    for r, datum in enumerate(data):
-        input_ids[r, : lengths[r]] = torch.tensor(datum.tokens, dtype=torch.long)
-    input_ids = input_ids.to(lm.device)
-    needs_grad = any(not items[i].forward_only for i, _ in rows)
-    extra = {}
-    if lm.images is not None:  # a vision model: the rows' images, in row order, and which positions hold them
-        extra = vision_kwargs(input_ids, [img for datum in data for img in datum.images], lm.images.spec)
     slots = [items[i].slot for i, _ in rows]
-    route = lm.router.route(slots, [patch_count(datum.images) for datum in data])
+    needs_grad = any(not items[i].forward_only for i, _ in rows)
+    model_args: dict[str, torch.Tensor] = {}
+    if packed:
+        input_ids = torch.tensor([[t for datum in data for t in datum.tokens]], dtype=torch.long)
+        model_args["position_ids"] = torch.cat([torch.arange(n) for n in lengths])[None].to(lm.device)
+        starts = list(itertools.accumulate(lengths, initial=0))[:-1]
+        route = lm.router.route(slots, packed_lengths=lengths)
+    else:
+        input_ids = torch.zeros((len(rows), max(lengths)), dtype=torch.long)
+        for r, datum in enumerate(data):
+            input_ids[r, : lengths[r]] = torch.tensor(datum.tokens, dtype=torch.long)
+        starts = [r * input_ids.shape[1] for r in range(len(rows))]
+        route = lm.router.route(slots, [patch_count(datum.images) for datum in data])
+    input_ids = input_ids.to(lm.device)
+    if lm.images is not None:  # a vision model: the rows' images, in row order, and which positions hold them
+        model_args |= vision_kwargs(input_ids, [img for datum in data for img in datum.images], lm.images.spec)
     checkpointed = needs_grad and 0 < lm.runtime.checkpoint_tokens <= input_ids.numel()
     with torch.set_grad_enabled(needs_grad), route, activation_checkpointing(lm.model, checkpointed):
         inputs = [{k: v.to(lm.device) for k, v in datum.inputs.items()} for datum in data]
         targets = [row["target_tokens"] for row in inputs]
-        if hasattr(_frozen_head(lm).weight, "ds_id"):  # ZeRO-3: the projection is whole only inside the model's call
-            logits = lm.model(input_ids=input_ids, use_cache=False, **extra).logits
-            row_lps = _row_logprobs(logits, lengths, slots, targets, _score_logits)
+        if _head_partitioned(lm):  # ZeRO-3: the projection is whole only inside the model's own call
+            logits = lm.model(input_ids=input_ids, use_cache=False, **model_args).logits
+            states, score = logits.reshape(-1, logits.shape[-1]), _score_logits
         else:
-            hidden = lm.model.model(input_ids=input_ids, use_cache=False, **extra).last_hidden_state
-            row_lps = _row_logprobs(hidden, lengths, slots, targets, _hidden_scorer(lm))
+            hidden = lm.model.model(input_ids=input_ids, use_cache=False, **model_args).last_hidden_state
+            states, score = hidden.reshape(-1, hidden.shape[-1]), _hidden_scorer(lm)
+        row_lps = _row_logprobs(states, starts, lengths, slots, targets, score)
         total = None
         for r, (i, j) in enumerate(rows):
             item, lp = items[i], row_lps[r]
@@ -184,6 +211,11 @@ def _frozen_head(lm: LoadedModel) -> torch.nn.Module:
     """The model's frozen output projection (under its `MultiLoraLinear`, when the head has LoRA)."""
     head = lm.model.get_output_embeddings()
     return getattr(head, "base", head)
+
+
+def _head_partitioned(lm: LoadedModel) -> bool:
+    """A ZeRO-3 partitioned output projection (DeepSpeed marks its parameters with `ds_id`)."""
+    return hasattr(_frozen_head(lm).weight, "ds_id")
 
 
 Scorer = Callable[[torch.Tensor, torch.Tensor, int | None], torch.Tensor]
@@ -217,23 +249,23 @@ def _hidden_scorer(lm: LoadedModel) -> Scorer:
 
 def _row_logprobs(
     states: torch.Tensor,
+    starts: list[int],
     lengths: list[int],
     slots: list[int | None],
     targets: list[torch.Tensor],
     score: Scorer,
 ) -> list[torch.Tensor]:
-    """Each row's target logprobs from the final states (rows, length, ·), hidden states or logits: rows with one
-    target per token adapter by adapter over their real tokens only (padding is never scored), rows with K targets
-    per token one by one."""
+    """Each row's target logprobs from the final states (tokens, ·), hidden states or logits, row r's real tokens
+    at [starts[r], starts[r] + lengths[r]): rows with one target per token adapter by adapter over their real
+    tokens only (padding is never scored), rows with K targets per token one by one."""
     out: dict[int, torch.Tensor] = {}
     flat = [r for r, t in enumerate(targets) if t.dim() == 1]
     for slot, group in itertools.groupby(flat, key=lambda r: slots[r]):
         rows = list(group)
-        row_index = torch.cat([torch.full((lengths[r],), r, dtype=torch.long) for r in rows]).to(states.device)
-        position = torch.cat([torch.arange(lengths[r]) for r in rows]).to(states.device)
-        scored = score(states[row_index, position], torch.cat([targets[r] for r in rows]), slot)
+        index = torch.cat([torch.arange(starts[r], starts[r] + lengths[r]) for r in rows]).to(states.device)
+        scored = score(states[index], torch.cat([targets[r] for r in rows]), slot)
         out.update(zip(rows, scored.split([lengths[r] for r in rows])))
     for r, t in enumerate(targets):
         if t.dim() == 2:
-            out[r] = score(states[r, : lengths[r]], t, slots[r])
+            out[r] = score(states[starts[r] : starts[r] + lengths[r]], t, slots[r])
     return [out[r] for r in range(len(targets))]

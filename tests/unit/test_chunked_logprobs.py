@@ -4,9 +4,11 @@ plain paths.
 - `gpu_kernels.chunked_logprobs.target_logprobs` equals log_softmax(hidden @ Wᵀ (+ LoRA)) gathered, for 1-D and
   top-K targets, chunk sizes that do and do not divide the tokens, and every gradient (hidden, W, the LoRA's low
   half and B); float32 atol 1e-5, bfloat16 within bfloat16 rounding.
-- A SmolLM2 training pass with adapters that train the output projection (`train_unembed`) and ones that do not
-  gives the same logprobs, losses and adapter gradients with chunking on (one token per chunk: the harshest cut)
-  and off (the whole logits block), and the same again with activation checkpointing forced on (logprobs atol
+- A SmolLM2 and a tiny Kimi K2 (MLA attention, routed experts with LoRA) training pass with adapters that train
+  the output projection (`train_unembed`) and ones that do not gives the same logprobs, losses and adapter
+  gradients padded (3 rows of 16) and packed (1 row of 31 tokens, which the test sees the embedding take), with
+  chunking on (one token per chunk: the harshest cut) and off (the whole logits block), and the same again with
+  activation checkpointing forced on (logprobs atol
   1e-4; gradients within 5e-4 of each tensor's largest entry: the output projection's backward sums in another
   order, and that rounding travels back through 30 layers; measured ≤ 1.1e-4); afterwards the model's layers are
   back in eval mode without checkpointing.
@@ -108,29 +110,48 @@ def _pass(lm, runtime: ModelRuntime, adapters, slots, batches):
     return [grads(a) for a in adapters], results
 
 
-def test_training_pass_is_the_same_chunked_materialised_and_checkpointed() -> None:
-    lm = shared_model("smollm2")
+def _assert_same_pass(got_grads, got, want_grads, want, grad_rtol: float) -> None:
+    for g_item, w_item in zip(got, want):
+        for g, w in zip(g_item.logprobs, w_item.logprobs):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=0)
+        assert g_item.losses == pytest.approx(w_item.losses, abs=1e-4)
+    for got_adapter, want_adapter in zip(got_grads, want_grads):
+        for name, w in want_adapter.items():
+            scale = float(w.abs().max())
+            assert float((got_adapter[name] - w).abs().max()) <= grad_rtol * scale + 1e-9, name
+
+
+def _model_rows(lm, runtime, adapters, slots, batches) -> list[tuple[int, ...]]:
+    """The token-id shapes the model was called with during one pass under `runtime`."""
+    shapes = []
+    hook = lm.model.get_input_embeddings().register_forward_hook(lambda m, a, out: shapes.append(tuple(a[0].shape)))
+    try:
+        _pass(lm, runtime, adapters, slots, batches)
+    finally:
+        hook.remove()
+    return shapes
+
+
+@pytest.mark.parametrize("model", ["smollm2", "tiny_kimi_k2"])
+def test_training_pass_is_the_same_padded_packed_chunked_materialised_and_checkpointed(model) -> None:
+    lm = shared_model(model)
     adapters = [make_adapter(lm, 4, 31, b_std=2e-3), make_adapter(lm, 8, 32, unembed=False, b_std=2e-3)]
     slots = [register(lm, a) for a in adapters]
     batches = [
         [ce_datum(token_ids(17, seed=1)), ce_datum(token_ids(6, seed=2))],
         [ce_datum(token_ids(11, seed=3))],
     ]
-    plain = ModelRuntime(logprob_chunk_bytes=0, checkpoint_tokens=0)
+    padded = ModelRuntime(logprob_chunk_bytes=0, checkpoint_tokens=0, pack_sequences=False)
+    packed = ModelRuntime(logprob_chunk_bytes=0, checkpoint_tokens=0)
     one_token_chunks = ModelRuntime(logprob_chunk_bytes=4 * lm.vocab_size, checkpoint_tokens=0)
     checkpointed = ModelRuntime(logprob_chunk_bytes=4 * lm.vocab_size, checkpoint_tokens=1)
-    want_grads, want = _pass(lm, plain, adapters, slots, batches)
+    assert _model_rows(lm, padded, adapters, slots, batches) == [(3, 16)]  # 16, 5 and 10 input tokens
+    assert _model_rows(lm, packed, adapters, slots, batches) == [(1, 31)]
+    want_grads, want = _pass(lm, padded, adapters, slots, batches)
     assert any(name.startswith("lm_head") for name in want_grads[0])  # the unembedding's LoRA is exercised
-    for runtime in (one_token_chunks, checkpointed):
+    for runtime in (packed, one_token_chunks, checkpointed):
         got_grads, got = _pass(lm, runtime, adapters, slots, batches)
-        for g_item, w_item in zip(got, want):
-            for g, w in zip(g_item.logprobs, w_item.logprobs):
-                torch.testing.assert_close(g, w, atol=1e-4, rtol=0)
-            assert g_item.losses == pytest.approx(w_item.losses, abs=1e-4)
-        for got_adapter, want_adapter in zip(got_grads, want_grads):
-            for name, w in want_adapter.items():
-                scale = float(w.abs().max())
-                assert float((got_adapter[name] - w).abs().max()) <= 5e-4 * scale + 1e-9, name
+        _assert_same_pass(got_grads, got, want_grads, want, 5e-4)
     layers = [m for m in lm.model.modules() if isinstance(m, GradientCheckpointingLayer)]
     assert layers and not any(m.training or m.gradient_checkpointing for m in layers)
 

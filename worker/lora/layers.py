@@ -12,6 +12,9 @@ Where `gpu_kernels.dispatch` picks the Triton kernels (CUDA, by default), LoRA d
 one segmented launch per weight, and routed experts take every (token, expert) pair at once, grouped by (adapter,
 expert); elsewhere the torch reference runs.
 
+A training pass may pack its sequences into one row instead (`route(..., packed_lengths=...)`): adapters then
+own runs of tokens of that row, and routed experts see each token's own slot.
+
 Limits: one route at a time per model (the worker drives each model from one thread); experts modules must
 expose `gate_up_proj` (E, 2I, H), `down_proj` (E, H, I) and `act_fn`, as transformers' DeepseekV3 and
 Qwen3-MoE experts do.
@@ -43,6 +46,16 @@ class Route:
     """(B,) slot id per row, -1 for the base model."""
     patch_segments: tuple[tuple[int, int, int], ...] = ()
     patches: int = 0
+    packed: bool = False
+    """The batch is one row of packed sequences: `segments` and `row_slots` then index its tokens."""
+
+    @classmethod
+    def from_packed(cls, slots_per_sequence: Sequence[int | None], lengths: Sequence[int]) -> Route:
+        """One row holding the sequences back to back (`lengths[i]` tokens through `slots_per_sequence[i]`)."""
+        starts = [0, *itertools.accumulate(lengths)]
+        segments = tuple((slot, starts[a], starts[b]) for slot, a, b in _segments(slots_per_sequence))
+        slots = torch.tensor([-1 if s is None else s for s in slots_per_sequence], dtype=torch.long)
+        return cls(segments, slots.repeat_interleave(torch.tensor(list(lengths))), packed=True)
 
     @classmethod
     def from_rows(cls, slots_per_row: Sequence[int | None], patches_per_row: Sequence[int] = ()) -> Route:
@@ -84,12 +97,21 @@ class AdapterRouter:
         """Where LoRA deltas are computed (`gpu_kernels.dispatch`): the worker's `lora_kernels` setting."""
 
     @contextmanager
-    def route(self, slots_per_row: Sequence[int | None], patches_per_row: Sequence[int] = ()) -> Iterator[Route]:
+    def route(
+        self,
+        slots_per_row: Sequence[int | None],
+        patches_per_row: Sequence[int] = (),
+        packed_lengths: Sequence[int] | None = None,
+    ) -> Iterator[Route]:
         """Route a forward pass: row i through adapter `slots_per_row[i]`, and so its images' `patches_per_row[i]`
-        vision-tower patches (a vision model's rows hold their images' patches in row order)."""
+        vision-tower patches (a vision model's rows hold their images' patches in row order). With
+        `packed_lengths` the "rows" are sequences of these lengths packed into the batch's one row (text only)."""
         if self.current is not None:
             raise RuntimeError("a forward pass is already routed on this model")
-        self.current = Route.from_rows(slots_per_row, patches_per_row)
+        if packed_lengths is None:
+            self.current = Route.from_rows(slots_per_row, patches_per_row)
+        else:
+            self.current = Route.from_packed(slots_per_row, packed_lengths)
         try:
             yield self.current
         finally:
@@ -127,6 +149,10 @@ class MultiLoraLinear(nn.Module):
             factors = self.router.adapters[slot].factors(self.name)
             if factors is not None:
                 segments.append((start, end, factors))
+        if route.packed:  # segments index the tokens of the one packed row
+            x_tokens, y_tokens = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+            out = add_segment_deltas(y_tokens, x_tokens, segments, self.router.stacks, self.name, self.router.kernels)
+            return out.reshape(y.shape)
         return add_segment_deltas(y, x, segments, self.router.stacks, self.name, self.router.kernels)
 
 

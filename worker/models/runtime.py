@@ -2,7 +2,7 @@
 training passes.
 
 `runtime_for(settings)` resolves the settings (`device`, `base_dtype`, `logprob_chunk_bytes`,
-`activation_checkpoint_tokens`) against this machine (and, through `ModelRuntime.base_dtype`, the catalogue entry): `auto` is the first CUDA GPU when
+`activation_checkpoint_tokens`, `pack_sequences`) against this machine (and, through `ModelRuntime.base_dtype`, the catalogue entry): `auto` is the first CUDA GPU when
 torch sees one, in bfloat16, else the CPU in the entry's dtype. Adapters and optimizer state are float32 on the same
 device whatever the base's dtype (`worker/lora/adapter.py`).
 
@@ -31,6 +31,8 @@ class ModelRuntime:
     """Float32 logit bytes a training pass holds at once (`gpu_kernels/chunked_logprobs.py`); 0 materialises all."""
     checkpoint_tokens: int = DEFAULT_CHECKPOINT_TOKENS
     """Micro-batches of at least this many tokens run with activation checkpointing; 0 = never."""
+    pack_sequences: bool = True
+    """A text model's training micro-batch packs its sequences into one row (`worker/trainer.py`)."""
 
     def base_dtype(self, entry: BaseModelEntry) -> torch.dtype:
         return self.dtype or TORCH_DTYPES[entry.dtype]
@@ -56,4 +58,6 @@ def runtime_for(settings: Settings) -> ModelRuntime:
         dtype = TORCH_DTYPES[settings.base_dtype]
     elif device.type == "cuda":
         dtype = torch.bfloat16
-    return ModelRuntime(device, dtype, settings.logprob_chunk_bytes, settings.activation_checkpoint_tokens)
+    return ModelRuntime(
+        device, dtype, settings.logprob_chunk_bytes, settings.activation_checkpoint_tokens, settings.pack_sequences
+    )
