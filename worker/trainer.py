@@ -4,8 +4,9 @@ micro-batches.
 Each work item (one request: a run's adapter slot, its datums, loss and config) contributes one row per datum.
 Rows are sorted by length and cut into micro-batches of at most `token_budget` tokens; inside a micro-batch rows
 are grouped by adapter so each LoRA sees a contiguous run. A text model's micro-batch is packed: its sequences
-sit back to back in one row with position ids restarting at each, which transformers turns into a
-block-diagonal causal mask, so no padding token is ever computed and the budget counts real tokens. Otherwise
+sit back to back in one row with position ids restarting at each and attention computed sequence by sequence
+(`worker/models/packed_attention.py`), so no padding token is ever computed, attention costs what the sequences'
+own would, and the budget counts real tokens. Otherwise
 (`pack_sequences` off, vision rows, a ZeRO-3 base) rows are right-padded to the micro-batch's longest (causal
 attention means padding after a sequence never changes its logits) and the budget counts rows × longest row.
 Each micro-batch runs forward and back-propagates the summed loss of its non-forward-only rows, so gradients
@@ -21,8 +22,8 @@ Target logprobs come from the final hidden states of the real tokens, a chunk of
 `checkpoint_tokens` tokens runs with activation checkpointing (`worker/activation_checkpointing.py`). All three
 are the model's runtime settings (`worker/models/runtime.py`). Inputs go to the model's device; results stay there.
 
-Limits: a packed micro-batch's attention mask is dense (tokens² booleans, 4 MiB at the default budget of 2,048;
-flash-attn's varlen path would need none); a ZeRO-3 base materialises each micro-batch's logits (its output
+Limits: a packed micro-batch still builds transformers' dense block-diagonal mask (tokens² booleans, 4 MiB at the
+default budget of 2,048), which the packed attention does not read; a ZeRO-3 base materialises each micro-batch's logits (its output
 projection is gathered only inside its own call); a single row longer than the budget still runs (alone). A
 failure leaves the gradients of the micro-batches already run accumulated: the caller restores them
 (`worker/fault_isolation.py`).
@@ -44,6 +45,7 @@ from worker.custom_loss import CustomLoss, Metrics, reduce_metrics
 from worker.lora.layers import MultiLoraLinear
 from worker.losses import LOSSES
 from worker.models.loader import LoadedModel
+from worker.models.packed_attention import boundaries
 from worker.models.vision_inputs import VisionImage, patch_count, vision_kwargs
 
 
@@ -155,8 +157,9 @@ def _run_micro_batch(
     metrics: dict[tuple[int, int], Metrics],
 ) -> None:
     """Forward (and backward, if any row trains) over `rows` (item, datum), packed into one row (each sequence
-    attends only to itself: restarting position ids, which transformers turns into a block-diagonal causal mask) or
-    padded to the longest; writes each row's target logprobs, loss and custom metrics into `logprobs` / `losses` /
+    attends only to itself: restarting position ids, which transformers turns into a block-diagonal causal mask,
+    and the sequences' boundaries, which `worker/models/packed_attention.py` attends within) or padded to the
+    longest; writes each row's target logprobs, loss and custom metrics into `logprobs` / `losses` /
     `metrics`."""
     data = [items[i].data[j] for i, j in rows]
     lengths = [len(datum.tokens) for datum in data]
@@ -166,6 +169,7 @@ def _run_micro_batch(
     if packed:
         input_ids = torch.tensor([[t for datum in data for t in datum.tokens]], dtype=torch.long)
         model_args["position_ids"] = torch.cat([torch.arange(n) for n in lengths])[None].to(lm.device)
+        model_args |= boundaries(lengths, lm.device)
         starts = list(itertools.accumulate(lengths, initial=0))[:-1]
         route = lm.router.route(slots, packed_lengths=lengths)
     else:

@@ -34,6 +34,7 @@ from worker.models.model_folder import (
     require_tokenizer,
     transformers_config,
 )
+from worker.models.packed_attention import install_packed_attention
 from worker.models.quantized_checkpoints import cast_leftovers, load_options, loading_quantization
 from worker.models.registry import lora_targets, model_dir
 from worker.models.runtime import ModelRuntime
@@ -131,6 +132,8 @@ def load_base_model(entry: BaseModelEntry, model_cache_dir: Path, runtime: Model
     runtime = runtime or ModelRuntime()
     folder, tokenizer = open_model(entry, model_cache_dir)
     model = load_weights(folder, runtime.base_dtype(entry)).to(runtime.device)
+    if entry.vision is None:  # a text model's training passes pack their sequences (`worker/trainer.py`)
+        install_packed_attention(model)
     router, targets = install_multi_lora(model, lora_targets(entry))
     images = encoder_for(entry.vision)
     return LoadedModel(entry, folder.path, model, tokenizer, router, targets, images=images, runtime=runtime)
