@@ -34,6 +34,8 @@ from contract.catalogue_file import CatalogueError
 from contract.settings import Settings, load_settings
 
 WORKER_COMMANDS = {"worker": "run", "gc": "gc"}
+GOMP_SPINCOUNT = "20000"
+"""Iterations an idle OpenMP thread spins before it sleeps (tens of microseconds), unless the environment says."""
 """`loom` subcommand -> the worker program's subcommand it hands over to."""
 
 
@@ -267,12 +269,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_openmp_waits() -> None:
+    """How long idle OpenMP threads spin, for this process and a worker it hands over to; before torch loads.
+
+    The API and the workers share few cores. OpenMP threads that spin long while waiting (libgomp's default,
+    300,000 iterations) starve the other side: several-fold slowdowns on a loaded 2-core box. Threads that sleep at
+    once (OMP_WAIT_POLICY=PASSIVE) pay a wake-up per parallel region instead, which made a training pass's small
+    LoRA matmuls 3x slower (benchmarks/README.md). A short spin keeps both costs small. An exported
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT wins; the benchmarks set the same default for themselves."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    # The API and the workers share few cores: OpenMP threads that spin while waiting starve the other side
-    # (measured several-fold slowdowns on a loaded 2-core box). Must be set before torch loads libgomp, and
-    # is inherited by a worker this process hands over to.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    default_openmp_waits()
     if argv and argv[0] in WORKER_COMMANDS:
         _hand_to_worker(argv[0], argv[1:])
     args = _parser().parse_args(argv)

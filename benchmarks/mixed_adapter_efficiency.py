@@ -17,9 +17,9 @@ tenants costs at most 15% against one tenant with the same batch), and speedup =
 Method: one warm-up of each path first; then each repetition runs (a), (b), (c) back to back, so load from
 other processes hits all three alike; every adapter's grads are set to None before every timed call (outside
 the timer), so no call pays for accumulation into existing grads. torch's default thread count is used unless
---threads is given. OMP_WAIT_POLICY defaults to PASSIVE, as under `loom` (an exported value wins): with
-spinning waits on an oversubscribed machine (load average above the core count: other jobs), torch's 2
-OpenMP threads ran several times slower than 1 thread.
+--threads is given. Idle OpenMP threads spin briefly (GOMP_SPINCOUNT=20000), as under `loom` (an exported
+OMP_WAIT_POLICY or GOMP_SPINCOUNT wins): with long spinning waits on an oversubscribed machine (load average above
+the core count: other jobs), torch's 2 OpenMP threads ran several times slower than 1 thread.
 
 Limits:
 - CPU only here (the torch reference twin of the multi-LoRA kernels, `gpu_kernels.lora_reference`); GPU
@@ -39,9 +39,9 @@ from __future__ import annotations
 
 import os
 
-# The worker runs under `loom`, which defaults OMP_WAIT_POLICY=PASSIVE (api/cli.py); mirror it so this in-process
+# The worker runs under `loom`, which defaults GOMP_SPINCOUNT=20000 (api/cli.py); mirror it so this in-process
 # measurement sees the production torch runtime. Must be set before torch loads libgomp.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "0" if os.environ.get("OMP_WAIT_POLICY") == "PASSIVE" else "20000")  # as `loom`
 
 import argparse
 import statistics

@@ -32,7 +32,7 @@ Limits:
 - No thresholds: nothing fails on a slow result; the target is stated, not asserted.
 - Timings on a noisy 2-core machine; compare the ratios, not the absolute numbers, across runs. When other jobs
   oversubscribe the cores, torch's 2 OpenMP threads spinning at barriers run several times slower than 1
-  thread. `loom serve` defaults OMP_WAIT_POLICY=PASSIVE for that reason; this script sets the same default
+  thread. `loom serve` defaults to a short spin (GOMP_SPINCOUNT=20000) for that reason; this script sets the same default
   for itself (an exported value wins, for both sides) and prints it. --threads N pins the thread count of the
   server and the HF baseline alike.
 
@@ -45,7 +45,7 @@ import os
 
 # Same OpenMP wait policy as `loom serve` (api/cli.py sets it by default), so the in-process HF baseline and the
 # server run under identical torch runtime settings. Must be set before torch loads libgomp.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "0" if os.environ.get("OMP_WAIT_POLICY") == "PASSIVE" else "20000")  # as `loom`
 
 import argparse
 import statistics

@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 
 # `loom serve` defaults to this policy (api/cli.py); set here too so both servers inherit the same one.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "0" if os.environ.get("OMP_WAIT_POLICY") == "PASSIVE" else "20000")  # as `loom`
 
 import argparse
 import json
@@ -451,7 +451,7 @@ def main() -> None:
     t_run = time.perf_counter()
     print(
         f"# skyrl_head_to_head: steps={steps} batch=4x64 cpus={os.cpu_count()} "
-        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} load={load0:.2f}",
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} load={load0:.2f}",
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="loom-h2h-") as tmp:
@@ -460,7 +460,7 @@ def main() -> None:
         "steps": steps,
         "lr": LR,
         "cpus": os.cpu_count(),
-        "OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"],
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
         "load_average_start": round(load0, 2),
         "load_average_end": round(os.getloadavg()[0], 2),
         "total_seconds": round(time.perf_counter() - t_run),

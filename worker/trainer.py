@@ -3,12 +3,13 @@ micro-batches.
 
 Each work item (one request: a run's adapter slot, its datums, loss and config) contributes one row per datum.
 Rows are sorted by length and cut into micro-batches of at most `token_budget` tokens; inside a micro-batch rows
-are grouped by adapter so each LoRA sees a contiguous run. A text model's micro-batch is packed: its sequences
-sit back to back in one row with position ids restarting at each and attention computed sequence by sequence
-(`worker/models/packed_attention.py`), so no padding token is ever computed, attention costs what the sequences'
-own would, and the budget counts real tokens. Otherwise
-(`pack_sequences` off, vision rows, a ZeRO-3 base) rows are right-padded to the micro-batch's longest (causal
-attention means padding after a sequence never changes its logits) and the budget counts rows × longest row.
+are grouped by adapter so each LoRA sees a contiguous run. For a text model the budget counts real tokens, and a
+micro-batch whose padding would exceed `PACK_ABOVE_PADDING` of its padded tokens is packed: its sequences sit back
+to back in one row with position ids restarting at each and attention computed sequence by sequence
+(`worker/models/packed_attention.py`), so no padding token is computed and attention costs what the sequences'
+own would. Otherwise rows are right-padded to the micro-batch's longest (causal attention means padding after a
+sequence never changes its logits); with `pack_sequences` off, for vision rows and a ZeRO-3 base the budget then
+counts rows × longest row.
 Each micro-batch runs forward and back-propagates the summed loss of its non-forward-only rows, so gradients
 accumulate in the adapters' `.grad`; because each adapter's factors only touch its own tokens, every run's
 gradient equals the gradient of that run computed alone, in one pass (up to float reassociation).
@@ -23,9 +24,10 @@ Target logprobs come from the final hidden states of the real tokens, a chunk of
 are the model's runtime settings (`worker/models/runtime.py`). Inputs go to the model's device; results stay there.
 
 Limits: a packed micro-batch still builds transformers' dense block-diagonal mask (tokens² booleans, 4 MiB at the
-default budget of 2,048), which the packed attention does not read; a ZeRO-3 base materialises each micro-batch's logits (its output
-projection is gathered only inside its own call); a single row longer than the budget still runs (alone). A
-failure leaves the gradients of the micro-batches already run accumulated: the caller restores them
+default budget of 2,048), which the packed attention does not read; a text micro-batch padded under the packing
+threshold may hold up to 1/0.9 of the budget in padded tokens; a ZeRO-3 base materialises each micro-batch's logits
+(its output projection is gathered only inside its own call); a single row longer than the budget still runs
+(alone). A failure leaves the gradients of the micro-batches already run accumulated: the caller restores them
 (`worker/fault_isolation.py`).
 """
 
@@ -128,8 +130,9 @@ def run_forward_backward(
     logprobs: dict[tuple[int, int], torch.Tensor] = {}
     losses: dict[tuple[int, int], float] = {}
     metrics: dict[tuple[int, int], Metrics] = {}
-    packed = _packs(lm)
-    for batch in micro_batches(lengths, slots, token_budget, packed):
+    packs = _packs(lm)
+    for batch in micro_batches(lengths, slots, token_budget, packs):
+        packed = packs and _padding_share([lengths[r] for r in batch]) > PACK_ABOVE_PADDING
         _run_micro_batch(lm, items, [rows[r] for r in batch], packed, logprobs, losses, metrics)
     return [
         ItemResult(
@@ -139,6 +142,15 @@ def run_forward_backward(
         )
         for i, item in enumerate(items)
     ]
+
+
+PACK_ABOVE_PADDING = 0.1
+"""A micro-batch is packed when padding would make more than this share of its padded tokens: below it, padded
+rows cost about the same in the linear layers and attend in one batched call instead of one call per sequence."""
+
+
+def _padding_share(lengths: list[int]) -> float:
+    return 1 - sum(lengths) / (len(lengths) * max(lengths))
 
 
 def _packs(lm: LoadedModel) -> bool:

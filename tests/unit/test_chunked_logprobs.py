@@ -6,7 +6,8 @@ plain paths.
   half and B); float32 atol 1e-5, bfloat16 within bfloat16 rounding.
 - A SmolLM2 and a tiny Kimi K2 (MLA attention, routed experts with LoRA) training pass with adapters that train
   the output projection (`train_unembed`) and ones that do not gives the same logprobs, losses and adapter
-  gradients padded (3 rows of 16) and packed (1 row of 31 tokens, which the test sees the embedding take), with
+  gradients padded (3 rows of 16) and packed (1 row of 31 tokens, which the test sees the embedding take; rows of
+  equal length stay padded), with
   chunking on (one token per chunk: the harshest cut) and off (the whole logits block), and the same again with
   activation checkpointing forced on (logprobs atol
   1e-4; gradients within 5e-4 of each tensor's largest entry: the output projection's backward sums in another
@@ -147,6 +148,8 @@ def test_training_pass_is_the_same_padded_packed_chunked_materialised_and_checkp
     checkpointed = ModelRuntime(logprob_chunk_bytes=4 * lm.vocab_size, checkpoint_tokens=1)
     assert _model_rows(lm, padded, adapters, slots, batches) == [(3, 16)]  # 16, 5 and 10 input tokens
     assert _model_rows(lm, packed, adapters, slots, batches) == [(1, 31)]
+    equal = [[ce_datum(token_ids(9, seed=5))], [ce_datum(token_ids(9, seed=6))]]
+    assert _model_rows(lm, packed, adapters, slots, equal) == [(2, 8)]  # nothing to save: padded, one attention call
     want_grads, want = _pass(lm, padded, adapters, slots, batches)
     assert any(name.startswith("lm_head") for name in want_grads[0])  # the unembedding's LoRA is exercised
     for runtime in (packed, one_token_chunks, checkpointed):

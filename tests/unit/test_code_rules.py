@@ -52,7 +52,7 @@ FRAMEWORK_DECORATORS = [
 ]
 ENV_READERS = {
     "contract/settings.py": "the settings themselves",
-    "api/cli.py": "defaults OMP_WAIT_POLICY for libgomp before torch loads, for itself and the worker it hands to",
+    "api/cli.py": "defaults GOMP_SPINCOUNT for libgomp before torch loads, for itself and the worker it hands to",
     "worker/sharded_base.py": "tells DeepSpeed which accelerator to use (DS_ACCELERATOR) before it is imported",
     "worker/vllm/server.py": "the vLLM child process inherits the worker's environment",
 }
