@@ -34,6 +34,7 @@ from api.routers import (
     futures,
     health,
     hub,
+    keys,
     rest,
     sampling,
     service,
@@ -89,7 +90,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     refusals.install(app)
     publish_schemas(app, training.RAW_BODY_MODELS)
     modules = (health, service, training, sampling, futures, rest, aliases, openai_router, sessions, auth, downloads)
-    for module in (*modules, custom_losses, copy_weights, usage, tokenizers, hub):
+    for module in (*modules, custom_losses, copy_weights, usage, tokenizers, hub, keys):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_body_bytes)
     app.add_middleware(RefuseContentEncoding)

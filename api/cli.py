@@ -3,7 +3,7 @@
     loom serve [--host H] [--port P]    API + embedded workers; prints the URL and an API key, then logs one JSON
                                         line per request (and per failed one) to stderr (`api/request_log.py`)
     loom migrate                        apply database migrations (alembic upgrade head) and exit
-    loom keys create --owner O [--name N] / loom keys revoke KEY_ID --owner O
+    loom keys create --owner O [--name N] / loom keys list --owner O / loom keys revoke KEY_ID --owner O
     loom runs [--owner O]               training runs with their checkpoints
     loom settings                       every LOOM_* setting, its current value and what it means
     loom plan --model M --gpu G --gpus N [--rank R] [--tokens T] [--format bf16|fp8|int4] [--json]
@@ -27,7 +27,7 @@ import sys
 from sqlalchemy import select
 
 from api.db.audit import SERVER
-from api.db.keys import authenticate, create_api_key, revoke_api_key
+from api.db.keys import authenticate, create_api_key, list_api_keys, revoke_api_key
 from api.db.models import Checkpoint, TrainingRun
 from api.db.session import make_engine, make_session_factory, upgrade_to_head
 from contract.catalogue_file import CatalogueError
@@ -95,6 +95,10 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> None:
         if args.action == "create":
             record, key = create_api_key(session, args.owner, args.name)
             print(f"{record.id}\t{key}")
+        elif args.action == "list":
+            for record in list_api_keys(session, args.owner):
+                revoked = "live" if record.revoked_at is None else f"revoked {record.revoked_at:%Y-%m-%dT%H:%M:%SZ}"
+                print(f"{record.id}\t{record.prefix}\t{record.name}\t{record.created_at:%Y-%m-%dT%H:%M:%SZ}\t{revoked}")
         elif not revoke_api_key(session, args.key_id, args.owner, actor=SERVER):
             sys.exit(f"no active key {args.key_id} for owner {args.owner}")
 
@@ -249,11 +253,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="warning")
     serve.set_defaults(func=cmd_serve)
     sub.add_parser("migrate", help="apply database migrations and exit").set_defaults(func=cmd_migrate)
-    keys = sub.add_parser("keys", help="create or revoke API keys")
+    keys = sub.add_parser("keys", help="create, list or revoke a tenant's API keys")
     keys_sub = keys.add_subparsers(dest="action", required=True)
     create = keys_sub.add_parser("create")
     create.add_argument("--owner", required=True)
     create.add_argument("--name", default="cli")
+    listing = keys_sub.add_parser("list", help="id, prefix, name, created, live/revoked; oldest first")
+    listing.add_argument("--owner", required=True)
     revoke = keys_sub.add_parser("revoke")
     revoke.add_argument("key_id")
     revoke.add_argument("--owner", required=True)

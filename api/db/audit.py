@@ -46,6 +46,7 @@ class Event(StrEnum):
     CHECKPOINT_DELETE = "checkpoint_delete"
     CHECKPOINT_EXPIRE = "checkpoint_expire"
     PROJECT_ASSIGN = "project_assign"
+    APIKEY_CREATE = "apikey_create"
     APIKEY_REVOKE = "apikey_revoke"
 
 

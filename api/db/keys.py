@@ -25,18 +25,28 @@ def hash_api_key(plaintext: str) -> str:
     return hashlib.sha256(plaintext.encode()).hexdigest()
 
 
-def create_api_key(session: Session, owner: str, name: str) -> tuple[ApiKey, str]:
-    """Issue a key for ``owner``; returns the row and the plaintext, which is not stored."""
+def create_api_key(session: Session, owner: str, name: str, actor: str | None = None) -> tuple[ApiKey, str]:
+    """Issue a key for ``owner``; returns the row and the plaintext, which is not stored. With an ``actor`` (a key
+    made over the API) the issue is an ``apikey_create`` in ``owner``'s audit log."""
     plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(owner=owner, name=name, key_hash=hash_api_key(plaintext), prefix=plaintext[:DISPLAY_PREFIX_LENGTH])
     session.add(key)
     session.flush()
+    if actor is not None:
+        record(
+            session, owner=owner, actor=actor, event=Event.APIKEY_CREATE, key_id=key.id, name=name, prefix=key.prefix
+        )
     return key, plaintext
 
 
 def authenticate(session: Session, plaintext: str) -> ApiKey | None:
     """The live key with this plaintext, or None if unknown or revoked."""
     return session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_api_key(plaintext), ApiKey.revoked_at.is_(None)))
+
+
+def list_api_keys(session: Session, owner: str) -> list[ApiKey]:
+    """``owner``'s keys, oldest first, revoked ones included."""
+    return list(session.scalars(select(ApiKey).where(ApiKey.owner == owner).order_by(ApiKey.created_at, ApiKey.id)))
 
 
 def revoke_api_key(session: Session, key_id: str, owner: str, actor: str) -> bool:

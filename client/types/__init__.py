@@ -15,6 +15,7 @@ Modules:
 - :mod:`.usage`        billing usage events, current checkpoint storage
 - :mod:`.tokenizers`   tokenizer file listings, and the Hub shapes of the ``/hf`` routes
 - :mod:`.audit`        the audit log (``AdminClient.get_audit_log``)
+- :mod:`.keys`         a tenant's own API keys: list, create, revoke
 - :mod:`.images`       ImageGeometry: how many tokens an image takes in a Qwen3-VL-style model
 
 Every model ignores unknown keys (forward compatibility) and serialises with
@@ -50,6 +51,7 @@ from .futures import (
     UntypedAPIFuture,
 )
 from .images import QWEN3_VL_GEOMETRY, ImageGeometry
+from .keys import ApiKeyInfo, CreateApiKeyRequest, CreateApiKeyResponse, ListApiKeysResponse
 from .model_input import (
     LOSS_FN_INPUT_DTYPES,
     Datum,
@@ -177,6 +179,10 @@ from .usage import (
 )
 
 __all__ = [
+    "ApiKeyInfo",
+    "CreateApiKeyRequest",
+    "CreateApiKeyResponse",
+    "ListApiKeysResponse",
     "CreateCustomLossRequest",
     "CreateCustomLossResponse",
     "CustomLossGraph",
