@@ -34,9 +34,11 @@ from contract.catalogue_file import CatalogueError
 from contract.settings import Settings, load_settings
 
 WORKER_COMMANDS = {"worker": "run", "gc": "gc"}
+"""`loom` subcommand -> the worker program's subcommand it hands over to."""
+ISO_SECONDS = "%Y-%m-%dT%H:%M:%SZ"
+"""How `loom keys list` prints times (UTC, to the second)."""
 GOMP_SPINCOUNT = "20000"
 """Iterations an idle OpenMP thread spins before it sleeps (tens of microseconds), unless the environment says."""
-"""`loom` subcommand -> the worker program's subcommand it hands over to."""
 
 
 def _sessions(settings: Settings):
@@ -97,8 +99,8 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> None:
             print(f"{record.id}\t{key}")
         elif args.action == "list":
             for record in list_api_keys(session, args.owner):
-                revoked = "live" if record.revoked_at is None else f"revoked {record.revoked_at:%Y-%m-%dT%H:%M:%SZ}"
-                print(f"{record.id}\t{record.prefix}\t{record.name}\t{record.created_at:%Y-%m-%dT%H:%M:%SZ}\t{revoked}")
+                state = "live" if record.revoked_at is None else f"revoked {record.revoked_at:{ISO_SECONDS}}"
+                print(f"{record.id}\t{record.prefix}\t{record.name}\t{record.created_at:{ISO_SECONDS}}\t{state}")
         elif not revoke_api_key(session, args.key_id, args.owner, actor=SERVER):
             sys.exit(f"no active key {args.key_id} for owner {args.owner}")
 

@@ -161,9 +161,9 @@ class Settings(BaseSettings):
     train_token_budget: int = Field(
         DEFAULT_TRAIN_TOKEN_BUDGET,
         gt=0,
-        description="tokens of one training micro-batch (packed: their sum; padded: rows × longest row): a worker splits each "
-        "forward/backward pass into micro-batches of at most this many, which bounds its peak memory; a sequence "
-        "longer than it is refused at submit (413)",
+        description="tokens of one training micro-batch (packed: their sum; padded: rows × longest row): a worker "
+        "splits each forward/backward pass into micro-batches of at most this many, which bounds its peak memory; a "
+        "sequence longer than it is refused at submit (413)",
     )
     device: str = Field(
         "auto",

@@ -15,6 +15,8 @@ Limits: one SDPA call per sequence and layer (Python-level loop: about 20 µs ea
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -61,6 +63,6 @@ def install_packed_attention(model: torch.nn.Module) -> None:
 
 def boundaries(lengths: list[int], device: torch.device) -> dict[str, torch.Tensor | int]:
     """The forward keyword arguments that mark a packed row's sequences of `lengths` tokens."""
-    edges = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    edges = torch.tensor(list(itertools.accumulate(lengths, initial=0)), dtype=torch.int32, device=device)
     longest = max(lengths)
     return {"cu_seq_lens_q": edges, "cu_seq_lens_k": edges, "max_length_q": longest, "max_length_k": longest}

@@ -2,9 +2,9 @@
 training passes.
 
 `runtime_for(settings)` resolves the settings (`device`, `base_dtype`, `logprob_chunk_bytes`,
-`activation_checkpoint_tokens`, `pack_sequences`) against this machine (and, through `ModelRuntime.base_dtype`, the catalogue entry): `auto` is the first CUDA GPU when
-torch sees one, in bfloat16, else the CPU in the entry's dtype. Adapters and optimizer state are float32 on the same
-device whatever the base's dtype (`worker/lora/adapter.py`).
+`activation_checkpoint_tokens`, `pack_sequences`) against this machine (and, through `ModelRuntime.base_dtype`, the
+catalogue entry): `auto` is the first CUDA GPU when torch sees one, in bfloat16, else the CPU in the entry's dtype.
+Adapters and optimizer state are float32 on the same device whatever the base's dtype (`worker/lora/adapter.py`).
 
 Limits: one device per worker process (a ZeRO-3 group uses DeepSpeed's placement instead); quantised bases are
 dequantised to the dtype here (no fp8 compute path).
