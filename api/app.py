@@ -24,6 +24,7 @@ from api.middleware import BodySizeLimit, RefuseContentEncoding, RequestId, Requ
 from api.openai_compat import router as openai_router
 from api.openapi import publish_schemas
 from api.queue import PollingQueue
+from api.rate_limits import RateLimitHeaders
 from api.responses import NonFiniteJSONResponse
 from api.routers import (
     aliases,
@@ -35,6 +36,7 @@ from api.routers import (
     health,
     hub,
     keys,
+    limits,
     rest,
     sampling,
     service,
@@ -90,10 +92,11 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     refusals.install(app)
     publish_schemas(app, training.RAW_BODY_MODELS)
     modules = (health, service, training, sampling, futures, rest, aliases, openai_router, sessions, auth, downloads)
-    for module in (*modules, custom_losses, copy_weights, usage, tokenizers, hub, keys):
+    for module in (*modules, custom_losses, copy_weights, usage, tokenizers, hub, keys, limits):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_body_bytes)
     app.add_middleware(RefuseContentEncoding)
+    app.add_middleware(RateLimitHeaders)
     app.add_middleware(UnhandledErrors)
     app.add_middleware(RequestLog)
     app.add_middleware(RequestId)

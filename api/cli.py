@@ -4,6 +4,9 @@
                                         line per request (and per failed one) to stderr (`api/request_log.py`)
     loom migrate                        apply database migrations (alembic upgrade head) and exit
     loom keys create --owner O [--name N] / loom keys list --owner O / loom keys revoke KEY_ID --owner O
+    loom tenants list                   every tenant with its own limits (`-` where the deployment's default applies)
+    loom tenants set NAME [--requests-per-minute N] [--tokens-per-minute N] [--concurrent-runs N]
+                     [--stored-bytes N]  set a tenant's own limits (creating the tenant); `default` clears one
     loom runs [--owner O]               training runs with their checkpoints
     loom settings                       every LOOM_* setting, its current value and what it means
     loom plan --model M --gpu G --gpus N [--rank R] [--tokens T] [--format bf16|fp8|int4] [--json]
@@ -30,6 +33,7 @@ from api.db.audit import SERVER
 from api.db.keys import authenticate, create_api_key, list_api_keys, revoke_api_key
 from api.db.models import Checkpoint, TrainingRun
 from api.db.session import make_engine, make_session_factory, upgrade_to_head
+from api.db.tenants import LIMIT_COLUMNS, list_tenants, set_limits
 from contract.catalogue_file import CatalogueError
 from contract.settings import Settings, load_settings
 
@@ -103,6 +107,32 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> None:
                 print(f"{record.id}\t{record.prefix}\t{record.name}\t{record.created_at:{ISO_SECONDS}}\t{state}")
         elif not revoke_api_key(session, args.key_id, args.owner, actor=SERVER):
             sys.exit(f"no active key {args.key_id} for owner {args.owner}")
+
+
+def cmd_tenants(args: argparse.Namespace, settings: Settings) -> None:
+    sessions = _sessions(settings)
+    with sessions.begin() as session:
+        if args.action == "set":
+            given = {column: getattr(args, column) for column in LIMIT_COLUMNS if getattr(args, column) is not ...}
+            try:
+                set_limits(session, args.name, given)
+            except ValueError as exc:
+                sys.exit(str(exc))
+        print("tenant\t" + "\t".join(LIMIT_COLUMNS))
+        for tenant in list_tenants(session):
+            if args.action == "list" or tenant.name == args.name:
+                own = (getattr(tenant, column) for column in LIMIT_COLUMNS)
+                print(tenant.name + "\t" + "\t".join("-" if value is None else str(value) for value in own))
+
+
+def _limit(text: str) -> int | None:
+    """A limit on the command line: a positive number, or `default` (the deployment's)."""
+    if text == "default":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor `default`") from None
 
 
 def cmd_runs(args: argparse.Namespace, settings: Settings) -> None:
@@ -266,6 +296,14 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id")
     revoke.add_argument("--owner", required=True)
     keys.set_defaults(func=cmd_keys)
+    tenants = sub.add_parser("tenants", help="list tenants, or set a tenant's own rate limits and quotas")
+    tenants_sub = tenants.add_subparsers(dest="action", required=True)
+    tenants_sub.add_parser("list", help="every tenant and its own limits; `-`: the deployment's default applies")
+    limits = tenants_sub.add_parser("set", help="set or clear (`default`) a tenant's limits; creates the tenant")
+    limits.add_argument("name")
+    for column in LIMIT_COLUMNS:
+        limits.add_argument(f"--{column.replace('_', '-')}", type=_limit, default=..., metavar="N|default")
+    tenants.set_defaults(func=cmd_tenants)
     runs = sub.add_parser("runs", help="list training runs and checkpoints")
     runs.add_argument("--owner")
     runs.set_defaults(func=cmd_runs)

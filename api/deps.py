@@ -26,6 +26,7 @@ from api.db.keys import authenticate
 from api.db.models import ApiKey, ClientSession, TrainingRun
 from api.errors import APIError, ErrorCode, not_found
 from api.queue import PollingQueue
+from api.rate_limits import RateLimiter, submitted_tokens
 from contract.catalogue import BaseModelEntry, Catalogue
 from contract.checkpoint_store import CheckpointStore, configured_checkpoint_store
 from contract.jobs import JobPayload
@@ -45,6 +46,11 @@ class AppState:
     def store(self) -> CheckpointStore:
         """The deployment's checkpoint store, opened on first use (published tokenizers are read from it)."""
         return configured_checkpoint_store(self.settings)
+
+    @cached_property
+    def rate_limiter(self) -> RateLimiter:
+        """The tenants' rate limits and quotas, with this deployment's counters (`api/rate_limits.py`)."""
+        return RateLimiter(self.settings)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -89,9 +95,12 @@ def tenant(request: Request, state: State) -> str:
         raise APIError(401, ErrorCode.UNAUTHENTICATED, "missing API key: send it in the X-API-Key header")
     with state.reading() as session:
         record = authenticate(session, key)
-    if record is None:
+        limits = None if record is None else state.rate_limiter.limits(session, record.owner)
+    if record is None or limits is None:
         raise APIError(401, ErrorCode.UNAUTHENTICATED, "invalid or revoked API key")
     request.state.tenant = record.owner  # for the request log (`api/middleware.py::RequestLog`)
+    request.state.tenant_limits = limits  # for `enqueue` and the quota checks
+    state.rate_limiter.admit_request(request, record.owner, limits)
     return record.owner
 
 
@@ -148,7 +157,9 @@ def enqueue(
     seq_id: int | None,
     payload: JobPayload,
 ) -> str:
-    """Queue a job (or find the identical one already queued) and return its request id."""
+    """Queue a job (or find the identical one already queued) and return its request id; its tokens count
+    against the tenant's tokens/minute first."""
+    app_state(request).rate_limiter.admit_tokens(request, owner, request.state.tenant_limits, submitted_tokens(payload))
     try:
         job, _ = submit_job(
             session,

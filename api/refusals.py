@@ -10,6 +10,9 @@ missing forever and every later op of the run would wait behind it. `install(app
 Routes say which op a request is (`note_ordered_op`) as soon as they know its tenant, run and seq_id; a body that
 fails validation before the route runs is identified from the parsed body and the caller's API key.
 
+A refusal the client is told to retry as it is (429 `rate_limit_exceeded` with `x-should-retry: true`) records
+nothing: the SDK sends the same seq_id again after `Retry-After`, and the run waits for it meanwhile.
+
 A client that does not use up a seq_id on a refusal (Loom's SDK) sends its next op with that same seq_id, which
 takes the placeholder's place as long as no later op of the run has started (`api.db.jobs.submit_job`).
 
@@ -74,8 +77,8 @@ def _op_from_body(request: Request, body: Any) -> OrderedOp | None:
     return None if record is None else OrderedOp(record.owner, model_id, seq_id, kind)
 
 
-def _record(request: Request, status: int, message: str, body: Any = None) -> None:
-    if not 400 <= status < 500:
+def _record(request: Request, status: int, message: str, body: Any = None, retryable: bool = False) -> None:
+    if not 400 <= status < 500 or retryable:
         return
     op = getattr(request.state, "ordered_op", None) or _op_from_body(request, body)
     if op is None:
@@ -93,7 +96,8 @@ def install(app: FastAPI) -> None:
     api_error, validation_error = app.exception_handlers[APIError], app.exception_handlers[RequestValidationError]
 
     async def refused(request: Request, exc: APIError):
-        await run_in_threadpool(_record, request, exc.status, exc.message)
+        retryable = (exc.headers or {}).get("x-should-retry") == "true"  # the client sends this seq_id again
+        await run_in_threadpool(_record, request, exc.status, exc.message, None, retryable)
         return await api_error(request, exc)
 
     async def invalid_body(request: Request, exc: RequestValidationError):

@@ -113,6 +113,21 @@ class Settings(BaseSettings):
         30.0, gt=0, description="how long `retrieve_future` holds a poll before answering `try_again`"
     )
     max_streams_per_key: int = Field(8, gt=0, description="concurrent OpenAI streams per tenant; more get 429")
+    tenant_requests_per_minute: int | None = Field(
+        None, gt=0, description="requests per minute per tenant (futures polls and heartbeats aside); more get 429"
+    )
+    tenant_tokens_per_minute: int | None = Field(
+        None,
+        gt=0,
+        description="tokens submitted per minute per tenant (training tokens; sampling's prompt plus n × max_tokens); "
+        "more get 429",
+    )
+    tenant_concurrent_runs: int | None = Field(
+        None, gt=0, description="training runs a tenant may hold loaded at once; another create gets 429"
+    )
+    tenant_stored_bytes: int | None = Field(
+        None, gt=0, description="checkpoint bytes a tenant may store; saves beyond get 429"
+    )
     access_log: Path | None = Field(
         None,
         description="`loom serve` also appends its JSON access and error lines (`loom.access`, `loom.errors`) to "

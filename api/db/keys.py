@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from api.db.audit import Event, record
 from api.db.models import ApiKey
+from api.db.tenants import ensure_tenant
 from api.db.types import utcnow
 
 KEY_PREFIX = "tml-"
@@ -26,8 +27,9 @@ def hash_api_key(plaintext: str) -> str:
 
 
 def create_api_key(session: Session, owner: str, name: str, actor: str | None = None) -> tuple[ApiKey, str]:
-    """Issue a key for ``owner``; returns the row and the plaintext, which is not stored. With an ``actor`` (a key
-    made over the API) the issue is an ``apikey_create`` in ``owner``'s audit log."""
+    """Issue a key for ``owner`` (a new owner becomes a tenant); returns the row and the plaintext, which is not
+    stored. With an ``actor`` (a key made over the API) the issue is an ``apikey_create`` in ``owner``'s audit log."""
+    ensure_tenant(session, owner)
     plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(owner=owner, name=name, key_hash=hash_api_key(plaintext), prefix=plaintext[:DISPLAY_PREFIX_LENGTH])
     session.add(key)

@@ -131,6 +131,20 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None]
 
 
+class Tenant(Base):
+    """A tenant: the ``owner`` of keys, runs and checkpoints, with its own rate limits and quotas. A limit left NULL
+    is the deployment's default (`Settings.tenant_*`); keys made for a new owner create its row."""
+
+    __tablename__ = "tenants"
+
+    name: Mapped[str] = mapped_column(primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    requests_per_minute: Mapped[int | None]
+    tokens_per_minute: Mapped[int | None] = mapped_column(BigInteger)
+    concurrent_runs: Mapped[int | None]
+    stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
+
+
 class ClientSession(Base):
     """A client SDK session (Tinker ``create_session``), kept alive by heartbeats."""
 

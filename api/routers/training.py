@@ -36,7 +36,7 @@ from api.db.audit import ReadPurpose, checkpoint_read
 from api.db.custom_losses import owned_custom_loss
 from api.db.jobs import next_training_seq, seq_beyond_window
 from api.db.models import Checkpoint, RunStatus, SamplingSession, TrainingRun
-from api.deps import State, Tenant, enqueue, live_session, owned_run
+from api.deps import State, Tenant, app_state, enqueue, live_session, owned_run
 from api.errors import APIError, ErrorCode, invalid, invalid_from_validation
 from api.images import prepare_forward_backward
 from api.openapi import raw_body
@@ -124,13 +124,21 @@ def _active_run(session: Session, owner: str, model_id: str) -> TrainingRun:
 
 
 def _create_run(
-    session: Session, owner: str, session_id: str, model_seq_id: int, base_model: str, lora: LoraConfig, meta: dict
+    session: Session,
+    request: Request,
+    owner: str,
+    session_id: str,
+    model_seq_id: int,
+    base_model: str,
+    lora: LoraConfig,
+    meta: dict,
 ) -> TrainingRun:
     live_session(session, owner, session_id)
     model_id = f"{session_id}:train:{model_seq_id}"
     run = session.get(TrainingRun, model_id)
     if run is not None:
         return run  # a replayed create: the job store dedupes the seq-0 job itself
+    app_state(request).rate_limiter.check_new_run(session, owner, request.state.tenant_limits)
     run = TrainingRun(
         id=model_id,
         owner=owner,
@@ -152,10 +160,13 @@ def _create_run(
 
 
 def _enqueue_op(session: Session, request: Request, run: TrainingRun, seq_id: int, payload: JobPayload) -> str:
-    """Queue an op of `run` in its ordered lane; returns the request id."""
+    """Queue an op of `run` in its ordered lane; returns the request id. A save of a checkpoint the tenant will see
+    must fit its stored-bytes quota (hidden sampling snapshots are not counted)."""
     newest = seq_beyond_window(session, run.id, seq_id)
     if newest is not None:
         raise invalid(f"seq_id {seq_id} is more than {SEQ_ID_WINDOW} ahead of the run's newest op ({newest})", "seq_id")
+    if isinstance(payload, SaveWeightsJob | SaveWeightsForSamplerJob) and not payload.target.ephemeral:
+        app_state(request).rate_limiter.check_new_checkpoint(session, run.owner, request.state.tenant_limits)
     return enqueue(
         session,
         request,
@@ -186,7 +197,9 @@ def create_model(body: CreateModelRequest, request: Request, state: State, owner
     if lora.train_vision and info.vision is None:
         raise invalid(f"{info.name} has no vision tower to train", "lora_config.train_vision")
     with state.transaction() as session:
-        run = _create_run(session, owner, body.session_id, body.model_seq_id, info.name, lora, body.user_metadata or {})
+        run = _create_run(
+            session, request, owner, body.session_id, body.model_seq_id, info.name, lora, body.user_metadata or {}
+        )
         seed = lora.seed if lora.seed is not None else default_lora_seed(run.id)
         payload = CreateModelJob(
             lora=RunLora(
@@ -445,7 +458,14 @@ def load_weights(body: LoadWeightsRequest, request: Request, state: State, owner
                 train_vision=source.train_vision,
             )
             run = _create_run(
-                session, owner, body.session_id, body.model_seq_id or 0, base.name, lora, body.user_metadata or {}
+                session,
+                request,
+                owner,
+                body.session_id,
+                body.model_seq_id or 0,
+                base.name,
+                lora,
+                body.user_metadata or {},
             )
             seq_id = 0
         if run.base_model != source.base_model or run.lora_rank != source.lora_rank:

@@ -16,6 +16,7 @@ Modules:
 - :mod:`.tokenizers`   tokenizer file listings, and the Hub shapes of the ``/hf`` routes
 - :mod:`.audit`        the audit log (``AdminClient.get_audit_log``)
 - :mod:`.keys`         a tenant's own API keys: list, create, revoke
+- :mod:`.tenant_limits` a tenant's rate limits and quotas, and its use of them
 - :mod:`.images`       ImageGeometry: how many tokens an image takes in a Qwen3-VL-style model
 
 Every model ignores unknown keys (forward compatibility) and serialises with
@@ -124,6 +125,7 @@ from .sessions import (
     SessionSummary,
     SessionTraceExportResponse,
 )
+from .tenant_limits import QuotaUse, RateUse, TenantLimitsResponse
 from .tensors import TensorData, TensorDtype
 from .tokenizers import (
     HubLfs,
@@ -179,6 +181,9 @@ from .usage import (
 )
 
 __all__ = [
+    "QuotaUse",
+    "RateUse",
+    "TenantLimitsResponse",
     "ApiKeyInfo",
     "CreateApiKeyRequest",
     "CreateApiKeyResponse",

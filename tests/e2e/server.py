@@ -19,22 +19,27 @@ from pathlib import Path
 import httpx
 
 
-def create_key(data_dir: Path, owner: str) -> str:
-    """A new API key of tenant `owner`, made with the real CLI against the database in `data_dir`."""
-    from api.cli import main as loom_cli
+def loom_cli(data_dir: Path, *argv: str) -> str:
+    """What the real `loom` CLI prints for `argv`, run in this process against the database in `data_dir`."""
+    from api.cli import main
 
     buffer = io.StringIO()
     old = os.environ.get("LOOM_DATA_DIR")
     os.environ["LOOM_DATA_DIR"] = str(data_dir)
     try:
         with contextlib.redirect_stdout(buffer):
-            loom_cli(["keys", "create", "--owner", owner])
+            main(list(argv))
     finally:
         if old is None:
             os.environ.pop("LOOM_DATA_DIR")
         else:
             os.environ["LOOM_DATA_DIR"] = old
-    return buffer.getvalue().split()[-1]
+    return buffer.getvalue()
+
+
+def create_key(data_dir: Path, owner: str) -> str:
+    """A new API key of tenant `owner`, made with the real CLI against the database in `data_dir`."""
+    return loom_cli(data_dir, "keys", "create", "--owner", owner).split()[-1]
 
 
 def free_port() -> int:

@@ -1,0 +1,62 @@
+"""Tenants and their own limits: ensure a tenant's row, list tenants, set or clear a tenant's limits.
+
+A tenant is the `owner` every key, run and checkpoint carries; its row holds the rate limits and quotas that differ
+from the deployment's defaults (a NULL column is "use the default"). Like the job store, these functions work in
+the caller's transaction and never commit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.db.models import Tenant
+
+LIMIT_COLUMNS = ("requests_per_minute", "tokens_per_minute", "concurrent_runs", "stored_bytes")
+"""The per-tenant limits, by column name (and field name of `TenantLimits`)."""
+
+
+@dataclass(frozen=True)
+class TenantLimits:
+    """One tenant's effective limits; None is "no limit"."""
+
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    concurrent_runs: int | None
+    stored_bytes: int | None
+
+
+def ensure_tenant(session: Session, name: str) -> Tenant:
+    """The tenant's row, created (with no limits of its own) if it has none yet."""
+    tenant = session.get(Tenant, name)
+    if tenant is None:
+        tenant = Tenant(name=name)
+        session.add(tenant)
+        session.flush()
+    return tenant
+
+
+def list_tenants(session: Session) -> list[Tenant]:
+    return list(session.scalars(select(Tenant).order_by(Tenant.name)))
+
+
+def set_limits(session: Session, name: str, limits: dict[str, int | None]) -> Tenant:
+    """Set (a positive number) or clear (None: back to the deployment's default) some of a tenant's limits."""
+    unknown = set(limits) - set(LIMIT_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown limits {sorted(unknown)}; a tenant has {list(LIMIT_COLUMNS)}")
+    tenant = ensure_tenant(session, name)
+    for column, value in limits.items():
+        if value is not None and value <= 0:
+            raise ValueError(f"{column} must be a positive number, or cleared to use the deployment's default")
+        setattr(tenant, column, value)
+    return tenant
+
+
+def effective_limits(session: Session, name: str, defaults: TenantLimits) -> TenantLimits:
+    """The tenant's own limits where it has them, the deployment's `defaults` elsewhere."""
+    tenant = session.get(Tenant, name)
+    own = {column: getattr(tenant, column, None) for column in LIMIT_COLUMNS}
+    return TenantLimits(**{column: own[column] or getattr(defaults, column) for column in LIMIT_COLUMNS})
