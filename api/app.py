@@ -27,6 +27,7 @@ from api.queue import PollingQueue
 from api.rate_limits import RateLimitHeaders
 from api.responses import NonFiniteJSONResponse
 from api.routers import (
+    admin,
     aliases,
     auth,
     copy_weights,
@@ -92,7 +93,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     refusals.install(app)
     publish_schemas(app, training.RAW_BODY_MODELS)
     modules = (health, service, training, sampling, futures, rest, aliases, openai_router, sessions, auth, downloads)
-    for module in (*modules, custom_losses, copy_weights, usage, tokenizers, hub, keys, limits):
+    for module in (*modules, custom_losses, copy_weights, usage, tokenizers, hub, keys, limits, admin):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_body_bytes)
     app.add_middleware(RefuseContentEncoding)

@@ -4,9 +4,11 @@
                                         line per request (and per failed one) to stderr (`api/request_log.py`)
     loom migrate                        apply database migrations (alembic upgrade head) and exit
     loom keys create --owner O [--name N] / loom keys list --owner O / loom keys revoke KEY_ID --owner O
-    loom tenants list                   every tenant with its own limits (`-` where the deployment's default applies)
-    loom tenants set NAME [--requests-per-minute N] [--tokens-per-minute N] [--concurrent-runs N]
-                     [--stored-bytes N]  set a tenant's own limits (creating the tenant); `default` clears one
+    loom tenants list                   every tenant, operator or not, with its own limits (`-`: the default applies)
+    loom tenants create NAME [--operator] [LIMITS]   a new tenant; prints its first API key
+    loom tenants set NAME [--operator|--no-operator] [LIMITS]   change a tenant (`default` clears a limit)
+                                        LIMITS: --requests-per-minute N --tokens-per-minute N --concurrent-runs N
+                                        --stored-bytes N
     loom runs [--owner O]               training runs with their checkpoints
     loom settings                       every LOOM_* setting, its current value and what it means
     loom plan --model M --gpu G --gpus N [--rank R] [--tokens T] [--format bf16|fp8|int4] [--json]
@@ -16,8 +18,8 @@
                                         `loom-worker gc ...` (`worker/cli.py`), so the API never imports worker code
 
 Settings come from the environment (`contract/settings.py`), read once here and passed down. On first `serve`, a
-key for owner `local` is created and its plaintext kept in `<data dir>/api_key` (mode 0600) so later runs print
-the same key.
+key for owner `local` (an operator: it may manage tenants) is created and its plaintext kept in
+`<data dir>/api_key` (mode 0600) so later runs print the same key.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from api.db.audit import SERVER
 from api.db.keys import authenticate, create_api_key, list_api_keys, revoke_api_key
 from api.db.models import Checkpoint, TrainingRun
 from api.db.session import make_engine, make_session_factory, upgrade_to_head
-from api.db.tenants import LIMIT_COLUMNS, list_tenants, set_limits
+from api.db.tenants import LIMIT_COLUMNS, TenantExists, create_tenant, ensure_tenant, list_tenants, set_limits
 from contract.catalogue_file import CatalogueError
 from contract.settings import Settings, load_settings
 
@@ -66,6 +68,7 @@ def local_api_key(settings: Settings, sessions) -> str:
             if authenticate(session, key) is not None:
                 return key
         _, key = create_api_key(session, "local", "loom serve")
+        ensure_tenant(session, "local").operator = True  # whoever runs the server operates it
     key_file.write_text(key + "\n")
     os.chmod(key_file, 0o600)
     return key
@@ -112,17 +115,24 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_tenants(args: argparse.Namespace, settings: Settings) -> None:
     sessions = _sessions(settings)
     with sessions.begin() as session:
-        if args.action == "set":
+        if args.action in ("create", "set"):
             given = {column: getattr(args, column) for column in LIMIT_COLUMNS if getattr(args, column) is not ...}
             try:
-                set_limits(session, args.name, given)
-            except ValueError as exc:
+                if args.action == "create":
+                    create_tenant(session, args.name, args.operator, given)
+                    _, key = create_api_key(session, args.name, "first key")
+                    print(f"{args.name}\t{key}")
+                    return
+                tenant = set_limits(session, args.name, given)
+                if args.operator is not None:
+                    tenant.operator = args.operator
+            except (ValueError, TenantExists) as exc:
                 sys.exit(str(exc))
-        print("tenant\t" + "\t".join(LIMIT_COLUMNS))
+        print("tenant\toperator\t" + "\t".join(LIMIT_COLUMNS))
         for tenant in list_tenants(session):
             if args.action == "list" or tenant.name == args.name:
-                own = (getattr(tenant, column) for column in LIMIT_COLUMNS)
-                print(tenant.name + "\t" + "\t".join("-" if value is None else str(value) for value in own))
+                own = ("-" if value is None else str(value) for value in (getattr(tenant, c) for c in LIMIT_COLUMNS))
+                print(f"{tenant.name}\t{'yes' if tenant.operator else 'no'}\t" + "\t".join(own))
 
 
 def _limit(text: str) -> int | None:
@@ -296,13 +306,17 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id")
     revoke.add_argument("--owner", required=True)
     keys.set_defaults(func=cmd_keys)
-    tenants = sub.add_parser("tenants", help="list tenants, or set a tenant's own rate limits and quotas")
+    tenants = sub.add_parser("tenants", help="list, create or change tenants (their limits and operator role)")
     tenants_sub = tenants.add_subparsers(dest="action", required=True)
     tenants_sub.add_parser("list", help="every tenant and its own limits; `-`: the deployment's default applies")
-    limits = tenants_sub.add_parser("set", help="set or clear (`default`) a tenant's limits; creates the tenant")
-    limits.add_argument("name")
-    for column in LIMIT_COLUMNS:
-        limits.add_argument(f"--{column.replace('_', '-')}", type=_limit, default=..., metavar="N|default")
+    create = tenants_sub.add_parser("create", help="a new tenant; prints its first API key (shown once)")
+    create.add_argument("--operator", action="store_true", help="its keys also manage tenants")
+    change = tenants_sub.add_parser("set", help="set or clear (`default`) a tenant's limits; creates the tenant")
+    change.add_argument("--operator", action=argparse.BooleanOptionalAction, default=None)
+    for tenant_parser in (create, change):
+        tenant_parser.add_argument("name")
+        for column in LIMIT_COLUMNS:
+            tenant_parser.add_argument(f"--{column.replace('_', '-')}", type=_limit, default=..., metavar="N|default")
     tenants.set_defaults(func=cmd_tenants)
     runs = sub.add_parser("runs", help="list training runs and checkpoints")
     runs.add_argument("--owner")

@@ -2,8 +2,9 @@
 
 `Tenant` resolves the `X-API-Key` header (the official SDK's header; `Authorization: Bearer` is accepted too)
 to the owner of that key, and records it on the request for the request log; every lookup below filters by that
-owner, so another tenant's ids answer 404 exactly like ids that do not exist. `live_session` also refuses (410) new
-work in a session its client finished.
+owner, so another tenant's ids answer 404 exactly like ids that do not exist. It also counts the request against
+the tenant's rate limits (`api/rate_limits.py`; `enqueue` counts a job's tokens). `Operator` admits only an
+operator tenant's keys (403 otherwise). `live_session` also refuses (410) new work in a session its client finished.
 
 Limits: handlers that touch the database are plain `def` functions (FastAPI runs them in its thread pool), and
 must keep each `transaction()` short: on SQLite a transaction holds the write lock.
@@ -24,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.db.jobs import JobConflict, submit_job
 from api.db.keys import authenticate
 from api.db.models import ApiKey, ClientSession, TrainingRun
+from api.db.tenants import is_operator
 from api.errors import APIError, ErrorCode, not_found
 from api.queue import PollingQueue
 from api.rate_limits import RateLimiter, submitted_tokens
@@ -105,6 +107,20 @@ def tenant(request: Request, state: State) -> str:
 
 
 Tenant = Annotated[str, Depends(tenant)]
+
+
+def operator(state: State, owner: Tenant) -> str:
+    """The caller's tenant, if it is an operator (its keys manage tenants); 403 otherwise."""
+    with state.reading() as session:
+        allowed = is_operator(session, owner)
+    if not allowed:
+        raise APIError(
+            403, ErrorCode.FORBIDDEN, "this route is for operators: your tenant's keys cannot manage tenants"
+        )
+    return owner
+
+
+Operator = Annotated[str, Depends(operator)]
 
 
 def caller_key(request: Request, state: State, _: Tenant) -> ApiKey:

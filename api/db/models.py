@@ -133,12 +133,14 @@ class ApiKey(Base):
 
 class Tenant(Base):
     """A tenant: the ``owner`` of keys, runs and checkpoints, with its own rate limits and quotas. A limit left NULL
-    is the deployment's default (`Settings.tenant_*`); keys made for a new owner create its row."""
+    is the deployment's default (`Settings.tenant_*`); keys made for a new owner create its row. An ``operator``
+    tenant's keys are admin keys: they also manage tenants (`/api/v1/admin/...`)."""
 
     __tablename__ = "tenants"
 
     name: Mapped[str] = mapped_column(primary_key=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    operator: Mapped[bool] = mapped_column(default=False, server_default=false())
     requests_per_minute: Mapped[int | None]
     tokens_per_minute: Mapped[int | None] = mapped_column(BigInteger)
     concurrent_runs: Mapped[int | None]

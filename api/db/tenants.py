@@ -1,8 +1,8 @@
-"""Tenants and their own limits: ensure a tenant's row, list tenants, set or clear a tenant's limits.
+"""Tenants, their own limits and the operator role: ensure or create a tenant, list, set or clear its limits.
 
 A tenant is the `owner` every key, run and checkpoint carries; its row holds the rate limits and quotas that differ
-from the deployment's defaults (a NULL column is "use the default"). Like the job store, these functions work in
-the caller's transaction and never commit.
+from the deployment's defaults (a NULL column is "use the default") and whether it is an operator (its keys manage
+tenants). Like the job store, these functions work in the caller's transaction and never commit.
 """
 
 from __future__ import annotations
@@ -38,12 +38,31 @@ def ensure_tenant(session: Session, name: str) -> Tenant:
     return tenant
 
 
+class TenantExists(Exception):
+    pass
+
+
+def create_tenant(session: Session, name: str, operator: bool, limits: dict[str, int | None]) -> Tenant:
+    """A new tenant (`TenantExists` if the name is taken) with its own `limits` (None: the default)."""
+    if session.get(Tenant, name) is not None:
+        raise TenantExists(f"tenant {name!r} already exists")
+    session.add(Tenant(name=name, operator=operator))
+    session.flush()
+    return set_limits(session, name, limits)
+
+
+def is_operator(session: Session, name: str) -> bool:
+    tenant = session.get(Tenant, name)
+    return tenant is not None and tenant.operator
+
+
 def list_tenants(session: Session) -> list[Tenant]:
     return list(session.scalars(select(Tenant).order_by(Tenant.name)))
 
 
 def set_limits(session: Session, name: str, limits: dict[str, int | None]) -> Tenant:
-    """Set (a positive number) or clear (None: back to the deployment's default) some of a tenant's limits."""
+    """Set (a positive number) or clear (None: back to the deployment's default) some of a tenant's limits,
+    creating the tenant if it is new."""
     unknown = set(limits) - set(LIMIT_COLUMNS)
     if unknown:
         raise ValueError(f"unknown limits {sorted(unknown)}; a tenant has {list(LIMIT_COLUMNS)}")

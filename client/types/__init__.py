@@ -17,6 +17,7 @@ Modules:
 - :mod:`.audit`        the audit log (``AdminClient.get_audit_log``)
 - :mod:`.keys`         a tenant's own API keys: list, create, revoke
 - :mod:`.tenant_limits` a tenant's rate limits and quotas, and its use of them
+- :mod:`.tenants`      tenants as an operator manages them
 - :mod:`.images`       ImageGeometry: how many tokens an image takes in a Qwen3-VL-style model
 
 Every model ignores unknown keys (forward compatibility) and serialises with
@@ -126,6 +127,14 @@ from .sessions import (
     SessionTraceExportResponse,
 )
 from .tenant_limits import QuotaUse, RateUse, TenantLimitsResponse
+from .tenants import (
+    CreateTenantRequest,
+    CreateTenantResponse,
+    ListTenantsResponse,
+    TenantInfo,
+    TenantOwnLimits,
+    UpdateTenantRequest,
+)
 from .tensors import TensorData, TensorDtype
 from .tokenizers import (
     HubLfs,
@@ -181,6 +190,12 @@ from .usage import (
 )
 
 __all__ = [
+    "CreateTenantRequest",
+    "CreateTenantResponse",
+    "ListTenantsResponse",
+    "TenantInfo",
+    "TenantOwnLimits",
+    "UpdateTenantRequest",
     "QuotaUse",
     "RateUse",
     "TenantLimitsResponse",

@@ -168,7 +168,7 @@ def test_loom_tenants_sets_and_lists_a_tenants_own_limits(tmp_path, monkeypatch)
 
     loom("tenants", "set", "alice", "--requests-per-minute", "10", "--stored-bytes", "1000")
     loom("tenants", "set", "alice", "--stored-bytes", "default")
-    assert loom("tenants", "list").splitlines()[1].split("\t") == ["alice", "10", "-", "-", "-"]
+    assert loom("tenants", "list").splitlines()[1].split("\t") == ["alice", "no", "10", "-", "-", "-"]
     with pytest.raises(SystemExit, match="positive"):
         loom("tenants", "set", "alice", "--concurrent-runs", "0")
 
