@@ -102,6 +102,7 @@ def tenant(request: Request, state: State) -> str:
         raise APIError(401, ErrorCode.UNAUTHENTICATED, "invalid or revoked API key")
     request.state.tenant = record.owner  # for the request log (`api/middleware.py::RequestLog`)
     request.state.tenant_limits = limits  # for `enqueue` and the quota checks
+    request.state.api_key_id = record.id  # jobs record the key that submitted them (usage per key)
     state.rate_limiter.admit_request(request, record.owner, limits)
     return record.owner
 
@@ -185,6 +186,7 @@ def enqueue(
             seq_id=seq_id,
             payload=payload,
             idempotency_key=request.headers.get("x-idempotency-key"),
+            api_key_id=request.state.api_key_id,
         )
     except JobConflict as exc:
         raise APIError(409, ErrorCode.CONFLICT, str(exc), "seq_id") from exc

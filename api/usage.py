@@ -79,7 +79,7 @@ def _finished(session: Session, owner: str, start: datetime, end: datetime, kind
     )
 
 
-def _sample_tokens(kind: str, payload: dict[str, Any], result: dict[str, Any]) -> tuple[int, int, int]:
+def sample_tokens(kind: str, payload: dict[str, Any], result: dict[str, Any]) -> tuple[int, int, int]:
     """(uncached prompt tokens, cached prompt tokens, generated tokens) of one finished sample request."""
     job = parse_payload(kind, payload)
     if isinstance(job, SampleJob) and isinstance(job.prompt, TinkerPrompt):
@@ -99,7 +99,7 @@ def _job_totals(session: Session, owner: str, start: datetime, end: datetime) ->
         totals[hour_of(finished_at), "checkpoint", base_model, session_id, False] += 1
     samples = _finished(session, owner, start, end, (JobKind.SAMPLE,), Job.kind, Job.payload, Job.result)
     for finished_at, base_model, session_id, kind, payload, result in samples:
-        fresh, cached, generated = _sample_tokens(kind, payload, result)
+        fresh, cached, generated = sample_tokens(kind, payload, result)
         bucket = hour_of(finished_at)
         totals[bucket, "sampling_prefill", base_model, session_id, False] += fresh
         totals[bucket, "sampling_prefill", base_model, session_id, True] += cached
@@ -107,12 +107,16 @@ def _job_totals(session: Session, owner: str, start: datetime, end: datetime) ->
     return totals
 
 
-def _storage_totals(session: Session, owner: str, start: datetime, end: datetime) -> Totals:
-    """Gigabyte-hours per (hour, base model) of the tenant's stored checkpoints (hidden ones aside), each counted
-    until it expires (also when the sweep has not deleted it yet)."""
+def storage_hours(
+    session: Session, owner: str, start: datetime, end: datetime
+) -> dict[tuple[datetime, str, str], float]:
+    """Gigabyte-hours per (hour, training run, base model) of the tenant's stored checkpoints (hidden ones aside),
+    each counted until it expires (also when the sweep has not deleted it yet)."""
     now = utcnow()
     rows = session.execute(
-        select(Checkpoint.created_at, Checkpoint.expires_at, Checkpoint.size_bytes, TrainingRun.base_model)
+        select(
+            Checkpoint.created_at, Checkpoint.expires_at, Checkpoint.size_bytes, TrainingRun.id, TrainingRun.base_model
+        )
         .join(TrainingRun, TrainingRun.id == Checkpoint.run_id)
         .where(
             Checkpoint.owner == owner,
@@ -121,14 +125,21 @@ def _storage_totals(session: Session, owner: str, start: datetime, end: datetime
             Checkpoint.created_at < end,
         )
     )
-    totals: Totals = defaultdict(float)
-    for created_at, expires_at, size_bytes, base_model in rows:
+    hours: dict[tuple[datetime, str, str], float] = defaultdict(float)
+    for created_at, expires_at, size_bytes, run_id, base_model in rows:
         stored_until = min(end, now, expires_at or now)
         bucket = hour_of(max(created_at, start))
         while bucket < stored_until:
             seconds = (min(bucket + HOUR, stored_until) - max(bucket, created_at)).total_seconds()
-            totals[bucket, "storage", base_model, None, False] += size_bytes / GIGABYTE * seconds / 3600
+            hours[bucket, run_id, base_model] += size_bytes / GIGABYTE * seconds / 3600
             bucket += HOUR
+    return hours
+
+
+def _storage_totals(session: Session, owner: str, start: datetime, end: datetime) -> Totals:
+    totals: Totals = defaultdict(float)
+    for (bucket, _, base_model), gigabyte_hours in storage_hours(session, owner, start, end).items():
+        totals[bucket, "storage", base_model, None, False] += gigabyte_hours
     return totals
 
 

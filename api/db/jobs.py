@@ -84,6 +84,7 @@ def submit_job(
     seq_id: int | None,
     payload: JobPayload,
     idempotency_key: str | None = None,
+    api_key_id: str | None = None,
 ) -> tuple[Job, bool]:
     """Queue a job (its kind is the payload's), or return the one already submitted for the same request.
 
@@ -114,6 +115,7 @@ def submit_job(
             id=_job_id(lane, model_id, seq_id),
             lane=lane,
             idempotency_key=idempotency_key,
+            api_key_id=api_key_id,
             cost_tokens=payload.cost_tokens(),
             **request,
         )

@@ -236,6 +236,8 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     idempotency_key: Mapped[str | None]
+    api_key_id: Mapped[str | None]
+    """The key that submitted it (usage per key); NULL for jobs from before keys were recorded, and refusals."""
 
 
 class Checkpoint(Base):

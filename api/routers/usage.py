@@ -1,4 +1,5 @@
-"""Usage and audit routes (Tinker's AdminClient surface): billing usage events, current checkpoint storage, audit log.
+"""Usage and audit routes (Tinker's AdminClient surface): billing usage events, current checkpoint storage, audit log;
+and Loom's usage report per key and per run (`GET /api/v1/usage/report?start=&end=[&format=csv]`, `api/usage_report.py`).
 
 A tenant is its own organisation: every figure and entry is the caller's own (`api/usage.py` says what counts, and
 that Loom has no prices). `GET /api/v1/audit` lists the events on the caller's objects of one UTC day (`day`,
@@ -6,28 +7,40 @@ default today), oldest first, those of one resource if `event_type` says so; wha
 `api/db/audit.py`. Each entry's `event_details` names the `actor` with the event's facts (and, for a checkpoint,
 its `model_id` and `tinker_path`, which the entry repeats in tinker's deprecated fields with a read's `purpose`).
 
-Limits: the usage window is whole UTC hours, starts no later than now and spans at most 14 days, as in Tinker; an
+Limits: the usage window is whole UTC hours, starts no later than now and spans at most 14 days, as in Tinker (the
+report's, at most 31 days); an
 audit page holds at most `MAX_PAGE_SIZE` entries (`offset`/`limit`, with a `cursor` giving the day's total).
 Anything else is a 400 naming the parameter.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
 from api.db.audit import day_page
 from api.db.models import AuditEvent
 from api.deps import State, Tenant
 from api.errors import invalid
 from api.usage import billing_usage, checkpoint_storage, hour_of
-from loom.types import AuditLogEntry, AuditLogResponse, Cursor, GetAuditLogRequest, GetBillingUsageRequest
+from api.usage_report import usage_report
+from loom.types import (
+    USAGE_REPORT_COLUMNS,
+    AuditLogEntry,
+    AuditLogResponse,
+    Cursor,
+    GetAuditLogRequest,
+    GetBillingUsageRequest,
+)
 
 router = APIRouter(prefix="/api/v1")
 
 MAX_WINDOW = timedelta(days=14)
+MAX_REPORT_WINDOW = timedelta(days=31)
 
 
 def _utc_hour(moment: datetime, param: str) -> datetime:
@@ -38,18 +51,43 @@ def _utc_hour(moment: datetime, param: str) -> datetime:
     return moment
 
 
+def _window(start: datetime, end: datetime, names: tuple[str, str], longest: timedelta) -> tuple[datetime, datetime]:
+    """The checked [start, end) window: whole UTC hours, starting no later than now, at most `longest` long."""
+    start, end = _utc_hour(start, names[0]), _utc_hour(end, names[1])
+    if start > datetime.now(UTC):
+        raise invalid(f"{names[0]} must not be in the future", names[0])
+    if not start < end <= start + longest:
+        raise invalid(f"{names[1]} must be after {names[0]}, by at most {longest.days} days", names[1])
+    return start, end
+
+
 @router.get("/billing/usage/events")
 def billing_usage_events(
     query: Annotated[GetBillingUsageRequest, Query()], state: State, owner: Tenant
 ) -> dict[str, Any]:
-    start = _utc_hour(query.starting_on, "starting_on")
-    end = _utc_hour(query.ending_before, "ending_before")
-    if start > datetime.now(UTC):
-        raise invalid("starting_on must not be in the future", "starting_on")
-    if not start < end <= start + MAX_WINDOW:
-        raise invalid("ending_before must be after starting_on, by at most 14 days", "ending_before")
+    start, end = _window(query.starting_on, query.ending_before, ("starting_on", "ending_before"), MAX_WINDOW)
     with state.reading() as session:
         return billing_usage(session, owner, start, end).to_wire()
+
+
+@router.get("/usage/report", response_model=None)
+def get_usage_report(
+    start: datetime, end: datetime, state: State, owner: Tenant, format: Literal["json", "csv"] = "json"
+) -> dict[str, Any] | Response:
+    start, end = _window(start, end, ("start", "end"), MAX_REPORT_WINDOW)
+    with state.reading() as session:
+        report = usage_report(session, owner, start, end)
+    if format == "json":
+        return report.to_wire()
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(USAGE_REPORT_COLUMNS)
+    for row in report.rows:
+        writer.writerow(["" if value is None else value for value in row.model_dump(mode="json").values()])
+    name = f"loom-usage-{start:%Y%m%dT%H}-{end:%Y%m%dT%H}.csv"
+    return Response(
+        out.getvalue(), media_type="text/csv", headers={"content-disposition": f'attachment; filename="{name}"'}
+    )
 
 
 @router.get("/billing/usage/checkpoints/current")

@@ -18,6 +18,7 @@ Modules:
 - :mod:`.keys`         a tenant's own API keys: list, create, revoke
 - :mod:`.tenant_limits` a tenant's rate limits and quotas, and its use of them
 - :mod:`.tenants`      tenants as an operator manages them
+- :mod:`.usage_report` usage per key and per run, hour by hour
 - :mod:`.images`       ImageGeometry: how many tokens an image takes in a Qwen3-VL-style model
 
 Every model ignores unknown keys (forward compatibility) and serialises with
@@ -188,8 +189,12 @@ from .usage import (
     StorageBillingEvent,
     TrainingBillingEvent,
 )
+from .usage_report import USAGE_REPORT_COLUMNS, UsageReportResponse, UsageReportRow
 
 __all__ = [
+    "USAGE_REPORT_COLUMNS",
+    "UsageReportResponse",
+    "UsageReportRow",
     "CreateTenantRequest",
     "CreateTenantResponse",
     "ListTenantsResponse",

@@ -1,0 +1,88 @@
+"""Usage per API key and per training run, hour by hour: `usage_report` for `GET /api/v1/usage/report`.
+
+From the tenant's finished requests in the window (what the workers actually ran: training tokens of each
+forward_backward/forward, prompt and generated tokens of each sample from its result, one per saved checkpoint),
+keyed by (hour, the key that submitted it, the training run it belongs to), and the gigabyte-hours of the run's
+stored checkpoints (`api.usage.storage_hours`, with no key). A sample belongs to the run whose checkpoint it
+sampled through a sampling session; a sample of a base model, or through the OpenAI endpoint, to no run.
+
+Limits: failed requests count nothing; jobs from before keys were recorded have no key; every finished request of
+the window is read (the route bounds the window).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.db.models import ApiKey, Job, JobState, SamplingSession
+from api.usage import CHECKPOINT_KINDS, TRAINING_KINDS, hour_of, sample_tokens, storage_hours
+from contract.jobs import JobKind
+from loom.types import UsageReportResponse, UsageReportRow
+
+TRAINING = {kind.value for kind in TRAINING_KINDS}
+CHECKPOINTS = {kind.value for kind in CHECKPOINT_KINDS}
+
+
+def _run_of_sampler(model_path: str | None) -> str | None:
+    """The training run a sampling session's checkpoint (`tinker://<run>/...`) belongs to."""
+    if not model_path or not model_path.startswith("tinker://"):
+        return None
+    return model_path.removeprefix("tinker://").split("/", 1)[0]
+
+
+def usage_report(session: Session, owner: str, start: datetime, end: datetime) -> UsageReportResponse:
+    use: dict[tuple[datetime, str | None, str | None, str], UsageReportRow] = {}
+
+    def row_of(bucket: datetime, key_id: str | None, run_id: str | None, base_model: str) -> UsageReportRow:
+        key = (bucket, key_id, run_id, base_model)
+        if key not in use:
+            use[key] = UsageReportRow(hour=bucket, api_key_id=key_id, run_id=run_id, base_model=base_model)
+        return use[key]
+
+    jobs = session.execute(
+        select(
+            Job.finished_at,
+            Job.kind,
+            Job.model_id,
+            Job.base_model,
+            Job.api_key_id,
+            Job.cost_tokens,
+            Job.payload,
+            Job.result,
+            SamplingSession.model_path,
+        )
+        .outerjoin(SamplingSession, SamplingSession.id == Job.model_id)
+        .where(
+            Job.owner == owner,
+            Job.state == JobState.DONE.value,
+            Job.finished_at >= start,
+            Job.finished_at < end,
+        )
+        .execution_options(yield_per=500)
+    )
+    for finished_at, kind, model_id, base_model, key_id, cost, payload, result, sampler_path in jobs:
+        sampled = kind == JobKind.SAMPLE.value
+        run_id = _run_of_sampler(sampler_path) if sampled else model_id
+        row = row_of(hour_of(finished_at), key_id, run_id, base_model)
+        row.requests += 1
+        if kind in TRAINING:
+            row.tokens_trained += cost
+        elif kind in CHECKPOINTS:
+            row.checkpoints_saved += 1
+        elif sampled and result is not None:
+            fresh, cached, generated = sample_tokens(kind, payload, result)
+            row.tokens_prompt += fresh + cached
+            row.tokens_generated += generated
+    for (bucket, run_id, base_model), gigabyte_hours in storage_hours(session, owner, start, end).items():
+        row_of(bucket, None, run_id, base_model).storage_gigabyte_hours += gigabyte_hours
+    key_ids = {key_id for _, key_id, _, _ in use if key_id is not None}
+    keys = {k.id: k for k in session.scalars(select(ApiKey).where(ApiKey.owner == owner, ApiKey.id.in_(key_ids)))}
+    rows = [use[key] for key in sorted(use, key=lambda k: (k[0], k[1] or "", k[2] or "", k[3]))]
+    for row in rows:
+        api_key = keys.get(row.api_key_id or "")
+        row.api_key_prefix, row.api_key_name = (api_key.prefix, api_key.name) if api_key else (None, None)
+        row.storage_gigabyte_hours = round(row.storage_gigabyte_hours, 9)
+    return UsageReportResponse(start=start, end=end, rows=rows)
