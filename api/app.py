@@ -38,6 +38,7 @@ from api.routers import (
     hub,
     keys,
     limits,
+    queue_status,
     rest,
     sampling,
     service,
@@ -93,7 +94,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     refusals.install(app)
     publish_schemas(app, training.RAW_BODY_MODELS)
     modules = (health, service, training, sampling, futures, rest, aliases, openai_router, sessions, auth, downloads)
-    for module in (*modules, custom_losses, copy_weights, usage, tokenizers, hub, keys, limits, admin):
+    for module in (*modules, custom_losses, copy_weights, usage, tokenizers, hub, keys, limits, admin, queue_status):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_body_bytes)
     app.add_middleware(RefuseContentEncoding)

@@ -19,6 +19,7 @@ Modules:
 - :mod:`.tenant_limits` a tenant's rate limits and quotas, and its use of them
 - :mod:`.tenants`      tenants as an operator manages them
 - :mod:`.usage_report` usage per key and per run, hour by hour
+- :mod:`.queue`        a tenant's pending and running requests, the live workers
 - :mod:`.images`       ImageGeometry: how many tokens an image takes in a Qwen3-VL-style model
 
 Every model ignores unknown keys (forward compatibility) and serialises with
@@ -66,6 +67,7 @@ from .model_input import (
     ModelInputChunk,
     ProvenanceSpan,
 )
+from .queue import QueuedRequest, QueueResponse, WorkerInfo
 from .rest import (
     Checkpoint,
     CheckpointsListResponse,
@@ -192,6 +194,9 @@ from .usage import (
 from .usage_report import USAGE_REPORT_COLUMNS, UsageReportResponse, UsageReportRow
 
 __all__ = [
+    "QueueResponse",
+    "QueuedRequest",
+    "WorkerInfo",
     "USAGE_REPORT_COLUMNS",
     "UsageReportResponse",
     "UsageReportRow",
