@@ -36,6 +36,7 @@ from api.routers import (
     hub,
     keys,
     rest,
+    run_metrics,
     sampling,
     service,
     sessions,
@@ -90,7 +91,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     refusals.install(app)
     publish_schemas(app, training.RAW_BODY_MODELS)
     modules = (health, service, training, sampling, futures, rest, aliases, openai_router, sessions, auth, downloads)
-    for module in (*modules, custom_losses, copy_weights, usage, tokenizers, hub, keys):
+    for module in (*modules, custom_losses, copy_weights, usage, tokenizers, hub, keys, run_metrics):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_body_bytes)
     app.add_middleware(RefuseContentEncoding)

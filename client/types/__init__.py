@@ -16,6 +16,7 @@ Modules:
 - :mod:`.tokenizers`   tokenizer file listings, and the Hub shapes of the ``/hf`` routes
 - :mod:`.audit`        the audit log (``AdminClient.get_audit_log``)
 - :mod:`.keys`         a tenant's own API keys: list, create, revoke
+- :mod:`.metrics`      a training run's metric history, step by step
 - :mod:`.images`       ImageGeometry: how many tokens an image takes in a Qwen3-VL-style model
 
 Every model ignores unknown keys (forward compatibility) and serialises with
@@ -52,6 +53,7 @@ from .futures import (
 )
 from .images import QWEN3_VL_GEOMETRY, ImageGeometry
 from .keys import ApiKeyInfo, CreateApiKeyRequest, CreateApiKeyResponse, ListApiKeysResponse
+from .metrics import TrainingRunMetricsPoint, TrainingRunMetricsResponse
 from .model_input import (
     LOSS_FN_INPUT_DTYPES,
     Datum,
@@ -183,6 +185,8 @@ __all__ = [
     "CreateApiKeyRequest",
     "CreateApiKeyResponse",
     "ListApiKeysResponse",
+    "TrainingRunMetricsPoint",
+    "TrainingRunMetricsResponse",
     "CreateCustomLossRequest",
     "CreateCustomLossResponse",
     "CustomLossGraph",
