@@ -1,0 +1,127 @@
+/* Loom console core: sign-in with an API key (kept in sessionStorage), the REST helper every page uses, and small
+   DOM helpers. Every request goes to the same REST routes the SDKs call, with the key in X-API-Key; a 401 signs
+   the tab out with a message. A page script registers its start function with Loom.onSignedIn(fn). */
+"use strict";
+
+const Loom = (() => {
+  const KEY = "loom.apiKey";
+  const starters = [];
+  let started = false;
+
+  class ApiError extends Error {
+    constructor(status, code, message) {
+      super(message);
+      this.status = status;
+      this.code = code;
+    }
+  }
+
+  function $(selector) {
+    return document.querySelector(selector);
+  }
+
+  /* el("td", {class: "x", text: "hi"}, child...) */
+  function el(tag, attrs = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [name, value] of Object.entries(attrs)) {
+      if (value === undefined || value === null || value === false) continue;
+      if (name === "text") node.textContent = value;
+      else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+      else node.setAttribute(name, value === true ? "" : value);
+    }
+    for (const child of children) node.append(child);
+    return node;
+  }
+
+  function formatBytes(n) {
+    if (n === null || n === undefined) return "";
+    const units = ["B", "KB", "MB", "GB", "TB"];
+    let i = 0;
+    while (n >= 1000 && i < units.length - 1) { n /= 1000; i++; }
+    return `${i === 0 ? n : n.toFixed(1)} ${units[i]}`;
+  }
+
+  function formatTime(iso) {
+    return iso ? new Date(iso).toLocaleString() : "";
+  }
+
+  function showError(message) {
+    $("#page-error").textContent = message || "";
+  }
+
+  function signOut(message) {
+    sessionStorage.removeItem(KEY);
+    $("#page").hidden = true;
+    $("#sign-out").hidden = true;
+    $("#whoami").textContent = "";
+    $("#signin").hidden = false;
+    $("#signin-error").textContent = message || "";
+    $("#api-key").focus();
+  }
+
+  async function api(method, path, body) {
+    const key = sessionStorage.getItem(KEY);
+    const headers = { "X-API-Key": key || "" };
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    const response = await fetch(path, {
+      method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    if (response.status === 204) return null;
+    const data = await response.json().catch(() => null);
+    if (response.ok) return data;
+    const error = (data && data.error) || {};
+    const message = error.message || `${method} ${path} answered ${response.status}`;
+    if (response.status === 401) {
+      signOut("This API key is invalid or has been revoked. Sign in with a valid key.");
+    }
+    throw new ApiError(response.status, error.code, message);
+  }
+
+  /* Runs `task`, showing its failure (other than a sign-out) above the page. */
+  async function attempt(task) {
+    try {
+      showError("");
+      return await task();
+    } catch (error) {
+      if (!(error instanceof ApiError && error.status === 401)) showError(error.message);
+      return undefined;
+    }
+  }
+
+  async function enter() {
+    const me = await api("GET", "/api/v1/auth/apikey/me");
+    $("#signin").hidden = true;
+    $("#page").hidden = false;
+    $("#sign-out").hidden = false;
+    $("#whoami").textContent = `${me.tenant} · ${me.name} (${me.prefix}…)`;
+    if (!started) {
+      started = true;
+      for (const start of starters) start();
+    }
+  }
+
+  /* Enters with the stored key; a refused key has already signed out with its message (see api). */
+  async function resume() {
+    await enter().catch((error) => {
+      if (error.status !== 401) signOut(error.message);
+    });
+  }
+
+  function onSignedIn(start) {
+    starters.push(start);
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    $("#signin-form").addEventListener("submit", async (event) => {
+      event.preventDefault();
+      sessionStorage.setItem(KEY, $("#api-key").value.trim());
+      $("#api-key").value = "";
+      await resume();
+    });
+    $("#sign-out").addEventListener("click", () => signOut("Signed out."));
+    if (sessionStorage.getItem(KEY)) resume();
+    else signOut("");
+  });
+
+  return { $, el, api, attempt, formatBytes, formatTime, onSignedIn };
+})();

@@ -1,0 +1,222 @@
+/* Runs page: the tenant's training runs (GET /api/v1/training_runs), the metrics of the ticked runs plotted with
+   uPlot (GET /api/v1/training_runs/{id}/metrics, polled every two seconds; x = step, one chart per metric, runs
+   overlaid, optional exponential smoothing), and one run's checkpoints (list, copy path, download exported
+   weights through their signed links, publish/unpublish, delete). */
+"use strict";
+
+(() => {
+  const { $, el, api, attempt, formatBytes, formatTime } = Loom;
+  const POLL_MS = 2000;
+  const RUNS_EVERY = 5; /* polls between run list refreshes */
+  const COLORS = ["#1f5fbf", "#c2410c", "#15803d", "#7e22ce", "#b91c1c", "#0e7490", "#a16207", "#4338ca"];
+  const STEP_INCREMENTS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000];
+  const selected = new Set();
+  const metrics = new Map(); /* run id -> points */
+  const charts = new Map(); /* metric name -> {figure, plot, signature} */
+  let polls = 0;
+
+  function color(runId) {
+    const runs = [...selected];
+    return COLORS[runs.indexOf(runId) % COLORS.length];
+  }
+
+  function restUrl(tinkerPath) {
+    const [runId, ...checkpoint] = tinkerPath.replace("tinker://", "").split("/");
+    const segments = checkpoint.map(encodeURIComponent).join("/");
+    return `/api/v1/training_runs/${encodeURIComponent(runId)}/checkpoints/${segments}`;
+  }
+
+  function runRow(run) {
+    const id = run.training_run_id;
+    const box = el("input", {
+      type: "checkbox", id: `plot-${id}`, checked: selected.has(id),
+      onchange: (event) => { toggle(id, event.target.checked); },
+    });
+    return el("tr", { "data-run": id },
+      el("td", {}, box, el("label", { for: `plot-${id}`, class: "visually-hidden", text: `Plot run ${id}` })),
+      el("td", {}, el("code", { text: id })),
+      el("td", { text: run.base_model }),
+      el("td", { text: run.lora_rank ?? "" }),
+      el("td", { text: formatTime(run.last_request_time) }),
+      el("td", {}, el("button", {
+        type: "button", text: "Checkpoints", "aria-label": `Checkpoints of run ${id}`,
+        onclick: () => attempt(() => showCheckpoints(id)),
+      })));
+  }
+
+  async function loadRuns() {
+    const page = await api("GET", "/api/v1/training_runs?limit=100");
+    const focused = document.activeElement && document.activeElement.id;
+    $("#runs-table tbody").replaceChildren(...page.training_runs.map(runRow));
+    if (focused && document.getElementById(focused)) document.getElementById(focused).focus();
+    $("#runs-empty").hidden = page.training_runs.length > 0;
+  }
+
+  function toggle(runId, on) {
+    if (on) selected.add(runId);
+    else { selected.delete(runId); metrics.delete(runId); }
+    attempt(pollMetrics);
+  }
+
+  function smooth(values, alpha) {
+    let last = null;
+    return values.map((v) => {
+      if (v === null) return null;
+      last = last === null ? v : alpha * last + (1 - alpha) * v;
+      return last;
+    });
+  }
+
+  function chartData(name) {
+    const runs = [...selected].filter((id) => (metrics.get(id) || []).some((p) => name in p.metrics));
+    const steps = [...new Set(runs.flatMap((id) => metrics.get(id).map((p) => p.step)))].sort((a, b) => a - b);
+    const alpha = Number($("#smoothing").value);
+    const series = runs.map((id) => {
+      const byStep = new Map(metrics.get(id).filter((p) => name in p.metrics).map((p) => [p.step, p.metrics[name]]));
+      return smooth(steps.map((s) => (byStep.has(s) ? byStep.get(s) : null)), alpha);
+    });
+    return { runs, steps, data: [steps, ...series] };
+  }
+
+  function caption(name, runs, data) {
+    const latest = runs.map((id, i) => {
+      const values = data[i + 1].filter((v) => v !== null);
+      return `${id}: ${values.length ? values[values.length - 1].toPrecision(4) : "none"}`;
+    });
+    return `${name} — ${data[0].length} steps; latest ${latest.join(", ")}`;
+  }
+
+  function drawChart(name) {
+    const { runs, steps, data } = chartData(name);
+    const signature = runs.join(" ");
+    let chart = charts.get(name);
+    if (chart && chart.signature !== signature) {
+      chart.plot.destroy();
+      chart.figure.remove();
+      charts.delete(name);
+      chart = undefined;
+    }
+    if (!chart) {
+      const figure = el("figure", { class: "chart", "data-metric": name });
+      const figcaption = el("figcaption");
+      figure.append(figcaption);
+      $("#charts").append(figure);
+      const width = Math.max(320, Math.min(560, $("#charts").clientWidth - 16));
+      const plot = new uPlot({
+        width, height: 220,
+        scales: { x: { time: false } },
+        series: [{ label: "step" }, ...runs.map((id) => ({ label: id, stroke: color(id), width: 2, spanGaps: true }))],
+        axes: [
+          { label: "step", incrs: STEP_INCREMENTS },
+          { label: name, size: 64, values: (_, ticks) => ticks.map((v) => String(Number(v.toPrecision(3)))) },
+        ],
+      }, data, figure);
+      chart = { figure, plot, signature };
+      charts.set(name, chart);
+    } else {
+      chart.plot.setData(data);
+    }
+    chart.figure.dataset.steps = String(steps.length);
+    chart.figure.querySelector("figcaption").textContent = caption(name, runs, data);
+  }
+
+  function drawCharts() {
+    const names = new Set([...selected].flatMap((id) => (metrics.get(id) || []).flatMap((p) => Object.keys(p.metrics))));
+    for (const [name, chart] of charts) {
+      if (!names.has(name)) { chart.plot.destroy(); chart.figure.remove(); charts.delete(name); }
+    }
+    const ordered = [...names].sort((a, b) => (a.startsWith("loss") ? -1 : 0) - (b.startsWith("loss") ? -1 : 0)
+      || a.localeCompare(b));
+    ordered.forEach(drawChart);
+    $("#charts-empty").textContent = selected.size ? "No finished training steps yet." : "No run selected.";
+    $("#charts-empty").hidden = names.size > 0;
+  }
+
+  async function pollMetrics() {
+    const runs = [...selected];
+    const answers = await Promise.all(runs.map((id) => api("GET", `/api/v1/training_runs/${encodeURIComponent(id)}/metrics`)));
+    answers.forEach((answer, i) => { if (selected.has(runs[i])) metrics.set(runs[i], answer.points); });
+    drawCharts();
+  }
+
+  async function tick() {
+    polls += 1;
+    if (polls % RUNS_EVERY === 0) await attempt(loadRuns);
+    if (selected.size) await attempt(pollMetrics);
+    setTimeout(tick, POLL_MS);
+  }
+
+  function checkpointRow(runId, c) {
+    const url = restUrl(c.tinker_path);
+    const actions = el("td", { class: "actions" });
+    if (c.checkpoint_type === "external") {
+      actions.append(el("button", {
+        type: "button", text: "Download", "aria-label": `Download ${c.tinker_path}`,
+        onclick: () => attempt(() => showDownloads(c.tinker_path, url)),
+      }));
+    }
+    actions.append(el("button", {
+      type: "button", text: c.public ? "Unpublish" : "Publish", "aria-label": `${c.public ? "Unpublish" : "Publish"} ${c.tinker_path}`,
+      onclick: () => attempt(async () => {
+        await api(c.public ? "DELETE" : "POST", `${url}/publish`);
+        await showCheckpoints(runId);
+      }),
+    }));
+    actions.append(el("button", {
+      type: "button", class: "danger", text: "Delete", "aria-label": `Delete ${c.tinker_path}`,
+      onclick: () => attempt(async () => {
+        if (!window.confirm(`Delete ${c.tinker_path}? Its files are removed at once.`)) return;
+        await api("DELETE", url);
+        await showCheckpoints(runId);
+      }),
+    }));
+    return el("tr", { "data-path": c.tinker_path },
+      el("td", {}, el("code", { text: c.tinker_path }), " ", el("button", {
+        type: "button", text: "Copy", "aria-label": `Copy ${c.tinker_path}`,
+        onclick: (event) => copy(c.tinker_path, event.target),
+      })),
+      el("td", { text: c.checkpoint_type }),
+      el("td", { text: formatBytes(c.size_bytes) }),
+      el("td", { text: formatTime(c.time) }),
+      el("td", { text: c.expires_at ? formatTime(c.expires_at) : "never" }),
+      el("td", { text: c.public ? "yes" : "no" }),
+      actions);
+  }
+
+  async function copy(text, button) {
+    try {
+      await navigator.clipboard.writeText(text);
+      button.textContent = "Copied";
+    } catch {
+      button.textContent = "Select and copy the path";
+    }
+  }
+
+  async function showCheckpoints(runId) {
+    const answer = await api("GET", `/api/v1/training_runs/${encodeURIComponent(runId)}/checkpoints`);
+    $("#checkpoints").hidden = false;
+    $("#checkpoints-title").textContent = `Checkpoints of ${runId}`;
+    $("#checkpoints-table tbody").replaceChildren(...answer.checkpoints.map((c) => checkpointRow(runId, c)));
+    $("#checkpoints-empty").hidden = answer.checkpoints.length > 0;
+    $("#downloads").replaceChildren();
+    $("#checkpoints-title").scrollIntoView();
+  }
+
+  async function showDownloads(tinkerPath, url) {
+    const answer = await api("GET", `${url}/external_weights_urls`);
+    const links = Object.entries(answer.urls).map(([file, href]) =>
+      el("li", {}, el("a", { href, download: file, text: file })));
+    $("#downloads").replaceChildren(
+      el("h3", { text: `Files of ${tinkerPath}` }),
+      el("p", { class: "hint", text: `Links valid until ${formatTime(answer.expires)}.` }),
+      el("ul", {}, ...links));
+  }
+
+  Loom.onSignedIn(() => {
+    $("#smoothing").addEventListener("input", () => {
+      $("#smoothing-value").textContent = $("#smoothing").value;
+      drawCharts();
+    });
+    attempt(loadRuns).then(tick);
+  });
+})();

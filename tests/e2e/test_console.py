@@ -1,0 +1,218 @@
+"""The web console in real headless Chromium (Debian's, driven by Playwright) against a real `loom serve`.
+
+Each test signs in with a key of its own tenant (made with `loom keys create`). Covered: `/` leads to the sign-in
+form, a wrong key is refused with a message and a valid one signs in; a run the official `tinker` SDK trains is
+plotted and its loss curve gains points while the SDK keeps stepping (the page polls, nothing is reloaded); its
+exported adapter is listed with a copyable `tinker://` path and downloads through the console as a PEFT adapter,
+and the console deletes it; the usage page counts the trained tokens and exports them as CSV; a key revoked in the
+console fails its next request (the SDK's routes answer 401, a tab signed in with it is signed out with a
+message); a second tenant sees none of the first tenant's runs, and gets 404 for the first one's metrics.
+
+Waiting is Playwright's auto-waiting `expect(...)` on page conditions. Screenshots go to `$LOOM_TEST_ARTIFACTS`
+(or the test's temporary folder).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import re
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import tinker
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+from tinker import types
+
+from tests.e2e.server import LoomServer, create_key
+from tests.e2e.wire import SMOL
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = Path("/usr/bin/chromium")
+WAIT_MS = 30_000
+"""How long an `expect` waits for the page (a poll is every 2 s; a SmolLM2 step takes about 1 s)."""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (scripts/setup installs it as root)")
+    expect.set_options(timeout=WAIT_MS)
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM))
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    named = os.environ.get("LOOM_TEST_ARTIFACTS")
+    folder = Path(named) if named else tmp_path_factory.mktemp("console-artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def page(browser: Browser, server: LoomServer) -> Iterator[Page]:
+    context = browser.new_context(base_url=server.url, viewport={"width": 1366, "height": 900})
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+    context.set_default_timeout(WAIT_MS)
+    opened = context.new_page()
+    opened.on("dialog", lambda dialog: dialog.accept())  # the console's confirm() before deleting or revoking
+    yield opened
+    context.close()
+
+
+def sign_in(page: Page, key: str, path: str = "/") -> None:
+    page.goto(path)
+    page.get_by_label("API key", exact=True).fill(key)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#whoami")).not_to_be_empty()
+
+
+def _datum(seed: int) -> types.Datum:
+    rng = random.Random(seed)
+    tokens = [rng.randrange(100, 5000) for _ in range(12)]
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:]}
+    )
+
+
+def train_step(training: tinker.TrainingClient, seed: int) -> None:
+    training.forward_backward([_datum(seed)], "cross_entropy").result()
+    training.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+
+
+@pytest.fixture(scope="module")
+def trainer(server: LoomServer) -> tuple[str, tinker.TrainingClient]:
+    """A tenant of its own and its SmolLM2 run, trained one step by the official SDK."""
+    key = create_key(server.data_dir, "console-trainer")
+    service = tinker.ServiceClient(base_url=server.url, api_key=key)
+    training = service.create_lora_training_client(base_model=SMOL, rank=4).result()
+    train_step(training, seed=0)
+    return key, training
+
+
+def test_a_wrong_key_is_refused_and_a_valid_one_signs_in(page: Page, server: LoomServer, artifacts: Path) -> None:
+    key = create_key(server.data_dir, "console-signin")
+    page.goto("/")
+    expect(page).to_have_url(re.compile(r"/console/runs$"))
+    page.get_by_label("API key", exact=True).fill("tml-not-a-key")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("alert").first).to_have_text(re.compile("invalid or has been revoked"))
+    page.screenshot(path=artifacts / "console-signin-refused.png")
+    sign_in(page, key)
+    expect(page.locator("#whoami")).to_contain_text("console-signin")
+    expect(page.get_by_text("No training runs yet.")).to_be_visible()
+    page.get_by_role("link", name="API keys").click()  # the key stays signed in across pages (sessionStorage)
+    expect(page.get_by_role("heading", name="Your keys")).to_be_visible()
+    expect(page.locator("#whoami")).to_contain_text("console-signin")
+
+
+def test_a_run_is_plotted_live_and_its_adapter_downloads(
+    page: Page, server: LoomServer, trainer: tuple[str, tinker.TrainingClient], artifacts: Path, tmp_path: Path
+) -> None:
+    key, training = trainer
+    run_id = training.model_id
+    sign_in(page, key)
+    page.get_by_label(f"Plot run {run_id}").check()
+    loss = page.locator('figure[data-metric="loss:sum"]')
+    expect(loss).to_have_attribute("data-steps", re.compile(r"[1-9]"))
+    before = int(loss.get_attribute("data-steps"))
+    for seed in (1, 2):  # the page keeps polling while the SDK trains
+        train_step(training, seed)
+    expect(loss).to_have_attribute("data-steps", str(before + 2))
+    expect(loss.locator("canvas")).to_be_visible()
+    expect(loss.locator("figcaption")).to_contain_text(f"loss:sum — {before + 2} steps; latest {run_id}: ")
+    page.screenshot(path=artifacts / "console-runs.png", full_page=True)
+
+    path = training.save_weights_external("console").result().path
+    page.get_by_role("button", name=f"Checkpoints of run {run_id}").click()
+    row = page.locator(f'tr[data-path="{path}"]')
+    expect(row).to_contain_text("external")
+    row.get_by_role("button", name=f"Copy {path}").click()
+    expect(row.get_by_role("button", name=f"Copy {path}")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == path
+    row.get_by_role("button", name=f"Download {path}").click()
+    files = {}
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        with page.expect_download() as download:
+            page.get_by_role("link", name=name).click()
+        download.value.save_as(tmp_path / name)
+        files[name] = (tmp_path / name).read_bytes()
+    config = json.loads(files["adapter_config.json"])
+    assert config["peft_type"] == "LORA" and config["r"] == 4, config
+    header = struct.unpack("<Q", files["adapter_model.safetensors"][:8])[0]
+    tensors = json.loads(files["adapter_model.safetensors"][8 : 8 + header])
+    assert any("lora_A" in name for name in tensors), sorted(tensors)[:5]
+    page.screenshot(path=artifacts / "console-checkpoints.png", full_page=True)
+
+    row.get_by_role("button", name=f"Delete {path}").click()
+    expect(row).to_have_count(0)
+    listed = httpx.get(f"{server.url}/api/v1/training_runs/{run_id}/checkpoints", headers={"X-API-Key": key})
+    assert path not in [c["tinker_path"] for c in listed.json()["checkpoints"]]
+
+
+def test_usage_counts_trained_tokens_and_exports_csv(
+    page: Page, trainer: tuple[str, tinker.TrainingClient], artifacts: Path, tmp_path: Path
+) -> None:
+    key, _ = trainer
+    sign_in(page, key, "/console/usage")
+    row = page.locator("#usage-table tbody tr").first
+    expect(row.locator("td").nth(2)).to_have_text(SMOL)
+    trained = int(row.locator("td").nth(3).inner_text().replace(",", ""))
+    assert trained >= 11  # one step of 11 input tokens at least
+    page.screenshot(path=artifacts / "console-usage.png", full_page=True)
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Export CSV").click()
+    download.value.save_as(tmp_path / "usage.csv")
+    rows = list(csv.DictReader((tmp_path / "usage.csv").open()))
+    assert sum(int(r["quantity"]) for r in rows if r["type"] == "training") == trained
+
+
+def test_a_key_revoked_in_the_console_fails_its_next_request(
+    page: Page, browser: Browser, server: LoomServer, artifacts: Path
+) -> None:
+    sign_in(page, create_key(server.data_dir, "console-keys"), "/console/keys")
+    page.get_by_label("Key name").fill("doomed")
+    page.get_by_role("button", name="Create key").click()
+    doomed = page.get_by_label("New API key")
+    expect(doomed).to_have_value(re.compile(r"^tml-"))
+    plaintext = doomed.input_value()
+    assert httpx.get(f"{server.url}/api/v1/training_runs", headers={"X-API-Key": plaintext}).status_code == 200
+
+    other_tab = page.context.new_page()  # a tab signed in with the doomed key
+    sign_in(other_tab, plaintext, "/console/keys")
+    row = page.locator(f'#keys-table tr[data-key="{plaintext[:12]}"]')
+    expect(row).to_contain_text("active")
+    row.get_by_role("button", name=re.compile("^Revoke key doomed")).click()
+    expect(row).to_contain_text("revoked")
+    page.screenshot(path=artifacts / "console-keys.png", full_page=True)
+    assert httpx.get(f"{server.url}/api/v1/training_runs", headers={"X-API-Key": plaintext}).status_code == 401
+    other_tab.reload()
+    expect(other_tab.locator("#signin-error")).to_have_text(re.compile("invalid or has been revoked"))
+    expect(other_tab.get_by_label("API key", exact=True)).to_be_visible()
+
+
+def test_a_second_tenant_sees_none_of_the_first_tenants_runs(
+    page: Page, server: LoomServer, trainer: tuple[str, tinker.TrainingClient]
+) -> None:
+    first_key, training = trainer
+    sign_in(page, first_key)
+    expect(page.locator(f'tr[data-run="{training.model_id}"]')).to_be_visible()
+    page.get_by_role("button", name="Sign out").click()
+    sign_in(page, create_key(server.data_dir, "console-stranger"))
+    expect(page.get_by_text("No training runs yet.")).to_be_visible()
+    expect(page.locator("#runs-table tbody tr")).to_have_count(0)
+    status = page.evaluate(
+        """async (run) => (await fetch(`/api/v1/training_runs/${run}/metrics`,
+            {headers: {"X-API-Key": sessionStorage.getItem("loom.apiKey")}})).status""",
+        training.model_id,
+    )
+    assert status == 404
