@@ -21,6 +21,7 @@ import random
 import re
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -89,14 +90,23 @@ def train_step(training: tinker.TrainingClient, seed: int) -> None:
     training.optim_step(types.AdamParams(learning_rate=1e-3)).result()
 
 
+@dataclass
+class Trainer:
+    """A tenant of its own with two SmolLM2 runs the official SDK trained one step each."""
+
+    key: str
+    training: tinker.TrainingClient
+    baseline: tinker.TrainingClient
+
+
 @pytest.fixture(scope="module")
-def trainer(server: LoomServer) -> tuple[str, tinker.TrainingClient]:
-    """A tenant of its own and its SmolLM2 run, trained one step by the official SDK."""
+def trainer(server: LoomServer) -> Trainer:
     key = create_key(server.data_dir, "console-trainer")
     service = tinker.ServiceClient(base_url=server.url, api_key=key)
-    training = service.create_lora_training_client(base_model=SMOL, rank=4).result()
-    train_step(training, seed=0)
-    return key, training
+    runs = [service.create_lora_training_client(base_model=SMOL, rank=4).result() for _ in range(2)]
+    for seed, training in enumerate(runs):
+        train_step(training, seed)
+    return Trainer(key, *runs)
 
 
 def test_a_wrong_key_is_refused_and_a_valid_one_signs_in(page: Page, server: LoomServer, artifacts: Path) -> None:
@@ -116,20 +126,21 @@ def test_a_wrong_key_is_refused_and_a_valid_one_signs_in(page: Page, server: Loo
 
 
 def test_a_run_is_plotted_live_and_its_adapter_downloads(
-    page: Page, server: LoomServer, trainer: tuple[str, tinker.TrainingClient], artifacts: Path, tmp_path: Path
+    page: Page, server: LoomServer, trainer: Trainer, artifacts: Path, tmp_path: Path
 ) -> None:
-    key, training = trainer
+    key, training, baseline = trainer.key, trainer.training, trainer.baseline
     run_id = training.model_id
     sign_in(page, key)
     page.get_by_label(f"Plot run {run_id}").check()
+    page.get_by_label(f"Plot run {baseline.model_id}").check()
     loss = page.locator('figure[data-metric="loss:sum"]')
-    expect(loss).to_have_attribute("data-steps", re.compile(r"[1-9]"))
-    before = int(loss.get_attribute("data-steps"))
-    for seed in (1, 2):  # the page keeps polling while the SDK trains
+    expect(loss).to_have_attribute("data-steps", "1")
+    for seed in (2, 3):  # the page keeps polling while the SDK trains
         train_step(training, seed)
-    expect(loss).to_have_attribute("data-steps", str(before + 2))
+    expect(loss).to_have_attribute("data-steps", "3")
     expect(loss.locator("canvas")).to_be_visible()
-    expect(loss.locator("figcaption")).to_contain_text(f"loss:sum — {before + 2} steps; latest {run_id}: ")
+    caption = re.compile(rf"loss:sum — 3 steps; {run_id}: [0-9.]+ at step 2; {baseline.model_id}: [0-9.]+ at step 0")
+    expect(loss.locator("figcaption")).to_have_text(caption)  # both runs overlaid
     page.screenshot(path=artifacts / "console-runs.png", full_page=True)
 
     path = training.save_weights_external("console").result().path
@@ -160,14 +171,13 @@ def test_a_run_is_plotted_live_and_its_adapter_downloads(
 
 
 def test_usage_counts_trained_tokens_and_exports_csv(
-    page: Page, trainer: tuple[str, tinker.TrainingClient], artifacts: Path, tmp_path: Path
+    page: Page, trainer: Trainer, artifacts: Path, tmp_path: Path
 ) -> None:
-    key, _ = trainer
-    sign_in(page, key, "/console/usage")
+    sign_in(page, trainer.key, "/console/usage")
     row = page.locator("#usage-table tbody tr").first
     expect(row.locator("td").nth(2)).to_have_text(SMOL)
     trained = int(row.locator("td").nth(3).inner_text().replace(",", ""))
-    assert trained >= 11  # one step of 11 input tokens at least
+    assert trained >= 2 * 11  # a step of 11 input tokens in each run at least
     page.screenshot(path=artifacts / "console-usage.png", full_page=True)
     with page.expect_download() as download:
         page.get_by_role("button", name="Export CSV").click()
@@ -200,11 +210,9 @@ def test_a_key_revoked_in_the_console_fails_its_next_request(
     expect(other_tab.get_by_label("API key", exact=True)).to_be_visible()
 
 
-def test_a_second_tenant_sees_none_of_the_first_tenants_runs(
-    page: Page, server: LoomServer, trainer: tuple[str, tinker.TrainingClient]
-) -> None:
-    first_key, training = trainer
-    sign_in(page, first_key)
+def test_a_second_tenant_sees_none_of_the_first_tenants_runs(page: Page, server: LoomServer, trainer: Trainer) -> None:
+    training = trainer.training
+    sign_in(page, trainer.key)
     expect(page.locator(f'tr[data-run="{training.model_id}"]')).to_be_visible()
     page.get_by_role("button", name="Sign out").click()
     sign_in(page, create_key(server.data_dir, "console-stranger"))

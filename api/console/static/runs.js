@@ -80,10 +80,10 @@
 
   function caption(name, runs, data) {
     const latest = runs.map((id, i) => {
-      const values = data[i + 1].filter((v) => v !== null);
-      return `${id}: ${values.length ? values[values.length - 1].toPrecision(4) : "none"}`;
+      const last = data[i + 1].findLastIndex((v) => v !== null);
+      return last < 0 ? `${id}: none` : `${id}: ${data[i + 1][last].toPrecision(4)} at step ${data[0][last]}`;
     });
-    return `${name} — ${data[0].length} steps; latest ${latest.join(", ")}`;
+    return `${name} — ${data[0].length} steps; ${latest.join("; ")}`;
   }
 
   function drawChart(name) {
