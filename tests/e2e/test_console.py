@@ -170,13 +170,30 @@ def test_a_run_is_plotted_live_and_its_adapter_downloads(
     assert path not in [c["tinker_path"] for c in listed.json()["checkpoints"]]
 
 
+def test_the_playground_streams_a_chat_with_a_trained_checkpoint(page: Page, trainer: Trainer, artifacts: Path) -> None:
+    path = trainer.baseline.save_weights_for_sampler("console-chat").result().path
+    sign_in(page, trainer.key)
+    page.get_by_role("button", name=f"Checkpoints of run {trainer.baseline.model_id}").click()
+    page.get_by_role("link", name=f"Chat with {path}").click()
+    expect(page.get_by_role("heading", name="Playground")).to_be_visible()  # signed in still: same tab
+    expect(page.get_by_label("Model")).to_have_value(path)
+    page.get_by_label("Max tokens").fill("12")
+    page.get_by_label("Message").fill("Name a colour.")
+    page.get_by_label("Message").press("Control+Enter")
+    answer = page.locator('#transcript li[data-role="assistant"]')
+    expect(answer).to_have_attribute("data-state", "done")
+    expect(answer.locator(".text")).not_to_be_empty()
+    expect(page.locator('#transcript li[data-role="user"]')).to_have_text(re.compile("Name a colour."))
+    page.screenshot(path=artifacts / "console-playground.png", full_page=True)
+
+
 def test_usage_counts_trained_tokens_and_exports_csv(
     page: Page, trainer: Trainer, artifacts: Path, tmp_path: Path
 ) -> None:
     sign_in(page, trainer.key, "/console/usage")
-    row = page.locator("#usage-table tbody tr").first
-    expect(row.locator("td").nth(2)).to_have_text(SMOL)
-    trained = int(row.locator("td").nth(3).inner_text().replace(",", ""))
+    rows = page.locator("#usage-table tbody tr")
+    expect(rows.first.locator("td").nth(2)).to_have_text(SMOL)
+    trained = sum(int(cell.replace(",", "")) for cell in rows.locator("td:nth-child(4)").all_inner_texts())
     assert trained >= 2 * 11  # a step of 11 input tokens in each run at least
     page.screenshot(path=artifacts / "console-usage.png", full_page=True)
     with page.expect_download() as download:

@@ -44,7 +44,7 @@ def test_each_page_renders_with_a_labelled_sign_in_form(browser: TestClient, pag
     assert f'href="/console/{page}" aria-current="page"' in html
     for script in re.findall(r'<script src="([^"]+)"', html):
         assert browser.get(script).status_code == 200, script
-    ids = set(re.findall(r'<(?:input|select)[^>]* id="([^"]+)"', html))
+    ids = set(re.findall(r'<(?:input|select|textarea)[^>]* id="([^"]+)"', html))
     assert ids and ids <= set(re.findall(r'<label for="([^"]+)"', html))  # every form control has a label
 
 

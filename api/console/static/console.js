@@ -1,6 +1,7 @@
 /* Loom console core: sign-in with an API key (kept in sessionStorage), the REST helper every page uses, and small
    DOM helpers. Every request goes to the same REST routes the SDKs call, with the key in X-API-Key; a 401 signs
-   the tab out with a message. A page script registers its start function with Loom.onSignedIn(fn). */
+   the tab out with a message. A page script registers its start function with Loom.onSignedIn(fn); Loom.stream
+   reads a route's server-sent events (the OpenAI-compatible chat). */
 "use strict";
 
 const Loom = (() => {
@@ -67,14 +68,42 @@ const Loom = (() => {
       method, headers, body: body === undefined ? undefined : JSON.stringify(body),
     });
     if (response.status === 204) return null;
+    if (!response.ok) throw await failure(response, method, path);
+    return response.json();
+  }
+
+  /* The ApiError of a refused request (a 401 also signs the tab out). */
+  async function failure(response, method, path) {
     const data = await response.json().catch(() => null);
-    if (response.ok) return data;
     const error = (data && data.error) || {};
-    const message = error.message || `${method} ${path} answered ${response.status}`;
     if (response.status === 401) {
       signOut("This API key is invalid or has been revoked. Sign in with a valid key.");
     }
-    throw new ApiError(response.status, error.code, message);
+    return new ApiError(response.status, error.code, error.message || `${method} ${path} answered ${response.status}`);
+  }
+
+  /* POSTs `body` and calls onEvent(json) for each server-sent `data:` event until `[DONE]`. */
+  async function stream(path, body, onEvent) {
+    const response = await fetch(path, {
+      method: "POST",
+      headers: { "X-API-Key": sessionStorage.getItem(KEY) || "", "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    if (!response.ok) throw await failure(response, "POST", path);
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffered = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffered += value;
+      const events = buffered.split("\n\n");
+      buffered = events.pop();
+      for (const event of events) {
+        const data = event.split("\n").filter((line) => line.startsWith("data: ")).map((line) => line.slice(6)).join("");
+        if (data === "[DONE]") return;
+        if (data) onEvent(JSON.parse(data));
+      }
+    }
   }
 
   /* Runs `task`, showing its failure (other than a sign-out) above the page. */
@@ -123,5 +152,5 @@ const Loom = (() => {
     else signOut("");
   });
 
-  return { $, el, api, attempt, formatBytes, formatTime, onSignedIn };
+  return { $, el, api, stream, attempt, formatBytes, formatTime, onSignedIn };
 })();

@@ -1,7 +1,7 @@
 /* Runs page: the tenant's training runs (GET /api/v1/training_runs), the metrics of the ticked runs plotted with
    uPlot (GET /api/v1/training_runs/{id}/metrics, polled every two seconds; x = step, one chart per metric, runs
    overlaid, optional exponential smoothing), and one run's checkpoints (list, copy path, download exported
-   weights through their signed links, publish/unpublish, delete). */
+   weights through their signed links, publish/unpublish, delete, chat with it in the playground). */
 "use strict";
 
 (() => {
@@ -148,7 +148,10 @@
 
   function checkpointRow(runId, c) {
     const url = restUrl(c.tinker_path);
-    const actions = el("td", { class: "actions" });
+    const actions = el("td", { class: "actions" }, el("a", {
+      class: "button", href: `/console/playground?model=${encodeURIComponent(c.tinker_path)}`, text: "Chat",
+      "aria-label": `Chat with ${c.tinker_path}`,
+    }));
     if (c.checkpoint_type === "external") {
       actions.append(el("button", {
         type: "button", text: "Download", "aria-label": `Download ${c.tinker_path}`,
