@@ -99,7 +99,8 @@ const Loom = (() => {
       const events = buffered.split("\n\n");
       buffered = events.pop();
       for (const event of events) {
-        const data = event.split("\n").filter((line) => line.startsWith("data: ")).map((line) => line.slice(6)).join("");
+        const data = event.split("\n").filter((line) => line.startsWith("data: "))
+          .map((line) => line.slice(6)).join("");
         if (data === "[DONE]") return;
         if (data) onEvent(JSON.parse(data));
       }
@@ -146,6 +147,7 @@ const Loom = (() => {
       sessionStorage.setItem(KEY, $("#api-key").value.trim());
       $("#api-key").value = "";
       await resume();
+      if (!$("#page").hidden) $("#main").focus();
     });
     $("#sign-out").addEventListener("click", () => signOut("Signed out."));
     if (sessionStorage.getItem(KEY)) resume();

@@ -17,7 +17,8 @@
 
   function turn(role, text) {
     const body = el("div", { class: "text", text });
-    const item = el("li", { class: `turn ${role}`, "data-role": role }, el("span", { class: "role", text: role }), body);
+    const label = el("span", { class: "role", text: role });
+    const item = el("li", { class: `turn ${role}`, "data-role": role }, label, body);
     $("#transcript").append(item);
     return item;
   }

@@ -8,12 +8,15 @@
   const { $, el, api, attempt, formatBytes, formatTime } = Loom;
   const POLL_MS = 2000;
   const RUNS_EVERY = 5; /* polls between run list refreshes */
+  const RUNS_PAGE = 100;
+  const MAX_SHOWN = 1000; /* the route's largest page */
   const COLORS = ["#1f5fbf", "#c2410c", "#15803d", "#7e22ce", "#b91c1c", "#0e7490", "#a16207", "#4338ca"];
   const STEP_INCREMENTS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000];
   const selected = new Set();
   const metrics = new Map(); /* run id -> points */
   const charts = new Map(); /* metric name -> {figure, plot, signature} */
   let polls = 0;
+  let shown = RUNS_PAGE; /* newest runs listed; "More runs" adds a page */
 
   function color(runId) {
     const runs = [...selected];
@@ -45,11 +48,15 @@
   }
 
   async function loadRuns() {
-    const page = await api("GET", "/api/v1/training_runs?limit=100");
+    const page = await api("GET", `/api/v1/training_runs?limit=${shown}`);
     const focused = document.activeElement && document.activeElement.id;
     $("#runs-table tbody").replaceChildren(...page.training_runs.map(runRow));
     if (focused && document.getElementById(focused)) document.getElementById(focused).focus();
-    $("#runs-empty").hidden = page.training_runs.length > 0;
+    const total = page.cursor.total_count;
+    $("#runs-empty").hidden = total > 0;
+    const listed = page.training_runs.length;
+    $("#runs-count").textContent = total > listed ? `Newest ${listed} of ${total} runs.` : "";
+    $("#more-runs").hidden = total <= listed || shown >= MAX_SHOWN;
   }
 
   function toggle(runId, on) {
@@ -121,7 +128,8 @@
   }
 
   function drawCharts() {
-    const names = new Set([...selected].flatMap((id) => (metrics.get(id) || []).flatMap((p) => Object.keys(p.metrics))));
+    const points = [...selected].flatMap((id) => metrics.get(id) || []);
+    const names = new Set(points.flatMap((p) => Object.keys(p.metrics)));
     for (const [name, chart] of charts) {
       if (!names.has(name)) { chart.plot.destroy(); chart.figure.remove(); charts.delete(name); }
     }
@@ -134,7 +142,8 @@
 
   async function pollMetrics() {
     const runs = [...selected];
-    const answers = await Promise.all(runs.map((id) => api("GET", `/api/v1/training_runs/${encodeURIComponent(id)}/metrics`)));
+    const answers = await Promise.all(
+      runs.map((id) => api("GET", `/api/v1/training_runs/${encodeURIComponent(id)}/metrics`)));
     answers.forEach((answer, i) => { if (selected.has(runs[i])) metrics.set(runs[i], answer.points); });
     drawCharts();
   }
@@ -159,7 +168,8 @@
       }));
     }
     actions.append(el("button", {
-      type: "button", text: c.public ? "Unpublish" : "Publish", "aria-label": `${c.public ? "Unpublish" : "Publish"} ${c.tinker_path}`,
+      type: "button", text: c.public ? "Unpublish" : "Publish",
+      "aria-label": `${c.public ? "Unpublish" : "Publish"} ${c.tinker_path}`,
       onclick: () => attempt(async () => {
         await api(c.public ? "DELETE" : "POST", `${url}/publish`);
         await showCheckpoints(runId);
@@ -219,6 +229,10 @@
     $("#smoothing").addEventListener("input", () => {
       $("#smoothing-value").textContent = $("#smoothing").value;
       drawCharts();
+    });
+    $("#more-runs").addEventListener("click", () => {
+      shown = Math.min(MAX_SHOWN, shown + RUNS_PAGE);
+      attempt(loadRuns);
     });
     attempt(loadRuns).then(tick);
   });

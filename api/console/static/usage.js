@@ -69,7 +69,9 @@
   }
 
   function exportCsv() {
-    const header = ["bucket_start", "bucket_end", "session_id", "project_id", "base_model", "type", "cached", "quantity"];
+    const header = [
+      "bucket_start", "bucket_end", "session_id", "project_id", "base_model", "type", "cached", "quantity",
+    ];
     const lines = events.map((e) => [e.bucket_start, e.bucket_end, e.session_id, e.project_id, e.base_model,
       e.event_info.type, e.event_info.cached ?? "", quantity(e.event_info)].map(csvCell).join(","));
     const blob = new Blob([[header.join(","), ...lines].join("\n") + "\n"], { type: "text/csv" });
