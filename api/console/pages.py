@@ -20,7 +20,13 @@ from api.errors import not_found
 
 HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
-PAGES = {"runs": "Training runs", "playground": "Playground", "keys": "API keys", "usage": "Usage"}
+PAGES = {
+    "runs": "Training runs",
+    "playground": "Playground",
+    "aliases": "Aliases",
+    "keys": "API keys",
+    "usage": "Usage",
+}
 """Page name -> title, in the order the navigation lists them."""
 
 router = APIRouter(include_in_schema=False)

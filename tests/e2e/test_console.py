@@ -6,7 +6,8 @@ plotted and its loss curve gains points while the SDK keeps stepping (the page p
 exported adapter is listed with a copyable `tinker://` path and downloads through the console as a PEFT adapter,
 and the console deletes it; the usage page counts the trained tokens and exports them as CSV; a key revoked in the
 console fails its next request (the SDK's routes answer 401, a tab signed in with it is signed out with a
-message); a second tenant sees none of the first tenant's runs, and gets 404 for the first one's metrics.
+message); a second tenant sees none of the first tenant's runs, and gets 404 for the first one's metrics; an alias
+set on the aliases page chats in the playground (streamed) and is re-pointed to another checkpoint.
 
 Waiting is Playwright's auto-waiting `expect(...)` on page conditions. Screenshots go to `$LOOM_TEST_ARTIFACTS`
 (or the test's temporary folder).
@@ -170,21 +171,41 @@ def test_a_run_is_plotted_live_and_its_adapter_downloads(
     assert path not in [c["tinker_path"] for c in listed.json()["checkpoints"]]
 
 
-def test_the_playground_streams_a_chat_with_a_trained_checkpoint(page: Page, trainer: Trainer, artifacts: Path) -> None:
-    path = trainer.baseline.save_weights_for_sampler("console-chat").result().path
+def test_an_alias_set_in_the_console_chats_in_the_playground_and_re_points(
+    page: Page, server: LoomServer, trainer: Trainer, artifacts: Path
+) -> None:
+    first = trainer.baseline.save_weights_for_sampler("console-chat").result().path
+    second = trainer.training.save_weights_for_sampler("console-chat").result().path
     sign_in(page, trainer.key)
     page.get_by_role("button", name=f"Checkpoints of run {trainer.baseline.model_id}").click()
-    page.get_by_role("link", name=f"Chat with {path}").click()
-    expect(page.get_by_role("heading", name="Playground")).to_be_visible()  # signed in still: same tab
-    expect(page.get_by_label("Model")).to_have_value(path)
+    expect(page.get_by_role("link", name=f"Chat with {first}")).to_have_attribute("href", re.compile("playground"))
+    page.get_by_role("link", name="Aliases").click()
+    page.get_by_label("Alias", exact=True).fill("console-agent:latest")
+    page.get_by_label("Checkpoint", exact=True).select_option(first)
+    page.get_by_role("button", name="Set alias").click()
+    row = page.locator('tr[data-alias="console-agent:latest"]')
+    expect(row).to_contain_text(first)
+
+    row.get_by_role("link", name="Chat with console-agent:latest").click()
+    expect(page.get_by_role("heading", name="Playground")).to_be_visible()  # still signed in: same tab
+    expect(page.get_by_label("Model")).to_have_value("console-agent:latest")
     page.get_by_label("Max tokens").fill("12")
     page.get_by_label("Message").fill("Name a colour.")
-    page.get_by_label("Message").press("Control+Enter")
+    page.get_by_label("Message").press("Control+Enter")  # keyboard only
     answer = page.locator('#transcript li[data-role="assistant"]')
     expect(answer).to_have_attribute("data-state", "done")
     expect(answer.locator(".text")).not_to_be_empty()
     expect(page.locator('#transcript li[data-role="user"]')).to_have_text(re.compile("Name a colour."))
     page.screenshot(path=artifacts / "console-playground.png", full_page=True)
+
+    page.go_back()
+    row.get_by_role("button", name="Re-point console-agent:latest").click()
+    expect(page.get_by_label("Alias", exact=True)).to_have_value("console-agent:latest")
+    page.get_by_label("Checkpoint", exact=True).select_option(second)
+    page.get_by_role("button", name="Set alias").click()
+    expect(row).to_contain_text(second)
+    aliases = httpx.get(f"{server.url}/api/v1/aliases", headers={"X-API-Key": trainer.key}).json()["aliases"]
+    assert [(a["name"], a["tinker_path"]) for a in aliases] == [("console-agent:latest", second)]
 
 
 def test_usage_counts_trained_tokens_and_exports_csv(
