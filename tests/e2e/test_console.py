@@ -142,6 +142,11 @@ def test_a_run_is_plotted_live_and_its_adapter_downloads(
     expect(loss.locator("canvas")).to_be_visible()
     caption = re.compile(rf"loss:sum — 3 steps; {run_id}: [0-9.]+ at step 2; {baseline.model_id}: [0-9.]+ at step 0")
     expect(loss.locator("figcaption")).to_have_text(caption)  # both runs overlaid
+    page.get_by_label("X axis").select_option("time")
+    expect(loss.locator(".u-legend th").first).to_have_text(re.compile("^time"))
+    expect(loss).to_have_attribute("data-steps", "3")
+    page.get_by_label("X axis").select_option("step")
+    expect(loss.locator(".u-legend th").first).to_have_text(re.compile("^step"))
     page.screenshot(path=artifacts / "console-runs.png", full_page=True)
 
     path = training.save_weights_external("console").result().path
@@ -190,12 +195,18 @@ def test_an_alias_set_in_the_console_chats_in_the_playground_and_re_points(
     expect(page.get_by_role("heading", name="Playground")).to_be_visible()  # still signed in: same tab
     expect(page.get_by_label("Model")).to_have_value("console-agent:latest")
     page.get_by_label("Max tokens").fill("12")
+    page.get_by_label("Token logprobs").check()
     page.get_by_label("Message").fill("Name a colour.")
     page.get_by_label("Message").press("Control+Enter")  # keyboard only
     answer = page.locator('#transcript li[data-role="assistant"]')
     expect(answer).to_have_attribute("data-state", "done")
     expect(answer.locator(".text")).not_to_be_empty()
     expect(page.locator('#transcript li[data-role="user"]')).to_have_text(re.compile("Name a colour."))
+    answer.locator("summary").click()
+    tokens = answer.locator(".token")
+    expect(tokens.first).to_have_attribute("title", re.compile(r"^logprob -?[0-9.]+$"))
+    expect(answer.locator("summary")).to_have_text(re.compile(rf"^{tokens.count()} tokens, mean logprob -?[0-9.]+$"))
+    assert answer.locator(".text").inner_text().startswith(tokens.first.text_content())
     page.screenshot(path=artifacts / "console-playground.png", full_page=True)
 
     page.go_back()

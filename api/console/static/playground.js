@@ -1,6 +1,7 @@
 /* Playground: chat with a base model, checkpoint or alias (GET /v1/models) through the OpenAI-compatible
-   POST /v1/chat/completions with stream: true; the answer grows as its deltas arrive. `?model=` preselects a model
-   (the runs page's "Chat" links). The conversation lives in the page only. */
+   POST /v1/chat/completions with stream: true; the answer grows as its deltas arrive, and with "Token logprobs"
+   its tokens show their logprobs on hover. `?model=` preselects a model (the "Chat" links). The conversation lives
+   in the page only. */
 "use strict";
 
 (() => {
@@ -23,6 +24,17 @@
     return item;
   }
 
+  /* The answer's tokens, each showing its logprob on hover (and in its accessible name). */
+  function tokenView(tokens) {
+    const mean = tokens.reduce((sum, t) => sum + t.logprob, 0) / tokens.length;
+    const spans = tokens.map((t) => {
+      const logprob = `logprob ${t.logprob.toFixed(3)}`;
+      return el("span", { class: "token", title: logprob, "aria-label": `${t.token} (${logprob})`, text: t.token });
+    });
+    return el("details", { class: "tokens" },
+      el("summary", { text: `${tokens.length} tokens, mean logprob ${mean.toFixed(3)}` }), el("div", {}, ...spans));
+  }
+
   async function send() {
     const content = $("#message").value.trim();
     if (!content) return;
@@ -32,6 +44,7 @@
     const answer = turn("assistant", "");
     answer.dataset.state = "streaming";
     const text = answer.querySelector(".text");
+    const tokens = [];
     $("#send").disabled = true;
     try {
       await stream("/v1/chat/completions", {
@@ -40,12 +53,15 @@
         stream: true,
         temperature: Number($("#temperature").value),
         max_tokens: Number($("#max-tokens").value),
+        logprobs: $("#show-logprobs").checked,
       }, (chunk) => {
         if (chunk.error) throw new Error(chunk.error.message);
-        const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
-        if (delta && delta.content) text.textContent += delta.content;
+        const choice = (chunk.choices || [])[0] || {};
+        if (choice.delta && choice.delta.content) text.textContent += choice.delta.content;
+        if (choice.logprobs && choice.logprobs.content) tokens.push(...choice.logprobs.content);
       });
       messages.push({ role: "assistant", content: text.textContent });
+      if (tokens.length) answer.append(tokenView(tokens));
       answer.dataset.state = "done";
     } catch (error) {
       messages.pop();

@@ -1,6 +1,6 @@
 /* Runs page: the tenant's training runs (GET /api/v1/training_runs), the metrics of the ticked runs plotted with
-   uPlot (GET /api/v1/training_runs/{id}/metrics, polled every two seconds; x = step, one chart per metric, runs
-   overlaid, optional exponential smoothing), and one run's checkpoints (list, copy path, download exported
+   uPlot (GET /api/v1/training_runs/{id}/metrics, polled every two seconds; x = step or time, one chart per metric,
+   runs overlaid, optional exponential smoothing), and one run's checkpoints (list, copy path, download exported
    weights through their signed links, publish/unpublish, delete, chat with it in the playground). */
 "use strict";
 
@@ -74,28 +74,32 @@
     });
   }
 
-  function chartData(name) {
-    const runs = [...selected].filter((id) => (metrics.get(id) || []).some((p) => name in p.metrics));
-    const steps = [...new Set(runs.flatMap((id) => metrics.get(id).map((p) => p.step)))].sort((a, b) => a - b);
-    const alpha = Number($("#smoothing").value);
-    const series = runs.map((id) => {
-      const byStep = new Map(metrics.get(id).filter((p) => name in p.metrics).map((p) => [p.step, p.metrics[name]]));
-      return smooth(steps.map((s) => (byStep.has(s) ? byStep.get(s) : null)), alpha);
-    });
-    return { runs, steps, data: [steps, ...series] };
+  /* A point's x: its step, or (x axis "time") when it finished, in unix seconds. */
+  function xOf(point) {
+    return $("#x-axis").value === "time" ? Date.parse(point.time) / 1000 : point.step;
   }
 
-  function caption(name, runs, data) {
-    const latest = runs.map((id, i) => {
-      const last = data[i + 1].findLastIndex((v) => v !== null);
-      return last < 0 ? `${id}: none` : `${id}: ${data[i + 1][last].toPrecision(4)} at step ${data[0][last]}`;
+  function chartData(name) {
+    const runs = [...selected].filter((id) => (metrics.get(id) || []).some((p) => name in p.metrics));
+    const reported = runs.map((id) => metrics.get(id).filter((p) => name in p.metrics));
+    const xs = [...new Set(reported.flatMap((points) => points.map(xOf)))].sort((a, b) => a - b);
+    const alpha = Number($("#smoothing").value);
+    const series = reported.map((points) => {
+      const byX = new Map(points.map((p) => [xOf(p), p.metrics[name]]));
+      return smooth(xs.map((x) => (byX.has(x) ? byX.get(x) : null)), alpha);
     });
-    return `${name} — ${data[0].length} steps; ${latest.join("; ")}`;
+    const steps = new Set(reported.flatMap((points) => points.map((p) => p.step))).size;
+    const latest = runs.map((id, i) => {
+      const last = reported[i][reported[i].length - 1];
+      return `${id}: ${last.metrics[name].toPrecision(4)} at step ${last.step}`;
+    });
+    return { runs, steps, data: [xs, ...series], caption: `${name} — ${steps} steps; ${latest.join("; ")}` };
   }
 
   function drawChart(name) {
-    const { runs, steps, data } = chartData(name);
-    const signature = runs.join(" ");
+    const { runs, steps, data, caption } = chartData(name);
+    const axis = $("#x-axis").value;
+    const signature = `${axis} ${runs.join(" ")}`;
     let chart = charts.get(name);
     if (chart && chart.signature !== signature) {
       chart.plot.destroy();
@@ -111,10 +115,10 @@
       const width = Math.max(320, Math.min(560, $("#charts").clientWidth - 16));
       const plot = new uPlot({
         width, height: 220,
-        scales: { x: { time: false } },
-        series: [{ label: "step" }, ...runs.map((id) => ({ label: id, stroke: color(id), width: 2, spanGaps: true }))],
+        scales: { x: { time: axis === "time" } },
+        series: [{ label: axis }, ...runs.map((id) => ({ label: id, stroke: color(id), width: 2, spanGaps: true }))],
         axes: [
-          { label: "step", incrs: STEP_INCREMENTS },
+          axis === "time" ? { label: "time" } : { label: "step", incrs: STEP_INCREMENTS },
           { label: name, size: 64, values: (_, ticks) => ticks.map((v) => String(Number(v.toPrecision(3)))) },
         ],
       }, data, figure);
@@ -123,8 +127,8 @@
     } else {
       chart.plot.setData(data);
     }
-    chart.figure.dataset.steps = String(steps.length);
-    chart.figure.querySelector("figcaption").textContent = caption(name, runs, data);
+    chart.figure.dataset.steps = String(steps);
+    chart.figure.querySelector("figcaption").textContent = caption;
   }
 
   function drawCharts() {
@@ -136,6 +140,7 @@
     const ordered = [...names].sort((a, b) => (a.startsWith("loss") ? -1 : 0) - (b.startsWith("loss") ? -1 : 0)
       || a.localeCompare(b));
     ordered.forEach(drawChart);
+    $("#charts").append(...ordered.map((name) => charts.get(name).figure)); /* keeps the order after a redraw */
     $("#charts-empty").textContent = selected.size ? "No finished training steps yet." : "No run selected.";
     $("#charts-empty").hidden = names.size > 0;
   }
@@ -226,6 +231,7 @@
   }
 
   Loom.onSignedIn(() => {
+    $("#x-axis").addEventListener("change", drawCharts);
     $("#smoothing").addEventListener("input", () => {
       $("#smoothing-value").textContent = $("#smoothing").value;
       drawCharts();
