@@ -174,6 +174,28 @@ def test_user_checkpoints_are_listed_across_runs_newest_first_with_a_cursor(door
     assert [c["tinker_path"] for c in door.bob.get("/api/v1/checkpoints").json()["checkpoints"]] == [theirs]
 
 
+def test_each_listed_run_shows_its_newest_listed_checkpoint_of_each_kind(door: Door) -> None:
+    both, sampler_only, bare = door.run(door.alice), door.run(door.alice), door.run(door.alice)
+    door.checkpoint("alice", both, "old")
+    newest = door.checkpoint("alice", both, "new")
+    sampler = door.checkpoint("alice", both, "s", kind="sampler_weights")
+    door.checkpoint("alice", both, "snapshot", kind="sampler_weights", ephemeral=True)  # hidden: never shown
+    only = door.checkpoint("alice", sampler_only, "s", kind="sampler_weights")
+    door.checkpoint("bob", door.run(door.bob), "theirs")
+
+    listed = door.alice.get("/api/v1/training_runs").json()["training_runs"]
+    last = {
+        r["training_run_id"]: (
+            (r.get("last_checkpoint") or {}).get("tinker_path"),
+            (r.get("last_sampler_checkpoint") or {}).get("tinker_path"),
+        )
+        for r in listed
+    }
+    assert last == {both: (newest, sampler), sampler_only: (None, only), bare: (None, None)}
+    one = door.alice.get(f"/api/v1/training_runs/{both}").json()
+    assert (one["last_checkpoint"]["tinker_path"], one["last_sampler_checkpoint"]["tinker_path"]) == last[both]
+
+
 # -- publish / unpublish ------------------------------------------------------------------------------------------
 
 
