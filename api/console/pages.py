@@ -2,7 +2,8 @@
 `/console/static/{file}` serves the packaged JS, CSS and vendored libraries (nothing is fetched from a CDN).
 
 Pages carry no tenant data and need no API key: the browser fills them in through the REST routes (see
-`api/console/__init__.py`). None of these routes is in the OpenAPI schema.
+`api/console/__init__.py`). Their Content-Security-Policy lets them load and call this server only, and forbids
+framing them. None of these routes is in the OpenAPI schema.
 
 Limits: static files are served from the package folder with a one-hour cache lifetime; only files that exist
 under `static/` are served, anything else is a 404 like an unknown page.
@@ -28,6 +29,12 @@ PAGES = {
     "usage": "Usage",
 }
 """Page name -> title, in the order the navigation lists them."""
+POLICY = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; object-src 'none'; "
+    "base-uri 'none'; frame-ancestors 'none'"
+)
+"""Content-Security-Policy of every page: scripts, styles and requests from this server only (uPlot sets inline
+styles), and no framing."""
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=HERE / "templates")
@@ -55,4 +62,5 @@ def static_file(name: str) -> FileResponse:
 def console_page(page: str, request: Request) -> HTMLResponse:
     if page not in PAGES:
         raise not_found(f"no console page {page!r}; pages: {', '.join(PAGES)}")
-    return templates.TemplateResponse(request, f"{page}.html", {"page": page, "pages": PAGES, "title": PAGES[page]})
+    context = {"page": page, "pages": PAGES, "title": PAGES[page]}
+    return templates.TemplateResponse(request, f"{page}.html", context, headers={"Content-Security-Policy": POLICY})

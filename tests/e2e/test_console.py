@@ -67,8 +67,11 @@ def page(browser: Browser, server: LoomServer) -> Iterator[Page]:
     context.set_default_timeout(WAIT_MS)
     opened = context.new_page()
     opened.on("dialog", lambda dialog: dialog.accept())  # the console's confirm() before deleting or revoking
+    blocked: list[str] = []  # anything the pages' Content-Security-Policy refused
+    context.on("console", lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None)
     yield opened
     context.close()
+    assert not blocked, blocked
 
 
 def sign_in(page: Page, key: str, path: str = "/") -> None:

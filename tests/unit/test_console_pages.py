@@ -40,6 +40,7 @@ def test_each_page_renders_with_a_labelled_sign_in_form(browser: TestClient, pag
     assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/html")
     html = answer.text
     assert f"<title>{PAGES[page]} · Loom</title>" in html
+    assert "default-src 'self'" in answer.headers["content-security-policy"]
     assert '<label for="api-key">API key</label>' in html and 'id="api-key"' in html
     assert f'href="/console/{page}" aria-current="page"' in html
     for script in re.findall(r'<script src="([^"]+)"', html):
