@@ -79,7 +79,7 @@ def _finished(session: Session, owner: str, start: datetime, end: datetime, kind
     )
 
 
-def _sample_tokens(kind: str, payload: dict[str, Any], result: dict[str, Any]) -> tuple[int, int, int]:
+def sample_tokens(kind: str, payload: dict[str, Any], result: dict[str, Any]) -> tuple[int, int, int]:
     """(uncached prompt tokens, cached prompt tokens, generated tokens) of one finished sample request."""
     job = parse_payload(kind, payload)
     if isinstance(job, SampleJob) and isinstance(job.prompt, TinkerPrompt):
@@ -99,7 +99,7 @@ def _job_totals(session: Session, owner: str, start: datetime, end: datetime) ->
         totals[hour_of(finished_at), "checkpoint", base_model, session_id, False] += 1
     samples = _finished(session, owner, start, end, (JobKind.SAMPLE,), Job.kind, Job.payload, Job.result)
     for finished_at, base_model, session_id, kind, payload, result in samples:
-        fresh, cached, generated = _sample_tokens(kind, payload, result)
+        fresh, cached, generated = sample_tokens(kind, payload, result)
         bucket = hour_of(finished_at)
         totals[bucket, "sampling_prefill", base_model, session_id, False] += fresh
         totals[bucket, "sampling_prefill", base_model, session_id, True] += cached

@@ -1,4 +1,5 @@
-"""Usage and audit routes (Tinker's AdminClient surface): billing usage events, current checkpoint storage, audit log.
+"""Usage and audit routes (Tinker's AdminClient surface): billing usage events, current checkpoint storage, audit log;
+and Loom's usage per training run (`GET /api/v1/billing/usage/runs`, same window as the events).
 
 A tenant is its own organisation: every figure and entry is the caller's own (`api/usage.py` says what counts, and
 that Loom has no prices). `GET /api/v1/audit` lists the events on the caller's objects of one UTC day (`day`,
@@ -22,6 +23,7 @@ from api.db.audit import day_page
 from api.db.models import AuditEvent
 from api.deps import State, Tenant
 from api.errors import invalid
+from api.run_usage import run_usage
 from api.usage import billing_usage, checkpoint_storage, hour_of
 from loom.types import AuditLogEntry, AuditLogResponse, Cursor, GetAuditLogRequest, GetBillingUsageRequest
 
@@ -38,18 +40,34 @@ def _utc_hour(moment: datetime, param: str) -> datetime:
     return moment
 
 
-@router.get("/billing/usage/events")
-def billing_usage_events(
-    query: Annotated[GetBillingUsageRequest, Query()], state: State, owner: Tenant
-) -> dict[str, Any]:
+def _window(query: GetBillingUsageRequest) -> tuple[datetime, datetime]:
+    """The query's usage window, checked: whole UTC hours, starting no later than now, at most 14 days long."""
     start = _utc_hour(query.starting_on, "starting_on")
     end = _utc_hour(query.ending_before, "ending_before")
     if start > datetime.now(UTC):
         raise invalid("starting_on must not be in the future", "starting_on")
     if not start < end <= start + MAX_WINDOW:
         raise invalid("ending_before must be after starting_on, by at most 14 days", "ending_before")
+    return start, end
+
+
+@router.get("/billing/usage/events")
+def billing_usage_events(
+    query: Annotated[GetBillingUsageRequest, Query()], state: State, owner: Tenant
+) -> dict[str, Any]:
+    start, end = _window(query)
     with state.reading() as session:
         return billing_usage(session, owner, start, end).to_wire()
+
+
+@router.get("/billing/usage/runs")
+def billing_usage_runs(
+    query: Annotated[GetBillingUsageRequest, Query()], state: State, owner: Tenant
+) -> dict[str, Any]:
+    """Loom's own: the window's usage per training run of the caller (`api/run_usage.py`)."""
+    start, end = _window(query)
+    with state.reading() as session:
+        return run_usage(session, owner, start, end).to_wire()
 
 
 @router.get("/billing/usage/checkpoints/current")

@@ -12,7 +12,7 @@ Modules:
 - :mod:`.rest`         training runs, checkpoints, weights_info, samplers, sessions, copy_weights
 - :mod:`.sessions`     session finish/search/project/trace export, cancel_future, the calling API key
 - :mod:`.custom_loss`  create_custom_loss: a traced loss graph as data
-- :mod:`.usage`        billing usage events, current checkpoint storage
+- :mod:`.usage`        billing usage events, current checkpoint storage, usage per run
 - :mod:`.tokenizers`   tokenizer file listings, and the Hub shapes of the ``/hf`` routes
 - :mod:`.audit`        the audit log (``AdminClient.get_audit_log``)
 - :mod:`.keys`         a tenant's own API keys: list, create, revoke
@@ -174,6 +174,8 @@ from .usage import (
     CurrentCheckpointStorageUsageItem,
     CurrentCheckpointStorageUsageResponse,
     GetBillingUsageRequest,
+    RunUsage,
+    RunUsageResponse,
     SamplingPrefillBillingEvent,
     SamplingSampleBillingEvent,
     StorageBillingEvent,
@@ -311,6 +313,8 @@ __all__ = [
     "CurrentCheckpointStorageUsageItem",
     "CurrentCheckpointStorageUsageResponse",
     "GetBillingUsageRequest",
+    "RunUsage",
+    "RunUsageResponse",
     "SamplingPrefillBillingEvent",
     "SamplingSampleBillingEvent",
     "StorageBillingEvent",

@@ -4,7 +4,8 @@ Each test signs in with a key of its own tenant (made with `loom keys create`). 
 form, a wrong key is refused with a message and a valid one signs in; a run the official `tinker` SDK trains is
 plotted and its loss curve gains points while the SDK keeps stepping (the page polls, nothing is reloaded); its
 exported adapter is listed with a copyable `tinker://` path and downloads through the console as a PEFT adapter,
-and the console deletes it; the usage page counts the trained tokens and exports them as CSV; a key revoked in the
+and the console deletes it; the usage page counts each run's trained tokens (as many as the sessions' hourly
+events) and exports both as CSV; a key revoked in the
 console fails its next request (the SDK's routes answer 401, a tab signed in with it is signed out with a
 message); a second tenant sees none of the first tenant's runs, and gets 404 for the first one's metrics; an alias
 set on the aliases page chats in the playground (streamed) and is re-pointed to another checkpoint.
@@ -222,20 +223,37 @@ def test_an_alias_set_in_the_console_chats_in_the_playground_and_re_points(
     assert [(a["name"], a["tinker_path"]) for a in aliases] == [("console-agent:latest", second)]
 
 
-def test_usage_counts_trained_tokens_and_exports_csv(
+def _csv(page: Page, button: str, path: Path) -> list[dict[str, str]]:
+    with page.expect_download() as download:
+        page.get_by_role("button", name=button).click()
+    download.value.save_as(path)
+    return list(csv.DictReader(path.open()))
+
+
+def _number(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def test_usage_counts_each_runs_tokens_and_exports_csv(
     page: Page, trainer: Trainer, artifacts: Path, tmp_path: Path
 ) -> None:
     sign_in(page, trainer.key, "/console/usage")
-    rows = page.locator("#usage-table tbody tr")
-    expect(rows.first.locator("td").nth(2)).to_have_text(SMOL)
-    trained = sum(int(cell.replace(",", "")) for cell in rows.locator("td:nth-child(4)").all_inner_texts())
-    assert trained >= 2 * 11  # a step of 11 input tokens in each run at least
+    per_run = {}
+    for training in (trainer.training, trainer.baseline):
+        row = page.locator(f'#runs-usage-table tr[data-run="{training.model_id}"]')
+        expect(row.locator("td").nth(1)).to_have_text(SMOL)
+        per_run[training.model_id] = _number(row.locator("td").nth(2).inner_text())
+        assert per_run[training.model_id] >= 11  # a step of 11 input tokens at least
+    sessions = page.locator("#usage-table tbody tr")
+    expect(sessions.first.locator("td").nth(2)).to_have_text(SMOL)
+    trained = sum(_number(cell) for cell in sessions.locator("td:nth-child(4)").all_inner_texts())
+    assert trained == sum(per_run.values())  # both routes count the same tokens
     page.screenshot(path=artifacts / "console-usage.png", full_page=True)
-    with page.expect_download() as download:
-        page.get_by_role("button", name="Export CSV").click()
-    download.value.save_as(tmp_path / "usage.csv")
-    rows = list(csv.DictReader((tmp_path / "usage.csv").open()))
-    assert sum(int(r["quantity"]) for r in rows if r["type"] == "training") == trained
+
+    runs = _csv(page, "Export runs CSV", tmp_path / "runs.csv")
+    assert {r["training_run_id"]: int(r["training_tokens"]) for r in runs} == per_run
+    hourly = _csv(page, "Export hourly CSV", tmp_path / "hourly.csv")
+    assert sum(int(r["quantity"]) for r in hourly if r["type"] == "training") == trained
 
 
 def test_a_key_revoked_in_the_console_fails_its_next_request(
