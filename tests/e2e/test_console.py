@@ -285,7 +285,10 @@ def test_a_second_tenant_sees_none_of_the_first_tenants_runs(page: Page, server:
     sign_in(page, trainer.key)
     expect(page.locator(f'tr[data-run="{training.model_id}"]')).to_be_visible()
     page.get_by_role("button", name="Sign out").click()
-    sign_in(page, create_key(server.data_dir, "console-stranger"))
+    page.get_by_label("API key", exact=True).fill(create_key(server.data_dir, "console-stranger"))
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#whoami")).to_contain_text("console-stranger")
+    assert page.locator("#runs-table tbody tr").count() == 0  # nothing of the last key's page is left
     expect(page.get_by_text("No training runs yet.")).to_be_visible()
     expect(page.locator("#runs-table tbody tr")).to_have_count(0)
     status = page.evaluate(

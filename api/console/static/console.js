@@ -137,6 +137,10 @@ const Loom = (() => {
     });
   }
 
+  function signedIn() {
+    return Boolean(sessionStorage.getItem(KEY));
+  }
+
   function onSignedIn(start) {
     starters.push(start);
   }
@@ -146,6 +150,10 @@ const Loom = (() => {
       event.preventDefault();
       sessionStorage.setItem(KEY, $("#api-key").value.trim());
       $("#api-key").value = "";
+      if (started) {  /* signed in before in this page: start afresh, nothing of the last key's data stays */
+        window.location.reload();
+        return;
+      }
       await resume();
       if (!$("#page").hidden) $("#main").focus();
     });
@@ -154,5 +162,5 @@ const Loom = (() => {
     else signOut("");
   });
 
-  return { $, el, api, stream, attempt, formatBytes, formatTime, onSignedIn };
+  return { $, el, api, stream, attempt, formatBytes, formatTime, onSignedIn, signedIn };
 })();
