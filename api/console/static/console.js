@@ -107,10 +107,11 @@ const Loom = (() => {
     }
   }
 
-  /* Runs `task`, showing its failure (other than a sign-out) above the page. */
-  async function attempt(task) {
+  /* Runs `task`, showing its failure (other than a sign-out) above the page; a user's action (`clear`) first clears
+     the last message, a background refresh leaves it. */
+  async function attempt(task, { clear = true } = {}) {
     try {
-      showError("");
+      if (clear) showError("");
       return await task();
     } catch (error) {
       if (!(error instanceof ApiError && error.status === 401)) showError(error.message);

@@ -155,8 +155,8 @@
 
   async function tick() {
     polls += 1;
-    if (Loom.signedIn() && polls % RUNS_EVERY === 0) await attempt(loadRuns);
-    if (Loom.signedIn() && selected.size) await attempt(pollMetrics);
+    if (Loom.signedIn() && polls % RUNS_EVERY === 0) await attempt(loadRuns, { clear: false });
+    if (Loom.signedIn() && selected.size) await attempt(pollMetrics, { clear: false });
     setTimeout(tick, POLL_MS);
   }
 
