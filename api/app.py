@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api import refusals
+from api.console import pages as console
 from api.db.session import make_engine, make_session_factory, upgrade_to_head
 from api.deps import AppState
 from api.errors import install_error_handlers
@@ -40,6 +41,7 @@ from api.routers import (
     limits,
     queue_status,
     rest,
+    run_metrics,
     sampling,
     service,
     sessions,
@@ -94,7 +96,8 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     refusals.install(app)
     publish_schemas(app, training.RAW_BODY_MODELS)
     modules = (health, service, training, sampling, futures, rest, aliases, openai_router, sessions, auth, downloads)
-    for module in (*modules, custom_losses, copy_weights, usage, tokenizers, hub, keys, limits, admin, queue_status):
+    routers = (custom_losses, copy_weights, usage, tokenizers, hub, keys, limits, admin, queue_status, run_metrics)
+    for module in (*modules, *routers, console):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_body_bytes)
     app.add_middleware(RefuseContentEncoding)

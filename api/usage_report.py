@@ -3,8 +3,9 @@
 From the tenant's finished requests in the window (what the workers actually ran: training tokens of each
 forward_backward/forward, prompt and generated tokens of each sample from its result, one per saved checkpoint),
 keyed by (hour, the key that submitted it, the training run it belongs to), and the gigabyte-hours of the run's
-stored checkpoints (`api.usage.storage_hours`, with no key). A sample belongs to the run whose checkpoint it
-sampled through a sampling session; a sample of a base model, or through the OpenAI endpoint, to no run.
+stored checkpoints (`api.usage.storage_hours`, with no key). A sample belongs to the run whose checkpoint it read
+(by the stored weights, through any sampling session or the OpenAI-compatible API); a sample of the base model, of
+another tenant's published checkpoint or of a checkpoint deleted since, to no run.
 
 Limits: failed requests count nothing; jobs from before keys were recorded have no key; every finished request of
 the window is read (the route bounds the window).
@@ -17,20 +18,19 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.db.models import ApiKey, Job, JobState, SamplingSession
+from api.db.models import ApiKey, Checkpoint, Job, JobState
 from api.usage import CHECKPOINT_KINDS, TRAINING_KINDS, hour_of, sample_tokens, storage_hours
-from contract.jobs import JobKind
+from contract.jobs import JobKind, SampleJob, parse_payload
 from loom.types import UsageReportResponse, UsageReportRow
 
 TRAINING = {kind.value for kind in TRAINING_KINDS}
 CHECKPOINTS = {kind.value for kind in CHECKPOINT_KINDS}
 
 
-def _run_of_sampler(model_path: str | None) -> str | None:
-    """The training run a sampling session's checkpoint (`tinker://<run>/...`) belongs to."""
-    if not model_path or not model_path.startswith("tinker://"):
-        return None
-    return model_path.removeprefix("tinker://").split("/", 1)[0]
+def _sampled_run(kind: str, payload: dict, run_of: dict[str, str]) -> str | None:
+    """The tenant's run whose stored weights a sample read (None: the base model, or no checkpoint of the tenant)."""
+    job = parse_payload(kind, payload)
+    return run_of.get(job.storage_uri) if isinstance(job, SampleJob) and job.storage_uri else None
 
 
 def usage_report(session: Session, owner: str, start: datetime, end: datetime) -> UsageReportResponse:
@@ -52,9 +52,7 @@ def usage_report(session: Session, owner: str, start: datetime, end: datetime) -
             Job.cost_tokens,
             Job.payload,
             Job.result,
-            SamplingSession.model_path,
         )
-        .outerjoin(SamplingSession, SamplingSession.id == Job.model_id)
         .where(
             Job.owner == owner,
             Job.state == JobState.DONE.value,
@@ -63,9 +61,15 @@ def usage_report(session: Session, owner: str, start: datetime, end: datetime) -
         )
         .execution_options(yield_per=500)
     )
-    for finished_at, kind, model_id, base_model, key_id, cost, payload, result, sampler_path in jobs:
+    run_of = {
+        uri: run
+        for uri, run in session.execute(
+            select(Checkpoint.storage_uri, Checkpoint.run_id).where(Checkpoint.owner == owner)
+        )
+    }
+    for finished_at, kind, model_id, base_model, key_id, cost, payload, result in jobs:
         sampled = kind == JobKind.SAMPLE.value
-        run_id = _run_of_sampler(sampler_path) if sampled else model_id
+        run_id = _sampled_run(kind, payload, run_of) if sampled else model_id
         row = row_of(hour_of(finished_at), key_id, run_id, base_model)
         row.requests += 1
         if kind in TRAINING:
@@ -75,6 +79,7 @@ def usage_report(session: Session, owner: str, start: datetime, end: datetime) -
         elif sampled and result is not None:
             fresh, cached, generated = sample_tokens(kind, payload, result)
             row.tokens_prompt += fresh + cached
+            row.tokens_prompt_cached += cached
             row.tokens_generated += generated
     for (bucket, run_id, base_model), gigabyte_hours in storage_hours(session, owner, start, end).items():
         row_of(bucket, None, run_id, base_model).storage_gigabyte_hours += gigabyte_hours

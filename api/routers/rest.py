@@ -23,6 +23,7 @@ Hidden checkpoints (a sampling session's snapshot, recovery checkpoints) are nev
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
@@ -82,30 +83,47 @@ def _runs_in_scope(owner: str, access_scope: AccessScope) -> ColumnElement[bool]
     return mine | TrainingRun.id.in_(select(Checkpoint.run_id).where(_published_by_others(owner)))
 
 
-def _run(session, run: TrainingRun, viewer: str) -> WireTrainingRun:
-    """The wire form of `run` as `viewer` sees it: another tenant's run shows only its published checkpoints."""
-    visible = listed_checkpoint() if run.owner == viewer else _published_by_others(viewer)
-
-    def last(kind: str) -> WireCheckpoint | None:
-        c = session.scalar(
-            select(Checkpoint)
-            .where(Checkpoint.run_id == run.id, Checkpoint.kind == kind, visible)
-            .order_by(Checkpoint.created_at.desc())
-            .limit(1)
+def _last_checkpoints(session, runs: Sequence[TrainingRun], viewer: str) -> dict[tuple[str, str], WireCheckpoint]:
+    """The newest training and sampler checkpoint of each run that `viewer` may see, by (run id, kind): all listed
+    ones of the viewer's own runs, only the published ones of another tenant's. One query per kind of owner."""
+    found: dict[tuple[str, str], WireCheckpoint] = {}
+    own = [run.id for run in runs if run.owner == viewer]
+    others = [run.id for run in runs if run.owner != viewer]
+    for ids, visible in ((own, listed_checkpoint()), (others, _published_by_others(viewer))):
+        if not ids:
+            continue
+        newest = func.row_number().over(
+            partition_by=(Checkpoint.run_id, Checkpoint.kind), order_by=Checkpoint.created_at.desc()
         )
-        return None if c is None else _checkpoint(c)
+        ranked = (
+            select(Checkpoint.id, newest.label("newest"))
+            .where(Checkpoint.run_id.in_(ids), Checkpoint.kind.in_(("training", "sampler")), visible)
+            .subquery()
+        )
+        rows = session.scalars(
+            select(Checkpoint).join(ranked, ranked.c.id == Checkpoint.id).where(ranked.c.newest == 1)
+        )
+        found.update({(c.run_id, c.kind): _checkpoint(c) for c in rows})
+    return found
 
-    return WireTrainingRun(
-        training_run_id=run.id,
-        base_model=run.base_model,
-        model_owner=run.owner,
-        is_lora=True,
-        lora_rank=run.lora_rank,
-        last_request_time=run.last_request_time,
-        last_checkpoint=last("training"),
-        last_sampler_checkpoint=last("sampler"),
-        user_metadata={k: str(v) for k, v in (run.user_metadata or {}).items()},
-    )
+
+def _runs(session, runs: Sequence[TrainingRun], viewer: str) -> list[WireTrainingRun]:
+    """The wire form of `runs` as `viewer` sees them: another tenant's run shows only its published checkpoints."""
+    last = _last_checkpoints(session, runs, viewer)
+    return [
+        WireTrainingRun(
+            training_run_id=run.id,
+            base_model=run.base_model,
+            model_owner=run.owner,
+            is_lora=True,
+            lora_rank=run.lora_rank,
+            last_request_time=run.last_request_time,
+            last_checkpoint=last.get((run.id, "training")),
+            last_sampler_checkpoint=last.get((run.id, "sampler")),
+            user_metadata={k: str(v) for k, v in (run.user_metadata or {}).items()},
+        )
+        for run in runs
+    ]
 
 
 @router.post("/weights_info")
@@ -142,7 +160,7 @@ def list_training_runs(
         runs = session.scalars(
             select(TrainingRun).where(mine).order_by(TrainingRun.created_at.desc()).offset(offset).limit(limit)
         ).all()
-        items = [_run(session, r, owner) for r in runs]
+        items = _runs(session, runs, owner)
     return TrainingRunsResponse(
         training_runs=items, cursor=Cursor(offset=offset, limit=limit, total_count=total or 0)
     ).to_wire()
@@ -154,7 +172,7 @@ def get_training_run(run_id: str, state: State, owner: Tenant, access_scope: Acc
         run = session.scalar(select(TrainingRun).where(TrainingRun.id == run_id, _runs_in_scope(owner, access_scope)))
         if run is None:
             raise not_found(f"training run {run_id!r} not found")
-        return _run(session, run, owner).to_wire()
+        return _runs(session, [run], owner)[0].to_wire()
 
 
 @router.get("/training_runs/{run_id}/checkpoints")

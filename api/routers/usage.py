@@ -1,5 +1,6 @@
 """Usage and audit routes (Tinker's AdminClient surface): billing usage events, current checkpoint storage, audit log;
-and Loom's usage report per key and per run (`GET /api/v1/usage/report?start=&end=[&format=csv]`, `api/usage_report.py`).
+and Loom's own: usage per training run (`GET /api/v1/billing/usage/runs`, same window as the events) and the usage
+report per hour, key and run (`GET /api/v1/usage/report?start=&end=[&format=csv]`, `api/usage_report.py`).
 
 A tenant is its own organisation: every figure and entry is the caller's own (`api/usage.py` says what counts, and
 that Loom has no prices). `GET /api/v1/audit` lists the events on the caller's objects of one UTC day (`day`,
@@ -26,6 +27,7 @@ from api.db.audit import day_page
 from api.db.models import AuditEvent
 from api.deps import State, Tenant
 from api.errors import invalid
+from api.run_usage import run_usage
 from api.usage import billing_usage, checkpoint_storage, hour_of
 from api.usage_report import usage_report
 from loom.types import (
@@ -68,6 +70,16 @@ def billing_usage_events(
     start, end = _window(query.starting_on, query.ending_before, ("starting_on", "ending_before"), MAX_WINDOW)
     with state.reading() as session:
         return billing_usage(session, owner, start, end).to_wire()
+
+
+@router.get("/billing/usage/runs")
+def billing_usage_runs(
+    query: Annotated[GetBillingUsageRequest, Query()], state: State, owner: Tenant
+) -> dict[str, Any]:
+    """Loom's own: the window's usage per training run of the caller (`api/run_usage.py`)."""
+    start, end = _window(query.starting_on, query.ending_before, ("starting_on", "ending_before"), MAX_WINDOW)
+    with state.reading() as session:
+        return run_usage(session, owner, start, end).to_wire()
 
 
 @router.get("/usage/report", response_model=None)

@@ -12,7 +12,7 @@ Modules:
 - :mod:`.rest`         training runs, checkpoints, weights_info, samplers, sessions, copy_weights
 - :mod:`.sessions`     session finish/search/project/trace export, cancel_future, the calling API key
 - :mod:`.custom_loss`  create_custom_loss: a traced loss graph as data
-- :mod:`.usage`        billing usage events, current checkpoint storage
+- :mod:`.usage`        billing usage events, current checkpoint storage, usage per run
 - :mod:`.tokenizers`   tokenizer file listings, and the Hub shapes of the ``/hf`` routes
 - :mod:`.audit`        the audit log (``AdminClient.get_audit_log``)
 - :mod:`.keys`         a tenant's own API keys: list, create, revoke
@@ -20,6 +20,7 @@ Modules:
 - :mod:`.tenants`      tenants as an operator manages them
 - :mod:`.usage_report` usage per key and per run, hour by hour
 - :mod:`.queue`        a tenant's pending and running requests, the live workers
+- :mod:`.metrics`      a training run's metric history, step by step
 - :mod:`.images`       ImageGeometry: how many tokens an image takes in a Qwen3-VL-style model
 
 Every model ignores unknown keys (forward compatibility) and serialises with
@@ -56,6 +57,7 @@ from .futures import (
 )
 from .images import QWEN3_VL_GEOMETRY, ImageGeometry
 from .keys import ApiKeyInfo, CreateApiKeyRequest, CreateApiKeyResponse, ListApiKeysResponse
+from .metrics import TrainingRunMetricsPoint, TrainingRunMetricsResponse
 from .model_input import (
     LOSS_FN_INPUT_DTYPES,
     Datum,
@@ -186,6 +188,8 @@ from .usage import (
     CurrentCheckpointStorageUsageItem,
     CurrentCheckpointStorageUsageResponse,
     GetBillingUsageRequest,
+    RunUsage,
+    RunUsageResponse,
     SamplingPrefillBillingEvent,
     SamplingSampleBillingEvent,
     StorageBillingEvent,
@@ -213,6 +217,8 @@ __all__ = [
     "CreateApiKeyRequest",
     "CreateApiKeyResponse",
     "ListApiKeysResponse",
+    "TrainingRunMetricsPoint",
+    "TrainingRunMetricsResponse",
     "CreateCustomLossRequest",
     "CreateCustomLossResponse",
     "CustomLossGraph",
@@ -337,6 +343,8 @@ __all__ = [
     "CurrentCheckpointStorageUsageItem",
     "CurrentCheckpointStorageUsageResponse",
     "GetBillingUsageRequest",
+    "RunUsage",
+    "RunUsageResponse",
     "SamplingPrefillBillingEvent",
     "SamplingSampleBillingEvent",
     "StorageBillingEvent",

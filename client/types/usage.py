@@ -3,7 +3,8 @@
 Role: ``GET /api/v1/billing/usage/events?starting_on=&ending_before=`` answers :class:`BillingUsageResponse`
 (hourly buckets; the kind of usage and its quantity in ``event_info``, discriminated on ``type``) and
 ``GET /api/v1/billing/usage/checkpoints/current[?project_id=]`` answers
-:class:`CurrentCheckpointStorageUsageResponse`.
+:class:`CurrentCheckpointStorageUsageResponse`. Loom's own ``GET /api/v1/billing/usage/runs`` (same window as the
+events) answers :class:`RunUsageResponse`: the window's figures per training run of the caller.
 
 Cost and rate fields exist because tinker's types carry them; a server without prices (Loom) leaves them ``None``.
 """
@@ -107,3 +108,27 @@ class CurrentCheckpointStorageUsageItem(WireModel):
 class CurrentCheckpointStorageUsageResponse(WireModel):
     effective_rate_usd_per_gigabyte_month: float | None = None
     data: list[CurrentCheckpointStorageUsageItem] = Field(default_factory=list)
+
+
+class RunUsage(WireModel):
+    """One of the caller's training runs: what it used in the window, and what its checkpoints store now."""
+
+    training_run_id: str
+    base_model: str
+    session_id: str | None = None
+    training_tokens: int = 0
+    """Tokens of the run's finished forward_backward and forward requests."""
+    sampling_prefill_tokens: int = 0
+    """Prompt tokens of finished samples from the run's checkpoints (any sampler, OpenAI requests included), less
+    the cached ones."""
+    sampling_prefill_cached_tokens: int = 0
+    sampling_sample_tokens: int = 0
+    """Tokens those samples generated."""
+    checkpoints_saved: int = 0
+    stored_bytes: int = 0
+    """Bytes of the run's listed checkpoints now (whatever the window)."""
+
+
+class RunUsageResponse(WireModel):
+    runs: list[RunUsage] = Field(default_factory=list)
+    """Runs with any figure above zero, most training tokens first."""

@@ -16,7 +16,8 @@ class UsageReportRow(WireModel):
     api_key_prefix: str | None = None
     api_key_name: str | None = None
     run_id: str | None = None
-    """The training run: its own ops, samples of its checkpoints, its stored checkpoints. Absent: the base model."""
+    """The training run: its own ops, samples of its checkpoints (by the stored weights they read, OpenAI requests
+    included), its stored checkpoints. Absent: samples of the base model or of no checkpoint of the tenant."""
     base_model: str
     requests: int = 0
     """Finished requests (failed ones count nothing)."""
@@ -24,6 +25,8 @@ class UsageReportRow(WireModel):
     """Tokens of finished forward_backward and forward requests."""
     tokens_prompt: int = 0
     """Prompt tokens of finished samples (prefix-cache hits included)."""
+    tokens_prompt_cached: int = 0
+    """Of those, the ones the worker's prefix cache served."""
     tokens_generated: int = 0
     checkpoints_saved: int = 0
     storage_gigabyte_hours: float = 0.0

@@ -174,6 +174,28 @@ def test_user_checkpoints_are_listed_across_runs_newest_first_with_a_cursor(door
     assert [c["tinker_path"] for c in door.bob.get("/api/v1/checkpoints").json()["checkpoints"]] == [theirs]
 
 
+def test_each_listed_run_shows_its_newest_listed_checkpoint_of_each_kind(door: Door) -> None:
+    both, sampler_only, bare = door.run(door.alice), door.run(door.alice), door.run(door.alice)
+    door.checkpoint("alice", both, "old")
+    newest = door.checkpoint("alice", both, "new")
+    sampler = door.checkpoint("alice", both, "s", kind="sampler_weights")
+    door.checkpoint("alice", both, "snapshot", kind="sampler_weights", ephemeral=True)  # hidden: never shown
+    only = door.checkpoint("alice", sampler_only, "s", kind="sampler_weights")
+    door.checkpoint("bob", door.run(door.bob), "theirs")
+
+    listed = door.alice.get("/api/v1/training_runs").json()["training_runs"]
+    last = {
+        r["training_run_id"]: (
+            (r.get("last_checkpoint") or {}).get("tinker_path"),
+            (r.get("last_sampler_checkpoint") or {}).get("tinker_path"),
+        )
+        for r in listed
+    }
+    assert last == {both: (newest, sampler), sampler_only: (None, only), bare: (None, None)}
+    one = door.alice.get(f"/api/v1/training_runs/{both}").json()
+    assert (one["last_checkpoint"]["tinker_path"], one["last_sampler_checkpoint"]["tinker_path"]) == last[both]
+
+
 # -- publish / unpublish ------------------------------------------------------------------------------------------
 
 
@@ -433,6 +455,61 @@ def test_usage_counts_finished_tokens_saves_and_stored_bytes(door: Door) -> None
     }
 
 
+def test_usage_per_run_counts_its_training_saves_samples_of_its_weights_and_stored_bytes(door: Door) -> None:
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    first, second = door.run(door.alice), door.run(door.alice)
+    finish(door, "alice", first, 1, ForwardBackwardJob(input=fb_input(list(range(10)))), {}, hour)  # 9 tokens
+    finish(door, "alice", second, 1, ForwardBackwardJob(input=fb_input(list(range(5)))), {}, hour)  # 4 tokens
+    target = CheckpointTarget(checkpoint_id="weights/s", tinker_path=f"tinker://{second}/weights/s")
+    finish(door, "alice", second, 2, SaveWeightsJob(target=target), {"path": target.tinker_path}, hour)
+    finish(door, "alice", first, 2, ForwardJob(input=fb_input(list(range(9)))), {}, hour + timedelta(hours=1))
+    weights = door.checkpoint("alice", first, "for-sampling", kind="sampler_weights")
+    prompt = TinkerPrompt(model_input=ModelInput.from_ints([1, 2, 3, 4, 5, 6]))
+    result = {
+        "type": "sample",
+        "prompt_cache_hit_tokens": 4,
+        "sequences": [{"tokens": [7, 8, 9], "stop_reason": "length"}, {"tokens": [7], "stop_reason": "stop"}],
+    }
+    for seq_id, uri in enumerate((door.row(weights).storage_uri, None)):  # the base model's sample is no run's
+        sample = SampleJob(prompt=prompt, sampling_params=SamplingParams(max_tokens=3), num_samples=2, storage_uri=uri)
+        finish(door, "alice", f"{first.split(':')[0]}:sample:0", seq_id, sample, result, hour)
+    bob_run = door.run(door.bob)
+    finish(door, "bob", bob_run, 1, ForwardBackwardJob(input=fb_input(list(range(30)))), {}, hour)
+
+    window = {"starting_on": hour.isoformat(), "ending_before": (hour + timedelta(hours=1)).isoformat()}
+    runs = door.alice.get("/api/v1/billing/usage/runs", params=window).json()["runs"]
+    zero = {
+        "training_tokens": 0,
+        "sampling_prefill_tokens": 0,
+        "sampling_prefill_cached_tokens": 0,
+        "sampling_sample_tokens": 0,
+        "checkpoints_saved": 0,
+        "stored_bytes": 0,
+    }
+    sampled = {"sampling_prefill_tokens": 2, "sampling_prefill_cached_tokens": 4, "sampling_sample_tokens": 4}
+    assert runs == [
+        {
+            "training_run_id": first,
+            "base_model": BASE_NAME,
+            "session_id": first.split(":")[0],
+            **zero,
+            "training_tokens": 9,
+            **sampled,
+            "stored_bytes": door.row(weights).size_bytes,
+        },
+        {
+            "training_run_id": second,
+            "base_model": BASE_NAME,
+            "session_id": second.split(":")[0],
+            **zero,
+            "training_tokens": 4,
+            "checkpoints_saved": 1,
+        },
+    ]
+    bob = door.bob.get("/api/v1/billing/usage/runs", params=window).json()["runs"]
+    assert [(r["training_run_id"], r["training_tokens"]) for r in bob] == [(bob_run, 29)]
+
+
 @pytest.mark.parametrize(
     ("window", "param"),
     [
@@ -446,7 +523,8 @@ def test_usage_counts_finished_tokens_saves_and_stored_bytes(door: Door) -> None
     ],
 )
 def test_usage_windows_are_whole_past_hours_at_most_14_days_long(door: Door, window: dict, param: str) -> None:
-    assert error(door.alice.get("/api/v1/billing/usage/events", params=window), 400)["param"] == param
+    for route in ("/api/v1/billing/usage/events", "/api/v1/billing/usage/runs"):
+        assert error(door.alice.get(route, params=window), 400)["param"] == param
 
 
 def test_every_job_kind_has_a_usage_rule() -> None:

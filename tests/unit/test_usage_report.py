@@ -1,7 +1,7 @@
 """Usage per key and per run (`GET /api/v1/usage/report`), through the real app with jobs finished by hand.
 
 Alice trains one run with two of her keys and samples its checkpoint through a sampling session; the report
-splits the tokens by the key that submitted them, gives the sample to the run whose checkpoint it sampled, and
+splits the tokens by the key that submitted them, gives the sample to the run whose stored weights it read, and
 the run's stored checkpoint its gigabyte-hours; the CSV export holds the same rows; bob's report holds none of
 alice's; the window is checked like billing's (whole past hours), up to 31 days.
 """
@@ -56,7 +56,9 @@ def test_the_report_splits_usage_by_key_and_run_and_exports_csv(door: Door) -> N
     sampler = {"session_id": run_id.split(":")[0], "sampling_session_seq_id": 0, "model_path": path}
     sampler_id = door.alice.post("/api/v1/create_sampling_session", json=sampler).json()["sampling_session_id"]
     sample = SampleJob(
-        prompt=TinkerPrompt(model_input=ModelInput.from_ints([1, 2, 3])), sampling_params=SamplingParams(max_tokens=2)
+        prompt=TinkerPrompt(model_input=ModelInput.from_ints([1, 2, 3])),
+        sampling_params=SamplingParams(max_tokens=2),
+        storage_uri=door.row(path).storage_uri,  # what the API resolves the session's checkpoint to
     )
     result = {"type": "sample", "sequences": [{"tokens": [4, 5], "stop_reason": "length"}]}
     finish(door, "alice", sampler_id, 0, sample, result, HOUR + timedelta(minutes=5))
