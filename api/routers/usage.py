@@ -21,7 +21,7 @@ import io
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Depends, Query, Response
 
 from api.db.audit import day_page
 from api.db.models import AuditEvent
@@ -63,23 +63,24 @@ def _window(start: datetime, end: datetime, names: tuple[str, str], longest: tim
     return start, end
 
 
+def _billing_window(query: Annotated[GetBillingUsageRequest, Query()]) -> tuple[datetime, datetime]:
+    return _window(query.starting_on, query.ending_before, ("starting_on", "ending_before"), MAX_WINDOW)
+
+
+BillingWindow = Annotated[tuple[datetime, datetime], Depends(_billing_window)]
+
+
 @router.get("/billing/usage/events")
-def billing_usage_events(
-    query: Annotated[GetBillingUsageRequest, Query()], state: State, owner: Tenant
-) -> dict[str, Any]:
-    start, end = _window(query.starting_on, query.ending_before, ("starting_on", "ending_before"), MAX_WINDOW)
+def billing_usage_events(window: BillingWindow, state: State, owner: Tenant) -> dict[str, Any]:
     with state.reading() as session:
-        return billing_usage(session, owner, start, end).to_wire()
+        return billing_usage(session, owner, *window).to_wire()
 
 
 @router.get("/billing/usage/runs")
-def billing_usage_runs(
-    query: Annotated[GetBillingUsageRequest, Query()], state: State, owner: Tenant
-) -> dict[str, Any]:
+def billing_usage_runs(window: BillingWindow, state: State, owner: Tenant) -> dict[str, Any]:
     """Loom's own: the window's usage per training run of the caller (`api/run_usage.py`)."""
-    start, end = _window(query.starting_on, query.ending_before, ("starting_on", "ending_before"), MAX_WINDOW)
     with state.reading() as session:
-        return run_usage(session, owner, start, end).to_wire()
+        return run_usage(session, owner, *window).to_wire()
 
 
 @router.get("/usage/report", response_model=None)
