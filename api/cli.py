@@ -90,6 +90,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     print(f"[loom] models     {', '.join(state.catalogue.names)}", flush=True)
     print(f"[loom] serving    {url}", flush=True)
     print(f"[loom] use:       export TINKER_BASE_URL={url} TINKER_API_KEY={key}", flush=True)
+    print(f"[loom] console    {url}/console (sign in with that key: an operator's)", flush=True)
     uvicorn.run(create_app(state=state), host=args.host, port=args.port, log_level=args.log_level)
 
 
