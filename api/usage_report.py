@@ -42,45 +42,37 @@ def usage_report(session: Session, owner: str, start: datetime, end: datetime) -
             use[key] = UsageReportRow(hour=bucket, api_key_id=key_id, run_id=run_id, base_model=base_model)
         return use[key]
 
-    jobs = session.execute(
-        select(
-            Job.finished_at,
-            Job.kind,
-            Job.model_id,
-            Job.base_model,
-            Job.api_key_id,
-            Job.cost_tokens,
-            Job.payload,
-            Job.result,
-        )
-        .where(
-            Job.owner == owner,
-            Job.state == JobState.DONE.value,
-            Job.finished_at >= start,
-            Job.finished_at < end,
-        )
-        .execution_options(yield_per=500)
-    )
     run_of = {
         uri: run
         for uri, run in session.execute(
             select(Checkpoint.storage_uri, Checkpoint.run_id).where(Checkpoint.owner == owner)
         )
     }
-    for finished_at, kind, model_id, base_model, key_id, cost, payload, result in jobs:
-        sampled = kind == JobKind.SAMPLE.value
-        run_id = _sampled_run(kind, payload, run_of) if sampled else model_id
-        row = row_of(hour_of(finished_at), key_id, run_id, base_model)
+    finished = (Job.owner == owner, Job.state == JobState.DONE.value, Job.finished_at >= start, Job.finished_at < end)
+    ops = session.execute(  # no payloads: a training request's data can be large, and its tokens are counted
+        select(Job.finished_at, Job.kind, Job.model_id, Job.base_model, Job.api_key_id, Job.cost_tokens).where(
+            *finished, Job.kind != JobKind.SAMPLE.value
+        )
+    )
+    for finished_at, kind, model_id, base_model, key_id, cost in ops:
+        row = row_of(hour_of(finished_at), key_id, model_id, base_model)
         row.requests += 1
         if kind in TRAINING:
             row.tokens_trained += cost
         elif kind in CHECKPOINTS:
             row.checkpoints_saved += 1
-        elif sampled and result is not None:
-            fresh, cached, generated = sample_tokens(kind, payload, result)
-            row.tokens_prompt += fresh + cached
-            row.tokens_prompt_cached += cached
-            row.tokens_generated += generated
+    samples = session.execute(
+        select(Job.finished_at, Job.kind, Job.base_model, Job.api_key_id, Job.payload, Job.result)
+        .where(*finished, Job.kind == JobKind.SAMPLE.value)
+        .execution_options(yield_per=500)
+    )
+    for finished_at, kind, base_model, key_id, payload, result in samples:
+        row = row_of(hour_of(finished_at), key_id, _sampled_run(kind, payload, run_of), base_model)
+        row.requests += 1
+        fresh, cached, generated = sample_tokens(kind, payload, result)
+        row.tokens_prompt += fresh + cached
+        row.tokens_prompt_cached += cached
+        row.tokens_generated += generated
     for (bucket, run_id, base_model), gigabyte_hours in storage_hours(session, owner, start, end).items():
         row_of(bucket, None, run_id, base_model).storage_gigabyte_hours += gigabyte_hours
     key_ids = {key_id for _, key_id, _, _ in use if key_id is not None}
