@@ -1,7 +1,10 @@
 /* Loom console core: sign-in with an API key (kept in sessionStorage), the REST helper every page uses, and small
    DOM helpers. Every request goes to the same REST routes the SDKs call, with the key in X-API-Key; a 401 signs
    the tab out with a message. A page script registers its start function with Loom.onSignedIn(fn); Loom.stream
-   reads a route's server-sent events (the OpenAI-compatible chat). */
+   reads a route's server-sent events (the OpenAI-compatible chat); Loom.fetchFile saves what a route answers as a
+   file (the key goes in the header, never in a URL). Navigation links marked data-operators-only (the tenants
+   page) are shown once GET /api/v1/admin/tenants/{own tenant} answers 200 for the signed-in key (asked at each page
+   load; a tenant that is not an operator gets 403). */
 "use strict";
 
 const Loom = (() => {
@@ -82,6 +85,22 @@ const Loom = (() => {
     return new ApiError(response.status, error.code, error.message || `${method} ${path} answered ${response.status}`);
   }
 
+  /* Saves `blob` as a file named `name` through a temporary link (the browser's own download). */
+  function saveBlob(blob, name) {
+    const link = el("a", { href: URL.createObjectURL(blob), download: name });
+    document.body.append(link);
+    link.click();
+    link.remove();
+  }
+
+  /* GETs `path` with the key and saves the answer as a file, named as its Content-Disposition says or `name`. */
+  async function fetchFile(path, name) {
+    const response = await fetch(path, { headers: { "X-API-Key": sessionStorage.getItem(KEY) || "" } });
+    if (!response.ok) throw await failure(response, "GET", path);
+    const named = /filename="([^"]+)"/.exec(response.headers.get("Content-Disposition") || "");
+    saveBlob(await response.blob(), named ? named[1] : name);
+  }
+
   /* POSTs `body` and calls onEvent(json) for each server-sent `data:` event until `[DONE]`. */
   async function stream(path, body, onEvent) {
     const response = await fetch(path, {
@@ -128,7 +147,17 @@ const Loom = (() => {
     if (!started) {
       started = true;
       for (const start of starters) start();
+      revealOperatorPages(me.tenant);
     }
+  }
+
+  /* Shows the operators' navigation links if this key may manage tenants (any refusal leaves them hidden), and
+     records the answer as the body's data-operator. */
+  async function revealOperatorPages(tenant) {
+    const path = `/api/v1/admin/tenants/${encodeURIComponent(tenant)}`;
+    const operator = await api("GET", path).then(() => true, () => false);
+    for (const link of document.querySelectorAll("[data-operators-only]")) link.hidden = !operator;
+    document.body.dataset.operator = String(operator);
   }
 
   /* Enters with the stored key; a refused key has already signed out with its message (see api). */
@@ -163,5 +192,5 @@ const Loom = (() => {
     else signOut("");
   });
 
-  return { $, el, api, stream, attempt, formatBytes, formatTime, onSignedIn, signedIn };
+  return { $, el, api, stream, fetchFile, saveBlob, attempt, formatBytes, formatTime, onSignedIn, signedIn };
 })();
