@@ -1,16 +1,16 @@
 """The web console in real headless Chromium (Debian's, driven by Playwright) against a real `loom serve`.
 
-Each test signs in with a key of its own tenant (made with `loom keys create`). Covered: `/` leads to the sign-in
-form, a wrong key is refused with a message and a valid one signs in; a run the official `tinker` SDK trains is
-plotted and its loss curve gains points while the SDK keeps stepping (the page polls, nothing is reloaded); its
-exported adapter is listed with a copyable `tinker://` path and downloads through the console as a PEFT adapter,
-and the console deletes it; the usage page counts each run's trained tokens (as many as the sessions' hourly
-events and the signed-in key's row of the usage report) and exports both as CSV, and the server's report CSV
-(per hour, key and run) downloads with its columns; the queue page shows the live workers, the served base models
+Each test signs in with a key of its own tenant (made with `loom keys create`; the operator, with the server's own
+key). Covered: `/` leads to the sign-in form, a wrong key is refused with a message and a valid one signs in; a run
+the official `tinker` SDK trains is plotted and its loss curve gains points while the SDK keeps stepping (the page
+polls, nothing is reloaded); its exported adapter is listed with a copyable `tinker://` path and downloads through
+the console as a PEFT adapter, and the console deletes it; the usage page counts each run's trained tokens (as many
+as the sessions' hourly events and the signed-in key's row of the usage report) and exports both as CSV, and the
+server's report CSV (per hour, key and run) downloads with its columns; the queue page shows a request of the
+tenant's while it waits for the op before it (and drops it once both ran), the live workers, the served base models
 and a limit set with `loom tenants set`; an operator creates a tenant and changes its limits on the tenants page,
-and the new tenant's first key signs in, without a Tenants link and told the page is for operators; a key revoked
-in the
-console fails its next request (the SDK's routes answer 401, a tab signed in with it is signed out with a
+and the new tenant's first key signs in, without a Tenants link and told the page is for operators; a key revoked in
+the console fails its next request (the SDK's routes answer 401, a tab signed in with it is signed out with a
 message); a second tenant sees none of the first tenant's runs, and gets 404 for the first one's metrics; an alias
 set on the aliases page chats in the playground (streamed) and is re-pointed to another checkpoint.
 
@@ -38,7 +38,7 @@ from tinker import types
 
 from loom.types import USAGE_REPORT_COLUMNS
 from tests.e2e.server import LoomServer, create_key, loom_cli
-from tests.e2e.wire import SMOL
+from tests.e2e.wire import SMOL, datum, fb_body, new_run, result
 
 pytestmark = pytest.mark.e2e
 
@@ -269,20 +269,31 @@ def test_usage_counts_each_runs_tokens_and_exports_csv(
     assert sum(int(r["tokens_trained"]) for r in report if r["api_key_prefix"] == prefix) == trained
 
 
-def test_the_queue_page_shows_workers_base_models_and_my_limits(
+def test_the_queue_page_shows_my_waiting_request_workers_base_models_and_my_limits(
     page: Page, server: LoomServer, artifacts: Path
 ) -> None:
     loom_cli(server.data_dir, "tenants", "set", "console-limited", "--tokens-per-minute", "1000")
-    sign_in(page, create_key(server.data_dir, "console-limited"), "/console/queue")
-    tokens = page.locator('#limits-table tr[data-limit="tokens_per_minute"] td')
-    expect(tokens.nth(1)).to_have_text(re.compile(r"^1,?000$"))
-    expect(tokens.nth(0)).to_have_text("0")
-    expect(tokens.nth(2)).to_have_text(re.compile(r"^in [0-9]+ s$"))
-    expect(page.locator('#limits-table tr[data-limit="requests_per_minute"] td').nth(1)).to_have_text("no limit")
-    expect(page.locator(f'#workers-table tr[data-worker="embedded:{SMOL}"]')).to_contain_text(SMOL)
-    expect(page.locator("#base-models")).to_contain_text(SMOL)
+    key = create_key(server.data_dir, "console-limited")
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": key}, timeout=60) as http:
+        run_id = new_run(http)
+        ops = [fb_body(run_id, seq_id, [datum(list(range(100, 112)))]) for seq_id in (1, 2)]
+        waiting = http.post("/api/v1/forward_backward", json=ops[1]).json()["request_id"]  # waits for seq_id 1
+        sign_in(page, key, "/console/queue")
+        row = page.locator(f'#queue-table tr[data-request="{waiting}"]')
+        expect(row.locator("td").nth(2)).to_have_text(run_id)
+        expect(row.locator("td").nth(4)).to_have_text("queued")
+        tokens = page.locator('#limits-table tr[data-limit="tokens_per_minute"] td')
+        expect(tokens.nth(1)).to_have_text(re.compile(r"^1,?000$"))
+        expect(tokens.nth(2)).to_have_text(re.compile(r"^in [0-9]+ s$"))
+        expect(page.locator('#limits-table tr[data-limit="requests_per_minute"] td').nth(1)).to_have_text("no limit")
+        expect(page.locator(f'#workers-table tr[data-worker="embedded:{SMOL}"]')).to_contain_text(SMOL)
+        expect(page.locator("#base-models")).to_contain_text(SMOL)
+        page.screenshot(path=artifacts / "console-queue.png", full_page=True)
+        first = http.post("/api/v1/forward_backward", json=ops[0]).json()["request_id"]
+        for request_id in (first, waiting):
+            assert "loss_fn_outputs" in result(http, request_id)
+    expect(row).to_have_count(0)  # the page keeps polling
     expect(page.get_by_text("Nothing of yours is queued or running.")).to_be_visible()
-    page.screenshot(path=artifacts / "console-queue.png", full_page=True)
 
 
 def test_an_operator_creates_a_tenant_whose_key_is_no_operators(

@@ -3,12 +3,13 @@
    the tab out with a message. A page script registers its start function with Loom.onSignedIn(fn); Loom.stream
    reads a route's server-sent events (the OpenAI-compatible chat); Loom.fetchFile saves what a route answers as a
    file (the key goes in the header, never in a URL). Navigation links marked data-operators-only (the tenants
-   page) are shown once GET /api/v1/admin/tenants/{own tenant} answers 200 for the signed-in key (asked at each page
-   load; a tenant that is not an operator gets 403). */
+   page) are shown once GET /api/v1/admin/tenants/{own tenant} answers 200 for the signed-in key (a tenant that is
+   not an operator gets 403); asked once per sign-in, so a role changed meanwhile shows at the next sign-in. */
 "use strict";
 
 const Loom = (() => {
   const KEY = "loom.apiKey";
+  const OPERATOR = "loom.operator"; /* "true" or "false" once asked for the signed-in key */
   const starters = [];
   let started = false;
 
@@ -55,6 +56,7 @@ const Loom = (() => {
 
   function signOut(message) {
     sessionStorage.removeItem(KEY);
+    sessionStorage.removeItem(OPERATOR);
     $("#page").hidden = true;
     $("#sign-out").hidden = true;
     $("#whoami").textContent = "";
@@ -151,11 +153,15 @@ const Loom = (() => {
     }
   }
 
-  /* Shows the operators' navigation links if this key may manage tenants (any refusal leaves them hidden), and
-     records the answer as the body's data-operator. */
+  /* Shows the operators' navigation links if this key may manage tenants (any failure leaves them hidden), and
+     records the answer as the body's data-operator. A 200 or 403 is kept in the tab until the next sign-in. */
   async function revealOperatorPages(tenant) {
-    const path = `/api/v1/admin/tenants/${encodeURIComponent(tenant)}`;
-    const operator = await api("GET", path).then(() => true, () => false);
+    if (!sessionStorage.getItem(OPERATOR)) {
+      const path = `/api/v1/admin/tenants/${encodeURIComponent(tenant)}`;
+      const answer = await api("GET", path).then(() => "true", (error) => (error.status === 403 ? "false" : null));
+      if (answer) sessionStorage.setItem(OPERATOR, answer);
+    }
+    const operator = sessionStorage.getItem(OPERATOR) === "true";
     for (const link of document.querySelectorAll("[data-operators-only]")) link.hidden = !operator;
     document.body.dataset.operator = String(operator);
   }
@@ -179,6 +185,7 @@ const Loom = (() => {
     $("#signin-form").addEventListener("submit", async (event) => {
       event.preventDefault();
       sessionStorage.setItem(KEY, $("#api-key").value.trim());
+      sessionStorage.removeItem(OPERATOR);
       $("#api-key").value = "";
       if (started) {  /* signed in before in this page: start afresh, nothing of the last key's data stays */
         window.location.reload();
