@@ -320,6 +320,7 @@ def test_an_operator_creates_a_tenant_whose_key_is_no_operators(
     edit.get_by_role("button", name="Save limits").click()
     expect(row.nth(3)).to_have_text("default")
     expect(row.nth(2)).to_have_text("100")
+    expect(page.get_by_role("button", name="Edit limits of console-made")).to_be_focused()  # keyboard stays there
     page.screenshot(path=artifacts / "console-tenants.png", full_page=True)
     shown = httpx.get(f"{server.url}/api/v1/admin/tenants/console-made", headers={"X-API-Key": server.api_key})
     assert shown.json()["limits"] == {"requests_per_minute": 100}

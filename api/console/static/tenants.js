@@ -42,6 +42,13 @@
     $("#tenants-table tbody").replaceChildren(...answer.tenants.map(tenantRow));
   }
 
+  /* Hides the edit form and puts the keyboard back on the edited tenant's button. */
+  function closeEdit() {
+    $("#edit-tenant").hidden = true;
+    const button = $(`#tenants-table tr[data-tenant="${CSS.escape(editing)}"] button`);
+    if (button) button.focus();
+  }
+
   async function start() {
     try {
       await loadTenants();
@@ -72,11 +79,11 @@
       event.preventDefault();
       attempt(async () => {
         await api("PATCH", `/api/v1/admin/tenants/${encodeURIComponent(editing)}`, limitsOf("edit"));
-        $("#edit-tenant").hidden = true;
         await loadTenants();
+        closeEdit();
       });
     });
-    $("#edit-cancel").addEventListener("click", () => { $("#edit-tenant").hidden = true; });
+    $("#edit-cancel").addEventListener("click", closeEdit);
     attempt(start);
   });
 })();
