@@ -5,11 +5,13 @@ The app runs in process under uvicorn (external queue: no model loads) on a SQLi
 rows as the API and workers write them. Debian's chromium (Playwright) opens each page signed in and the clock
 stops when the page shows its data: the runs table (newest 100 of 1,000 runs), one run's checkpoint list, the
 1,000-step loss chart of a ticked run, the aliases page's checkpoint picker (the newest 1,000 checkpoints), the
-usage page (14 days of hourly events) and the keys page. Same-run baseline: the same page for a tenant with
-nothing, measured the same way, interleaved. Also printed: the REST route behind each page, timed through httpx.
+usage page (14 days of hourly events, per run and per key), the keys page and the queue page (the tenant's limits).
+Same-run baseline: the same page for a tenant with nothing, measured the same way, interleaved. Also printed: the
+REST route behind each page, timed through httpx.
 
 Limits: one SQLite file on a local disk (PostgreSQL is not measured); page timings include Chromium's layout on
-this machine's 2 shared cores; the checkpoints have database rows only (listing never opens their files).
+this machine's 2 shared cores; the checkpoints have database rows only (listing never opens their files). The
+operators' tenants page is not timed: neither tenant is an operator, and it lists tenants, not a tenant's data.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from api.db.keys import create_api_key  # noqa: E402
 from api.db.models import TRAINING_LANE, Checkpoint, ClientSession, Job, JobState, TrainingRun  # noqa: E402
 from api.db.types import utcnow  # noqa: E402
 from api.deps import AppState  # noqa: E402
+from api.usage import hour_of  # noqa: E402
 from contract.settings import Settings  # noqa: E402
 
 RUNS, CHECKPOINTS_PER_RUN, STEPS = 1000, 10, 1000
@@ -160,7 +163,19 @@ def page_actions(run_id: str | None) -> dict[str, Callable[[Page], object]]:
         page.goto("/console/keys")
         page.locator("#keys-table tbody tr").first.wait_for()
 
-    return {"runs": runs, "checkpoints": checkpoints, "chart": chart, "aliases": aliases, "usage": usage, "keys": keys}
+    def queue(page: Page) -> None:
+        page.goto("/console/queue")
+        page.locator("#limits-table tbody tr").first.wait_for()
+
+    return {
+        "runs": runs,
+        "checkpoints": checkpoints,
+        "chart": chart,
+        "aliases": aliases,
+        "usage": usage,
+        "keys": keys,
+        "queue": queue,
+    }
 
 
 def main() -> None:
@@ -181,11 +196,15 @@ def main() -> None:
             f"{time.perf_counter() - started:.1f} s"
         )
         server, url = serve(state)
+        end_hour = hour_of(utcnow()) + timedelta(hours=1)  # the usage page's 14 days
+        start, end = (f"{hour:%Y-%m-%dT%H:%M:%SZ}" for hour in (end_hour - timedelta(days=14), end_hour))
         routes = {
             "runs": "/api/v1/training_runs?limit=100",
             "checkpoints": f"/api/v1/training_runs/{run_id}/checkpoints",
             "chart": f"/api/v1/training_runs/{run_id}/metrics",
             "aliases": "/api/v1/checkpoints?limit=1000",
+            "usage runs": f"/api/v1/billing/usage/runs?starting_on={start}&ending_before={end}",
+            "usage report": f"/api/v1/usage/report?start={start}&end={end}",
         }
         with httpx.Client(base_url=url, headers={"X-API-Key": big_key}, timeout=60) as http:
             for name, route in routes.items():

@@ -27,8 +27,13 @@ PAGES = {
     "aliases": "Aliases",
     "keys": "API keys",
     "usage": "Usage",
+    "queue": "Queue",
+    "tenants": "Tenants",
 }
 """Page name -> title, in the order the navigation lists them."""
+OPERATOR_PAGES = frozenset({"tenants"})
+"""Pages whose navigation link shows only for an operator's key (the browser asks the admin route; see
+`static/console.js`). Anyone may open them: the page then says it is for operators only."""
 POLICY = (
     "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; object-src 'none'; "
     "base-uri 'none'; frame-ancestors 'none'"
@@ -62,5 +67,5 @@ def static_file(name: str) -> FileResponse:
 def console_page(page: str, request: Request) -> HTMLResponse:
     if page not in PAGES:
         raise not_found(f"no console page {page!r}; pages: {', '.join(PAGES)}")
-    context = {"page": page, "pages": PAGES, "title": PAGES[page]}
+    context = {"page": page, "pages": PAGES, "operator_pages": OPERATOR_PAGES, "title": PAGES[page]}
     return templates.TemplateResponse(request, f"{page}.html", context, headers={"Content-Security-Policy": POLICY})

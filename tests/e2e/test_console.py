@@ -1,12 +1,16 @@
 """The web console in real headless Chromium (Debian's, driven by Playwright) against a real `loom serve`.
 
-Each test signs in with a key of its own tenant (made with `loom keys create`). Covered: `/` leads to the sign-in
-form, a wrong key is refused with a message and a valid one signs in; a run the official `tinker` SDK trains is
-plotted and its loss curve gains points while the SDK keeps stepping (the page polls, nothing is reloaded); its
-exported adapter is listed with a copyable `tinker://` path and downloads through the console as a PEFT adapter,
-and the console deletes it; the usage page counts each run's trained tokens (as many as the sessions' hourly
-events) and exports both as CSV; a key revoked in the
-console fails its next request (the SDK's routes answer 401, a tab signed in with it is signed out with a
+Each test signs in with a key of its own tenant (made with `loom keys create`; the operator, with the server's own
+key). Covered: `/` leads to the sign-in form, a wrong key is refused with a message and a valid one signs in; a run
+the official `tinker` SDK trains is plotted and its loss curve gains points while the SDK keeps stepping (the page
+polls, nothing is reloaded); its exported adapter is listed with a copyable `tinker://` path and downloads through
+the console as a PEFT adapter, and the console deletes it; the usage page counts each run's trained tokens (as many
+as the sessions' hourly events and the signed-in key's row of the usage report) and exports both as CSV, and the
+server's report CSV (per hour, key and run) downloads with its columns; the queue page shows a request of the
+tenant's while it waits for the op before it (and drops it once both ran), the live workers, the served base models
+and a limit set with `loom tenants set`; an operator creates a tenant and changes its limits on the tenants page,
+and the new tenant's first key signs in, without a Tenants link and told the page is for operators; a key revoked in
+the console fails its next request (the SDK's routes answer 401, a tab signed in with it is signed out with a
 message); a second tenant sees none of the first tenant's runs, and gets 404 for the first one's metrics; an alias
 set on the aliases page chats in the playground (streamed) and is re-pointed to another checkpoint.
 
@@ -32,8 +36,9 @@ import tinker
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from tinker import types
 
-from tests.e2e.server import LoomServer, create_key
-from tests.e2e.wire import SMOL
+from loom.types import USAGE_REPORT_COLUMNS
+from tests.e2e.server import LoomServer, create_key, loom_cli
+from tests.e2e.wire import SMOL, datum, fb_body, new_run, result
 
 pytestmark = pytest.mark.e2e
 
@@ -254,6 +259,80 @@ def test_usage_counts_each_runs_tokens_and_exports_csv(
     assert {r["training_run_id"]: int(r["training_tokens"]) for r in runs} == per_run
     hourly = _csv(page, "Export hourly CSV", tmp_path / "hourly.csv")
     assert sum(int(r["quantity"]) for r in hourly if r["type"] == "training") == trained
+
+    prefix = trainer.key[:12]
+    key_row = page.locator(f'#keys-usage-table tr[data-key="{prefix}"]')
+    expect(key_row.locator("td").first).to_have_text("cli")  # `loom keys create`'s default name
+    assert _number(key_row.locator("td").nth(2).inner_text()) == trained  # one key made every request
+    report = _csv(page, "Download CSV (per hour, key and run)", tmp_path / "report.csv")
+    assert (tmp_path / "report.csv").read_text().splitlines()[0] == ",".join(USAGE_REPORT_COLUMNS)
+    assert sum(int(r["tokens_trained"]) for r in report if r["api_key_prefix"] == prefix) == trained
+
+
+def test_the_queue_page_shows_my_waiting_request_workers_base_models_and_my_limits(
+    page: Page, server: LoomServer, artifacts: Path
+) -> None:
+    loom_cli(server.data_dir, "tenants", "set", "console-limited", "--tokens-per-minute", "1000")
+    key = create_key(server.data_dir, "console-limited")
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": key}, timeout=60) as http:
+        run_id = new_run(http)
+        ops = [fb_body(run_id, seq_id, [datum(list(range(100, 112)))]) for seq_id in (1, 2)]
+        waiting = http.post("/api/v1/forward_backward", json=ops[1]).json()["request_id"]  # waits for seq_id 1
+        sign_in(page, key, "/console/queue")
+        row = page.locator(f'#queue-table tr[data-request="{waiting}"]')
+        expect(row.locator("td").nth(2)).to_have_text(run_id)
+        expect(row.locator("td").nth(4)).to_have_text("queued")
+        tokens = page.locator('#limits-table tr[data-limit="tokens_per_minute"] td')
+        expect(tokens.nth(1)).to_have_text(re.compile(r"^1,?000$"))
+        expect(tokens.nth(2)).to_have_text(re.compile(r"^in [0-9]+ s$"))
+        expect(page.locator('#limits-table tr[data-limit="requests_per_minute"] td').nth(1)).to_have_text("no limit")
+        expect(page.locator(f'#workers-table tr[data-worker="embedded:{SMOL}"]')).to_contain_text(SMOL)
+        expect(page.locator("#base-models")).to_contain_text(SMOL)
+        page.screenshot(path=artifacts / "console-queue.png", full_page=True)
+        first = http.post("/api/v1/forward_backward", json=ops[0]).json()["request_id"]
+        for request_id in (first, waiting):
+            assert "loss_fn_outputs" in result(http, request_id)
+    expect(row).to_have_count(0)  # the page keeps polling
+    expect(page.get_by_text("Nothing of yours is queued or running.")).to_be_visible()
+
+
+def test_an_operator_creates_a_tenant_whose_key_is_no_operators(
+    page: Page, server: LoomServer, artifacts: Path
+) -> None:
+    sign_in(page, server.api_key, "/console/tenants")  # the embedded server's own tenant, `local`, is an operator
+    expect(page.locator("body")).to_have_attribute("data-operator", "true")
+    expect(page.get_by_role("link", name="Tenants")).to_be_visible()
+    create = page.locator("#create-tenant-form")
+    create.get_by_label("Tenant name").fill("console-made")
+    create.get_by_label("Tokens per minute").fill("5000")
+    create.get_by_role("button", name="Create tenant").click()
+    first_key = page.get_by_label("First API key")
+    expect(first_key).to_have_value(re.compile(r"^tml-"))
+    row = page.locator('#tenants-table tr[data-tenant="console-made"] td')
+    expect(row.nth(3)).to_have_text(re.compile(r"^5,?000$"))
+    expect(row.nth(6)).to_have_text("1")  # live keys: the first one
+
+    page.get_by_role("button", name="Edit limits of console-made").click()
+    edit = page.locator("#edit-tenant-form")
+    expect(edit.get_by_label("Tokens per minute")).to_have_value("5000")
+    edit.get_by_label("Tokens per minute").fill("")  # back to the deployment's default
+    edit.get_by_label("Requests per minute").fill("100")
+    edit.get_by_role("button", name="Save limits").click()
+    expect(row.nth(3)).to_have_text("default")
+    expect(row.nth(2)).to_have_text("100")
+    expect(page.get_by_role("button", name="Edit limits of console-made")).to_be_focused()  # keyboard stays there
+    page.screenshot(path=artifacts / "console-tenants.png", full_page=True)
+    shown = httpx.get(f"{server.url}/api/v1/admin/tenants/console-made", headers={"X-API-Key": server.api_key})
+    assert shown.json()["limits"] == {"requests_per_minute": 100}
+
+    key = first_key.input_value()
+    page.get_by_role("button", name="Sign out").click()
+    sign_in(page, key, "/console/tenants")
+    expect(page.locator("#whoami")).to_contain_text("console-made")
+    expect(page.get_by_text("This page is for operators only")).to_be_visible()
+    expect(page.locator("body")).to_have_attribute("data-operator", "false")
+    expect(page.get_by_role("link", name="Tenants")).to_be_hidden()
+    expect(page.locator("#tenants-admin")).to_be_hidden()
 
 
 def test_a_key_revoked_in_the_console_fails_its_next_request(

@@ -1,7 +1,8 @@
-"""The web console's pages and files as the API process serves them (in-process, no model): `/` leads to the
-console, each page renders with its sign-in form, unknown pages and paths outside `static/` answer 404, nothing
-is loaded from another origin, every console file ships in the package, and no console route is in the OpenAPI
-schema. What the pages do in a browser is tested in tests/e2e/test_console.py."""
+"""The web console's pages and files as the API process serves them (in-process, no model): `/` leads to the console,
+each page renders with its sign-in form, the operators' page is linked hidden (the browser shows it for an
+operator's key), unknown pages and paths outside `static/` answer 404, nothing is loaded from another origin, every
+console file ships in the package, and no console route is in the OpenAPI schema. What the pages do in a browser is
+tested in tests/e2e/test_console.py."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import build_state, create_app
-from api.console.pages import HERE, PAGES
+from api.console.pages import HERE, OPERATOR_PAGES, PAGES
 from contract.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +48,13 @@ def test_each_page_renders_with_a_labelled_sign_in_form(browser: TestClient, pag
         assert browser.get(script).status_code == 200, script
     ids = set(re.findall(r'<(?:input|select|textarea)[^>]* id="([^"]+)"', html))
     assert ids and ids <= set(re.findall(r'<label for="([^"]+)"', html))  # every form control has a label
+
+
+def test_only_the_operators_pages_link_is_hidden_until_the_browser_asks(browser: TestClient) -> None:
+    html = browser.get("/console/runs").text
+    hidden = re.findall(r'<li data-operators-only hidden>\s*<a href="/console/(\w+)"', html)
+    assert hidden == sorted(OPERATOR_PAGES) == ["tenants"]
+    assert len(re.findall(r'<li>\s*<a href="/console/', html)) == len(PAGES) - len(OPERATOR_PAGES)
 
 
 def test_unknown_pages_and_paths_outside_static_answer_404(browser: TestClient) -> None:

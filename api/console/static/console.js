@@ -1,11 +1,15 @@
 /* Loom console core: sign-in with an API key (kept in sessionStorage), the REST helper every page uses, and small
    DOM helpers. Every request goes to the same REST routes the SDKs call, with the key in X-API-Key; a 401 signs
    the tab out with a message. A page script registers its start function with Loom.onSignedIn(fn); Loom.stream
-   reads a route's server-sent events (the OpenAI-compatible chat). */
+   reads a route's server-sent events (the OpenAI-compatible chat); Loom.fetchFile saves what a route answers as a
+   file (the key goes in the header, never in a URL). Navigation links marked data-operators-only (the tenants
+   page) are shown once GET /api/v1/admin/tenants/{own tenant} answers 200 for the signed-in key (a tenant that is
+   not an operator gets 403); asked once per sign-in, so a role changed meanwhile shows at the next sign-in. */
 "use strict";
 
 const Loom = (() => {
   const KEY = "loom.apiKey";
+  const OPERATOR = "loom.operator"; /* "true" or "false" once asked for the signed-in key */
   const starters = [];
   let started = false;
 
@@ -52,6 +56,7 @@ const Loom = (() => {
 
   function signOut(message) {
     sessionStorage.removeItem(KEY);
+    sessionStorage.removeItem(OPERATOR);
     $("#page").hidden = true;
     $("#sign-out").hidden = true;
     $("#whoami").textContent = "";
@@ -80,6 +85,22 @@ const Loom = (() => {
       signOut("This API key is invalid or has been revoked. Sign in with a valid key.");
     }
     return new ApiError(response.status, error.code, error.message || `${method} ${path} answered ${response.status}`);
+  }
+
+  /* Saves `blob` as a file named `name` through a temporary link (the browser's own download). */
+  function saveBlob(blob, name) {
+    const link = el("a", { href: URL.createObjectURL(blob), download: name });
+    document.body.append(link);
+    link.click();
+    link.remove();
+  }
+
+  /* GETs `path` with the key and saves the answer as a file, named as its Content-Disposition says or `name`. */
+  async function fetchFile(path, name) {
+    const response = await fetch(path, { headers: { "X-API-Key": sessionStorage.getItem(KEY) || "" } });
+    if (!response.ok) throw await failure(response, "GET", path);
+    const named = /filename="([^"]+)"/.exec(response.headers.get("Content-Disposition") || "");
+    saveBlob(await response.blob(), named ? named[1] : name);
   }
 
   /* POSTs `body` and calls onEvent(json) for each server-sent `data:` event until `[DONE]`. */
@@ -128,7 +149,21 @@ const Loom = (() => {
     if (!started) {
       started = true;
       for (const start of starters) start();
+      revealOperatorPages(me.tenant);
     }
+  }
+
+  /* Shows the operators' navigation links if this key may manage tenants (any failure leaves them hidden), and
+     records the answer as the body's data-operator. A 200 or 403 is kept in the tab until the next sign-in. */
+  async function revealOperatorPages(tenant) {
+    if (!sessionStorage.getItem(OPERATOR)) {
+      const path = `/api/v1/admin/tenants/${encodeURIComponent(tenant)}`;
+      const answer = await api("GET", path).then(() => "true", (error) => (error.status === 403 ? "false" : null));
+      if (answer) sessionStorage.setItem(OPERATOR, answer);
+    }
+    const operator = sessionStorage.getItem(OPERATOR) === "true";
+    for (const link of document.querySelectorAll("[data-operators-only]")) link.hidden = !operator;
+    document.body.dataset.operator = String(operator);
   }
 
   /* Enters with the stored key; a refused key has already signed out with its message (see api). */
@@ -150,6 +185,7 @@ const Loom = (() => {
     $("#signin-form").addEventListener("submit", async (event) => {
       event.preventDefault();
       sessionStorage.setItem(KEY, $("#api-key").value.trim());
+      sessionStorage.removeItem(OPERATOR);
       $("#api-key").value = "";
       if (started) {  /* signed in before in this page: start afresh, nothing of the last key's data stays */
         window.location.reload();
@@ -163,5 +199,5 @@ const Loom = (() => {
     else signOut("");
   });
 
-  return { $, el, api, stream, attempt, formatBytes, formatTime, onSignedIn, signedIn };
+  return { $, el, api, stream, fetchFile, saveBlob, attempt, formatBytes, formatTime, onSignedIn, signedIn };
 })();

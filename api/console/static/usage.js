@@ -1,25 +1,44 @@
 /* Usage page: the tenant's tokens trained and sampled, checkpoints saved and bytes stored per training run
-   (GET /api/v1/billing/usage/runs) and per session and base model (GET /api/v1/billing/usage/events), in a window
-   of whole UTC hours (at most 14 days), the checkpoint bytes stored now per project
-   (GET /api/v1/billing/usage/checkpoints/current), and CSVs of the runs and of the hourly events, made here. */
+   (GET /api/v1/billing/usage/runs), per API key (the rows of GET /api/v1/usage/report summed per key) and per
+   session and base model (GET /api/v1/billing/usage/events), in a window of whole UTC hours (at most 14 days)
+   ending at the next one, the checkpoint bytes stored now per project (GET /api/v1/billing/usage/checkpoints/current),
+   CSVs of the runs and of the hourly events, made here, and the report's CSV (per hour, key and run), made by the
+   server. */
 "use strict";
 
 (() => {
-  const { $, el, api, attempt, formatBytes } = Loom;
+  const { $, el, api, attempt, formatBytes, saveBlob } = Loom;
   const HOUR_MS = 3600 * 1000;
   const COLUMNS = ["training", "sampling_prefill", "sampling_prefill_cached", "sampling_sample", "checkpoint"];
   const RUN_COLUMNS = [
     "training_tokens", "sampling_prefill_tokens", "sampling_prefill_cached_tokens", "sampling_sample_tokens",
     "checkpoints_saved", "stored_bytes",
   ];
+  const KEY_COLUMNS = ["tokens_trained", "tokens_prompt", "tokens_generated", "requests"];
   let events = [];
   let runs = [];
 
-  function windowQuery(hours) {
+  /* The query of the chosen window, [start, end) in whole UTC hours, with the route's names for its ends. */
+  function windowQuery(startName = "starting_on", endName = "ending_before") {
+    const hours = Number($("#usage-window").value);
     const end = new Date(Math.floor(Date.now() / HOUR_MS) * HOUR_MS + HOUR_MS);
     const start = new Date(end.getTime() - hours * HOUR_MS);
-    const iso = (d) => d.toISOString().replace(".000Z", "Z");
-    return `starting_on=${encodeURIComponent(iso(start))}&ending_before=${encodeURIComponent(iso(end))}`;
+    const iso = (d) => encodeURIComponent(d.toISOString().replace(".000Z", "Z"));
+    return `${startName}=${iso(start)}&${endName}=${iso(end)}`;
+  }
+
+  /* The report's rows summed per API key (storage rows have none), keys that used nothing left out. */
+  function perKey(rows) {
+    const keys = new Map();
+    for (const row of rows) {
+      const id = row.api_key_id || "";
+      if (!keys.has(id)) {
+        keys.set(id, { name: row.api_key_name || "(no key)", prefix: row.api_key_prefix || "",
+          ...Object.fromEntries(KEY_COLUMNS.map((c) => [c, 0])) });
+      }
+      for (const c of KEY_COLUMNS) keys.get(id)[c] += row[c];
+    }
+    return [...keys.values()].filter((key) => KEY_COLUMNS.some((c) => key[c] > 0));
   }
 
   function column(info) {
@@ -57,10 +76,10 @@
   }
 
   async function load() {
-    const hours = Number($("#usage-window").value);
-    const [usage, perRun, stored] = await Promise.all([
-      api("GET", `/api/v1/billing/usage/events?${windowQuery(hours)}`),
-      api("GET", `/api/v1/billing/usage/runs?${windowQuery(hours)}`),
+    const [usage, perRun, report, stored] = await Promise.all([
+      api("GET", `/api/v1/billing/usage/events?${windowQuery()}`),
+      api("GET", `/api/v1/billing/usage/runs?${windowQuery()}`),
+      api("GET", `/api/v1/usage/report?${windowQuery("start", "end")}`),
       api("GET", "/api/v1/billing/usage/checkpoints/current"),
     ]);
     events = usage.data;
@@ -70,6 +89,11 @@
       el("td", {}, el("code", { text: run.training_run_id })), el("td", { text: run.base_model }),
       ...RUN_COLUMNS.map((c) => el("td", { class: "number", text: run[c].toLocaleString() })))));
     $("#runs-usage-empty").hidden = runs.length > 0;
+    const keys = perKey(report.rows);
+    $("#keys-usage-table tbody").replaceChildren(...keys.map((key) => el("tr", { "data-key": key.prefix },
+      el("td", { text: key.name }), el("td", {}, el("code", { text: key.prefix ? `${key.prefix}…` : "" })),
+      ...KEY_COLUMNS.map((c) => el("td", { class: "number", text: key[c].toLocaleString() })))));
+    $("#keys-usage-empty").hidden = keys.length > 0;
     $("#storage-table tbody").replaceChildren(...stored.data.map((item) => el("tr", {},
       el("td", { text: item.project_id || "(none)" }), el("td", { class: "number", text: item.checkpoint_count }),
       el("td", { class: "number", text: `${item.size_bytes} (${formatBytes(item.size_bytes)})` }))));
@@ -82,11 +106,7 @@
 
   function download(name, header, rows) {
     const lines = [header, ...rows].map((row) => row.map(csvCell).join(","));
-    const blob = new Blob([lines.join("\n") + "\n"], { type: "text/csv" });
-    const link = el("a", { href: URL.createObjectURL(blob), download: name });
-    document.body.append(link);
-    link.click();
-    link.remove();
+    saveBlob(new Blob([lines.join("\n") + "\n"], { type: "text/csv" }), name);
   }
 
   function exportEvents() {
@@ -106,6 +126,8 @@
     $("#usage-window").addEventListener("change", () => attempt(load));
     $("#usage-csv").addEventListener("click", exportEvents);
     $("#runs-csv").addEventListener("click", exportRuns);
+    $("#report-csv").addEventListener("click", () => attempt(() => Loom.fetchFile(
+      `/api/v1/usage/report?${windowQuery("start", "end")}&format=csv`, "loom-usage-report.csv")));
     attempt(load);
   });
 })();
