@@ -108,10 +108,11 @@ def _job_totals(session: Session, owner: str, start: datetime, end: datetime) ->
 
 
 def storage_hours(
-    session: Session, owner: str, start: datetime, end: datetime
+    session: Session, owner: str, start: datetime, end: datetime, hourly: bool = True
 ) -> dict[tuple[datetime, str, str], float]:
     """Gigabyte-hours per (hour, training run, base model) of the tenant's stored checkpoints (hidden ones aside),
-    each counted until it expires (also when the sweep has not deleted it yet)."""
+    each counted until it expires (also when the sweep has not deleted it yet); not `hourly`: per (start, run, base
+    model), the whole window in one bucket."""
     now = utcnow()
     rows = session.execute(
         select(
@@ -128,6 +129,10 @@ def storage_hours(
     hours: dict[tuple[datetime, str, str], float] = defaultdict(float)
     for created_at, expires_at, size_bytes, run_id, base_model in rows:
         stored_until = min(end, now, expires_at or now)
+        if not hourly:
+            seconds = max(0.0, (stored_until - max(created_at, start)).total_seconds())
+            hours[start, run_id, base_model] += size_bytes / GIGABYTE * seconds / 3600
+            continue
         bucket = hour_of(max(created_at, start))
         while bucket < stored_until:
             seconds = (min(bucket + HOUR, stored_until) - max(bucket, created_at)).total_seconds()

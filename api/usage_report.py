@@ -33,7 +33,11 @@ def _sampled_run(kind: str, payload: dict, run_of: dict[str, str]) -> str | None
     return run_of.get(job.storage_uri) if isinstance(job, SampleJob) and job.storage_uri else None
 
 
-def usage_report(session: Session, owner: str, start: datetime, end: datetime) -> UsageReportResponse:
+def usage_report(
+    session: Session, owner: str, start: datetime, end: datetime, hourly: bool = True
+) -> UsageReportResponse:
+    """The tenant's usage in [start, end) by hour (not `hourly`: the whole window as one bucket), key and run."""
+    bucket_of = hour_of if hourly else (lambda _: start)
     use: dict[tuple[datetime, str | None, str | None, str], UsageReportRow] = {}
 
     def row_of(bucket: datetime, key_id: str | None, run_id: str | None, base_model: str) -> UsageReportRow:
@@ -55,7 +59,7 @@ def usage_report(session: Session, owner: str, start: datetime, end: datetime) -
         )
     )
     for finished_at, kind, model_id, base_model, key_id, cost in ops:
-        row = row_of(hour_of(finished_at), key_id, model_id, base_model)
+        row = row_of(bucket_of(finished_at), key_id, model_id, base_model)
         row.requests += 1
         if kind in TRAINING:
             row.tokens_trained += cost
@@ -67,13 +71,13 @@ def usage_report(session: Session, owner: str, start: datetime, end: datetime) -
         .execution_options(yield_per=500)
     )
     for finished_at, kind, base_model, key_id, payload, result in samples:
-        row = row_of(hour_of(finished_at), key_id, _sampled_run(kind, payload, run_of), base_model)
+        row = row_of(bucket_of(finished_at), key_id, _sampled_run(kind, payload, run_of), base_model)
         row.requests += 1
         fresh, cached, generated = sample_tokens(kind, payload, result)
         row.tokens_prompt += fresh + cached
         row.tokens_prompt_cached += cached
         row.tokens_generated += generated
-    for (bucket, run_id, base_model), gigabyte_hours in storage_hours(session, owner, start, end).items():
+    for (bucket, run_id, base_model), gigabyte_hours in storage_hours(session, owner, start, end, hourly).items():
         row_of(bucket, None, run_id, base_model).storage_gigabyte_hours += gigabyte_hours
     key_ids = {key_id for _, key_id, _, _ in use if key_id is not None}
     keys = {k.id: k for k in session.scalars(select(ApiKey).where(ApiKey.owner == owner, ApiKey.id.in_(key_ids)))}

@@ -204,7 +204,7 @@ def main() -> None:
             "chart": f"/api/v1/training_runs/{run_id}/metrics",
             "aliases": "/api/v1/checkpoints?limit=1000",
             "usage runs": f"/api/v1/billing/usage/runs?starting_on={start}&ending_before={end}",
-            "usage report": f"/api/v1/usage/report?start={start}&end={end}",
+            "usage report": f"/api/v1/usage/report?start={start}&end={end}&per=window",
         }
         with httpx.Client(base_url=url, headers={"X-API-Key": big_key}, timeout=60) as http:
             for name, route in routes.items():

@@ -85,11 +85,17 @@ def billing_usage_runs(window: BillingWindow, state: State, owner: Tenant) -> di
 
 @router.get("/usage/report", response_model=None)
 def get_usage_report(
-    start: datetime, end: datetime, state: State, owner: Tenant, format: Literal["json", "csv"] = "json"
+    start: datetime,
+    end: datetime,
+    state: State,
+    owner: Tenant,
+    format: Literal["json", "csv"] = "json",
+    per: Literal["hour", "window"] = "hour",
 ) -> dict[str, Any] | Response:
+    """Rows per hour, key and run; `per=window`: one bucket for the whole window (totals per key and run)."""
     start, end = _window(start, end, ("start", "end"), MAX_REPORT_WINDOW)
     with state.reading() as session:
-        report = usage_report(session, owner, start, end)
+        report = usage_report(session, owner, start, end, hourly=per == "hour")
     if format == "json":
         return report.to_wire()
     out = io.StringIO()

@@ -10,7 +10,8 @@ from ._base import WireModel
 
 class UsageReportRow(WireModel):
     hour: datetime
-    """Start of the UTC hour the requests finished in (or the checkpoints were stored in)."""
+    """Start of the UTC hour the requests finished in (or the checkpoints were stored in); with `per=window`, the
+    window's start (the row totals the whole window)."""
     api_key_id: str | None = None
     """The key that submitted the requests; absent for storage, and for requests from before keys were recorded."""
     api_key_prefix: str | None = None

@@ -2,7 +2,7 @@
 
 Alice trains one run with two of her keys and samples its checkpoint through a sampling session; the report
 splits the tokens by the key that submitted them, gives the sample to the run whose stored weights it read, and
-the run's stored checkpoint its gigabyte-hours; the CSV export holds the same rows; bob's report holds none of
+the run's stored checkpoint its gigabyte-hours; the CSV export holds the same rows; `per=window` totals them over the window; bob's report holds none of
 alice's; the window is checked like billing's (whole past hours), up to 31 days.
 """
 
@@ -82,6 +82,13 @@ def test_the_report_splits_usage_by_key_and_run_and_exports_csv(door: Door) -> N
     assert sorted(int(row["tokens_trained"]) for row in table) == [0, 4, 9]
 
     assert door.bob.get("/api/v1/usage/report", params=window).json()["rows"] == []
+
+    two_hours = {**window, "end": (HOUR + timedelta(hours=2)).isoformat(), "per": "window"}
+    totals = door.alice.get("/api/v1/usage/report", params=two_hours).json()["rows"]
+    assert {row["hour"] for row in totals} == {HOUR.isoformat().replace("+00:00", "Z")}  # one bucket: the window
+    by_run = {(row.get("api_key_name"), row.get("run_id")): row for row in totals}
+    assert by_run["test", run_id]["tokens_trained"] == 9 and by_run[None, run_id]["tokens_generated"] == 2
+    assert by_run[None, run_id]["storage_gigabyte_hours"] == pytest.approx(2 * unkeyed["storage_gigabyte_hours"])
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,13 @@ const Loom = (() => {
     return node;
   }
 
+  const numbers = new Intl.NumberFormat();
+
+  /* A count with the reader's digit grouping (one formatter for every table cell: toLocaleString builds one each). */
+  function formatNumber(n) {
+    return n === null || n === undefined ? "" : numbers.format(n);
+  }
+
   function formatBytes(n) {
     if (n === null || n === undefined) return "";
     const units = ["B", "KB", "MB", "GB", "TB"];
@@ -199,5 +206,7 @@ const Loom = (() => {
     else signOut("");
   });
 
-  return { $, el, api, stream, fetchFile, saveBlob, attempt, formatBytes, formatTime, onSignedIn, signedIn };
+  return {
+    $, el, api, stream, fetchFile, saveBlob, attempt, formatNumber, formatBytes, formatTime, onSignedIn, signedIn,
+  };
 })();

@@ -4,13 +4,13 @@
 "use strict";
 
 (() => {
-  const { $, el, api, attempt, formatBytes, formatTime } = Loom;
+  const { $, el, api, attempt, formatNumber, formatBytes, formatTime } = Loom;
   const POLL_MS = 3000;
   const LIMITS = [
-    ["requests_per_minute", "Requests per minute", (n) => n.toLocaleString()],
-    ["tokens_per_minute", "Tokens per minute", (n) => n.toLocaleString()],
-    ["concurrent_runs", "Concurrent training runs", (n) => n.toLocaleString()],
-    ["stored_bytes", "Checkpoint bytes stored", (n) => `${n.toLocaleString()} (${formatBytes(n)})`],
+    ["requests_per_minute", "Requests per minute", formatNumber],
+    ["tokens_per_minute", "Tokens per minute", formatNumber],
+    ["concurrent_runs", "Concurrent training runs", formatNumber],
+    ["stored_bytes", "Checkpoint bytes stored", (n) => `${formatNumber(n)} (${formatBytes(n)})`],
   ];
 
   function requestRow(r) {
@@ -18,7 +18,7 @@
       el("td", {}, el("code", { text: r.request_id })), el("td", { text: r.kind }),
       el("td", {}, el("code", { text: r.model_id || "" })), el("td", { text: r.base_model }),
       el("td", { text: r.state === "leased" ? "running" : "queued" }),
-      el("td", { class: "number", text: r.ahead.toLocaleString() }),
+      el("td", { class: "number", text: formatNumber(r.ahead) }),
       el("td", { text: formatTime(r.created_at) }), el("td", { text: formatTime(r.started_at) }));
   }
 

@@ -6,7 +6,7 @@
 "use strict";
 
 (() => {
-  const { $, el, api, attempt, formatBytes } = Loom;
+  const { $, el, api, attempt, formatNumber, formatBytes } = Loom;
   const LIMITS = ["requests_per_minute", "tokens_per_minute", "concurrent_runs", "stored_bytes"];
   let editing = null;
 
@@ -27,7 +27,8 @@
   }
 
   function tenantRow(t) {
-    const limit = (name) => el("td", { class: "number", text: t.limits[name]?.toLocaleString() ?? "default" });
+    const own = (name) => (t.limits[name] == null ? "default" : formatNumber(t.limits[name]));
+    const limit = (name) => el("td", { class: "number", text: own(name) });
     return el("tr", { "data-tenant": t.name },
       el("td", { text: t.name }), el("td", { text: t.operator ? "yes" : "no" }), ...LIMITS.map(limit),
       el("td", { class: "number", text: t.live_keys }), el("td", { class: "number", text: t.live_runs }),

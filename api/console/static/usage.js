@@ -7,7 +7,7 @@
 "use strict";
 
 (() => {
-  const { $, el, api, attempt, formatBytes, saveBlob } = Loom;
+  const { $, el, api, attempt, formatNumber, formatBytes, saveBlob } = Loom;
   const HOUR_MS = 3600 * 1000;
   const COLUMNS = ["training", "sampling_prefill", "sampling_prefill_cached", "sampling_sample", "checkpoint"];
   const RUN_COLUMNS = [
@@ -15,6 +15,7 @@
     "checkpoints_saved", "stored_bytes",
   ];
   const KEY_COLUMNS = ["tokens_trained", "tokens_prompt", "tokens_generated", "requests"];
+  const RUNS_SHOWN = 100; /* the table shows the runs that trained most; the runs CSV has every one */
   let events = [];
   let runs = [];
 
@@ -70,7 +71,7 @@
     const { rows, storage } = totals();
     $("#usage-table tbody").replaceChildren(...rows.map((row) => el("tr", {},
       el("td", {}, el("code", { text: row.session })), el("td", { text: row.project }), el("td", { text: row.model }),
-      ...COLUMNS.map((c) => el("td", { class: "number", text: row[c].toLocaleString() })))));
+      ...COLUMNS.map((c) => el("td", { class: "number", text: formatNumber(row[c]) })))));
     $("#usage-empty").hidden = rows.length > 0;
     $("#storage-gbh").textContent = storage.toPrecision(3);
   }
@@ -79,20 +80,24 @@
     const [usage, perRun, report, stored] = await Promise.all([
       api("GET", `/api/v1/billing/usage/events?${windowQuery()}`),
       api("GET", `/api/v1/billing/usage/runs?${windowQuery()}`),
-      api("GET", `/api/v1/usage/report?${windowQuery("start", "end")}`),
+      api("GET", `/api/v1/usage/report?${windowQuery("start", "end")}&per=window`),
       api("GET", "/api/v1/billing/usage/checkpoints/current"),
     ]);
     events = usage.data;
     runs = perRun.runs;
     render();
-    $("#runs-usage-table tbody").replaceChildren(...runs.map((run) => el("tr", { "data-run": run.training_run_id },
+    $("#runs-usage-table tbody").replaceChildren(...runs.slice(0, RUNS_SHOWN).map((run) => el("tr", {
+      "data-run": run.training_run_id },
       el("td", {}, el("code", { text: run.training_run_id })), el("td", { text: run.base_model }),
-      ...RUN_COLUMNS.map((c) => el("td", { class: "number", text: run[c].toLocaleString() })))));
+      ...RUN_COLUMNS.map((c) => el("td", { class: "number", text: formatNumber(run[c]) })))));
     $("#runs-usage-empty").hidden = runs.length > 0;
+    $("#runs-usage-more").hidden = runs.length <= RUNS_SHOWN;
+    $("#runs-usage-more").textContent = `The ${RUNS_SHOWN} runs that trained most of ${formatNumber(runs.length)}: `
+      + "the runs CSV has every one.";
     const keys = perKey(report.rows);
     $("#keys-usage-table tbody").replaceChildren(...keys.map((key) => el("tr", { "data-key": key.prefix },
       el("td", { text: key.name }), el("td", {}, el("code", { text: key.prefix ? `${key.prefix}…` : "" })),
-      ...KEY_COLUMNS.map((c) => el("td", { class: "number", text: key[c].toLocaleString() })))));
+      ...KEY_COLUMNS.map((c) => el("td", { class: "number", text: formatNumber(key[c]) })))));
     $("#keys-usage-empty").hidden = keys.length > 0;
     $("#storage-table tbody").replaceChildren(...stored.data.map((item) => el("tr", {},
       el("td", { text: item.project_id || "(none)" }), el("td", { class: "number", text: item.checkpoint_count }),
