@@ -1,4 +1,4 @@
-"""Settings every test tier needs before any test module is imported.
+"""Settings every test tier needs before any test module is imported, and how the test process ends.
 
 Triton's interpreter (TRITON_INTERPRET=1) must be chosen before `triton` is first imported: its language's own
 @triton.jit helpers are decorated at import, and torch imports triton as soon as anything touches
@@ -6,21 +6,35 @@ Triton's interpreter (TRITON_INTERPRET=1) must be chosen before `triton` is firs
 here, once, for the whole session (and the servers the end-to-end tests start, which inherit it and never run
 a kernel on CPU unless told to).
 
-The tinker SDK's daemon event-loop thread can abort a Python 3.11 process as it exits (`sdk_exit/`): the hook
-that stops it first is loaded here for pytest itself and, through PYTHONPATH, for every process a test starts.
+The session ends with `os._exit(exit status)` once pytest has reported everything (`pytest_unconfigure`, last):
+the tinker SDK keeps a daemon event-loop thread per process (heartbeats of the sessions the tests opened keep
+firing at servers that are gone), and CPython 3.11 can abort a process whose daemon threads wake during
+interpreter finalisation. CI saw exactly that: every test reported, then SIGABRT (exit 134) instead of pytest's
+status. Skipping finalisation after the report keeps the status pytest computed.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import sys
 
+import pytest
 import torch
-
-import tests.sdk_exit.sitecustomize  # noqa: F401  (registers the exit hook in this process)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SDK_EXIT_HOOK = Path(__file__).resolve().parent / "sdk_exit"
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SDK_EXIT_HOOK), os.environ.get("PYTHONPATH")]))
+EXIT_STATUS = pytest.StashKey[int]()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if EXIT_STATUS not in config.stash:
+        return  # pytest stopped before a session ran (usage error, --help): let it exit its own way
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(config.stash[EXIT_STATUS])
