@@ -29,7 +29,7 @@ def run_usage(session: Session, owner: str, start: datetime, end: datetime) -> R
     """The tenant's usage in [start, end) per training run: the usage report's rows summed per run (see the module
     docstring for what counts), with the bytes each run's listed checkpoints store now."""
     figures: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for row in usage_report(session, owner, start, end, hourly=False).rows:
+    for row in usage_report(session, owner, start, end, hourly=False, storage=False).rows:
         if row.run_id is None:
             continue
         run = figures[row.run_id]

@@ -34,9 +34,10 @@ def _sampled_run(kind: str, payload: dict, run_of: dict[str, str]) -> str | None
 
 
 def usage_report(
-    session: Session, owner: str, start: datetime, end: datetime, hourly: bool = True
+    session: Session, owner: str, start: datetime, end: datetime, hourly: bool = True, storage: bool = True
 ) -> UsageReportResponse:
-    """The tenant's usage in [start, end) by hour (not `hourly`: the whole window as one bucket), key and run."""
+    """The tenant's usage in [start, end) by hour (not `hourly`: the whole window as one bucket), key and run;
+    without `storage`, requests only (no gigabyte-hours, which cost a pass over every stored checkpoint)."""
     bucket_of = hour_of if hourly else (lambda _: start)
     use: dict[tuple[datetime, str | None, str | None, str], UsageReportRow] = {}
 
@@ -77,7 +78,8 @@ def usage_report(
         row.tokens_prompt += fresh + cached
         row.tokens_prompt_cached += cached
         row.tokens_generated += generated
-    for (bucket, run_id, base_model), gigabyte_hours in storage_hours(session, owner, start, end, hourly).items():
+    stored = storage_hours(session, owner, start, end, hourly) if storage else {}
+    for (bucket, run_id, base_model), gigabyte_hours in stored.items():
         row_of(bucket, None, run_id, base_model).storage_gigabyte_hours += gigabyte_hours
     key_ids = {key_id for _, key_id, _, _ in use if key_id is not None}
     keys = {k.id: k for k in session.scalars(select(ApiKey).where(ApiKey.owner == owner, ApiKey.id.in_(key_ids)))}
