@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.db.models import Checkpoint, ClientSession, RunStatus, TrainingRun
-from api.db.tenants import TenantLimits, effective_limits
+from api.db.tenants import LIMIT_COLUMNS, TenantLimits, effective_limits
 from api.db.types import utcnow
 from api.errors import APIError, ErrorCode
 from api.paths import listed_checkpoint
@@ -76,12 +76,14 @@ class MemoryWindows:
 
     def __init__(self) -> None:
         self._counts: dict[tuple[str, int], int] = {}
+        self._newest = 0
         self._lock = threading.Lock()
 
     def take(self, key: str, amount: int, limit: int, window: int) -> tuple[bool, int]:
         with self._lock:
-            for stale in [k for k in self._counts if k[1] < window]:
-                del self._counts[stale]
+            if window > self._newest:  # a new minute: forget the ones before it, once
+                self._newest = window
+                self._counts = {k: n for k, n in self._counts.items() if k[1] >= window}
             used = self._counts.get((key, window), 0)
             if used + amount > limit:
                 return False, used
@@ -152,12 +154,7 @@ class RateLimiter:
     """The deployment's limits and counters; one per API process (`AppState.rate_limiter`)."""
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
-        self.defaults = TenantLimits(
-            requests_per_minute=settings.tenant_requests_per_minute,
-            tokens_per_minute=settings.tenant_tokens_per_minute,
-            concurrent_runs=settings.tenant_concurrent_runs,
-            stored_bytes=settings.tenant_stored_bytes,
-        )
+        self.defaults = TenantLimits(**{limit: getattr(settings, f"tenant_{limit}") for limit in LIMIT_COLUMNS})
         self.windows: Windows = RedisWindows(settings.broker_url) if settings.queue == "celery" else MemoryWindows()
         self.clock = clock
 

@@ -27,10 +27,22 @@ TRAINING = {kind.value for kind in TRAINING_KINDS}
 CHECKPOINTS = {kind.value for kind in CHECKPOINT_KINDS}
 
 
-def _sampled_run(kind: str, payload: dict, run_of: dict[str, str]) -> str | None:
-    """The tenant's run whose stored weights a sample read (None: the base model, or no checkpoint of the tenant)."""
+def _weights_read(kind: str, payload: dict) -> str | None:
+    """The stored weights a sample read (None: the base model)."""
     job = parse_payload(kind, payload)
-    return run_of.get(job.storage_uri) if isinstance(job, SampleJob) and job.storage_uri else None
+    return job.storage_uri if isinstance(job, SampleJob) else None
+
+
+def _runs_of_weights(session: Session, owner: str, uris: set[str]) -> dict[str, str]:
+    """The tenant's run of each of these stored weights (a URI of another tenant's checkpoint maps to none)."""
+    if not uris:
+        return {}
+    rows = session.execute(
+        select(Checkpoint.storage_uri, Checkpoint.run_id).where(
+            Checkpoint.owner == owner, Checkpoint.storage_uri.in_(uris)
+        )
+    )
+    return {uri: run for uri, run in rows}
 
 
 def usage_report(
@@ -47,12 +59,6 @@ def usage_report(
             use[key] = UsageReportRow(hour=bucket, api_key_id=key_id, run_id=run_id, base_model=base_model)
         return use[key]
 
-    run_of = {
-        uri: run
-        for uri, run in session.execute(
-            select(Checkpoint.storage_uri, Checkpoint.run_id).where(Checkpoint.owner == owner)
-        )
-    }
     finished = (Job.owner == owner, Job.state == JobState.DONE.value, Job.finished_at >= start, Job.finished_at < end)
     ops = session.execute(  # no payloads: a training request's data can be large, and its tokens are counted
         select(Job.finished_at, Job.kind, Job.model_id, Job.base_model, Job.api_key_id, Job.cost_tokens).where(
@@ -71,10 +77,14 @@ def usage_report(
         .where(*finished, Job.kind == JobKind.SAMPLE.value)
         .execution_options(yield_per=500)
     )
-    for finished_at, kind, base_model, key_id, payload, result in samples:
-        row = row_of(bucket_of(finished_at), key_id, _sampled_run(kind, payload, run_of), base_model)
+    sampled = [
+        (bucket_of(finished_at), key_id, base_model, _weights_read(kind, payload), sample_tokens(kind, payload, result))
+        for finished_at, kind, base_model, key_id, payload, result in samples
+    ]
+    run_of = _runs_of_weights(session, owner, {uri for _, _, _, uri, _ in sampled if uri is not None})
+    for bucket, key_id, base_model, uri, (fresh, cached, generated) in sampled:
+        row = row_of(bucket, key_id, run_of.get(uri or ""), base_model)
         row.requests += 1
-        fresh, cached, generated = sample_tokens(kind, payload, result)
         row.tokens_prompt += fresh + cached
         row.tokens_prompt_cached += cached
         row.tokens_generated += generated

@@ -7,15 +7,12 @@ tenants). Like the job store, these functions work in the caller's transaction a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.db.models import Tenant
-
-LIMIT_COLUMNS = ("requests_per_minute", "tokens_per_minute", "concurrent_runs", "stored_bytes")
-"""The per-tenant limits, by column name (and field name of `TenantLimits`)."""
 
 
 @dataclass(frozen=True)
@@ -26,6 +23,10 @@ class TenantLimits:
     tokens_per_minute: int | None
     concurrent_runs: int | None
     stored_bytes: int | None
+
+
+LIMIT_COLUMNS = tuple(limit.name for limit in fields(TenantLimits))
+"""The per-tenant limits: `TenantLimits`' fields, and the `Tenant` columns of the same names."""
 
 
 def ensure_tenant(session: Session, name: str) -> Tenant:
